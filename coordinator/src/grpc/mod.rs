@@ -1,0 +1,213 @@
+//! The tonic AgentService: a thin adapter over [`Service`]. Each call names a
+//! session and must carry its token as `authorization: Bearer <token>`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use drover_proto::v1::{self, agent_service_server::AgentService};
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::error::ServiceError;
+use crate::service::{lease_from_wire, lease_to_wire, resources_from_wire, resources_to_wire, Service};
+use crate::store::{Completion, OutcomeKind, SessionAuth};
+
+pub struct AgentGrpc {
+    service: Arc<Service>,
+}
+
+impl AgentGrpc {
+    pub fn new(service: Arc<Service>) -> Self {
+        AgentGrpc { service }
+    }
+
+    pub fn into_server(self) -> v1::agent_service_server::AgentServiceServer<AgentGrpc> {
+        v1::agent_service_server::AgentServiceServer::new(self)
+            .max_decoding_message_size(16 * 1024 * 1024)
+    }
+
+    async fn session<T>(&self, req: &Request<T>, session_id: &str) -> Result<SessionAuth, Status> {
+        let token = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        Ok(self.service.authenticate(session_id, token).await?)
+    }
+
+    /// Authenticates the session a lease names.
+    async fn lease_session<T>(
+        &self,
+        req: &Request<T>,
+        lease: &Option<v1::LeaseRef>,
+    ) -> Result<crate::store::LeaseRef, Status> {
+        let lease = lease_from_wire(lease.clone())?;
+        self.session(req, &lease.session_id).await?;
+        Ok(lease)
+    }
+}
+
+type CommandStream = Pin<Box<dyn Stream<Item = Result<v1::Command, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentGrpc {
+    async fn register(
+        &self,
+        req: Request<v1::RegisterRequest>,
+    ) -> Result<Response<v1::RegisterResponse>, Status> {
+        Ok(Response::new(self.service.register(req.into_inner()).await?))
+    }
+
+    async fn claim(&self, req: Request<v1::ClaimRequest>) -> Result<Response<v1::ClaimResponse>, Status> {
+        let session = self.session(&req, &req.get_ref().session_id).await?;
+        let body = req.into_inner();
+        let free = resources_from_wire(body.free.unwrap_or_default());
+        let claimed = self
+            .service
+            .claim(&session, free, body.max_jobs, body.wait_ms)
+            .await?;
+        let kill_grace_ms = self.service.config().kill_grace_ms;
+        let leases = claimed
+            .into_iter()
+            .map(|c| {
+                let spec = c.spec;
+                v1::Lease {
+                    lease: Some(lease_to_wire(&c.lease)),
+                    job: Some(v1::JobPayload {
+                        command: spec.argv(),
+                        secret_env: spec
+                            .env
+                            .iter()
+                            .filter(|(_, v)| v.is_secret())
+                            .map(|(k, _)| k.clone())
+                            .collect(),
+                        env: spec
+                            .env
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.value().to_string()))
+                            .collect(),
+                        name: spec.name,
+                        image: spec.image,
+                        workdir: spec.workdir,
+                        user: spec.user,
+                        resources: Some(resources_to_wire(&spec.resources)),
+                        timeout_ms: spec.timeout_secs * 1000,
+                        kill_grace_ms,
+                    }),
+                }
+            })
+            .collect();
+        Ok(Response::new(v1::ClaimResponse { leases }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        let session = self.session(&req, &req.get_ref().session_id).await?;
+        let body = req.into_inner();
+        let running = body
+            .running
+            .into_iter()
+            .map(|l| lease_from_wire(Some(l)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let answer = self.service.heartbeat(&session, running, body.draining).await?;
+        Ok(Response::new(v1::HeartbeatResponse {
+            session_remaining_ms: answer.remaining_ms,
+            cancel: answer.cancel.iter().map(lease_to_wire).collect(),
+            lost: answer
+                .lost
+                .iter()
+                .chain(answer.requeued_unreported.iter())
+                .map(lease_to_wire)
+                .collect(),
+            drain: answer.drain,
+            heartbeat_interval_ms: self.service.config().heartbeat_interval_ms,
+        }))
+    }
+
+    type CommandsStream = CommandStream;
+
+    async fn commands(
+        &self,
+        req: Request<v1::CommandsRequest>,
+    ) -> Result<Response<Self::CommandsStream>, Status> {
+        let session = self.session(&req, &req.get_ref().session_id).await?;
+        let rx = self.service.subscribe_commands(&session.session_id)?;
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|c| (Ok(c), rx))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn report_started(
+        &self,
+        req: Request<v1::ReportStartedRequest>,
+    ) -> Result<Response<v1::ReportStartedResponse>, Status> {
+        let lease = self.lease_session(&req, &req.get_ref().lease).await?;
+        self.service.report_started(&lease).await?;
+        Ok(Response::new(v1::ReportStartedResponse {}))
+    }
+
+    async fn append_logs(
+        &self,
+        req: Request<v1::AppendLogsRequest>,
+    ) -> Result<Response<v1::AppendLogsResponse>, Status> {
+        let lease = self.lease_session(&req, &req.get_ref().lease).await?;
+        let stored_bytes = self
+            .service
+            .append_logs(&lease, req.into_inner().chunks)
+            .await?;
+        Ok(Response::new(v1::AppendLogsResponse { stored_bytes }))
+    }
+
+    async fn complete(
+        &self,
+        req: Request<v1::CompleteRequest>,
+    ) -> Result<Response<v1::CompleteResponse>, Status> {
+        let lease = self.lease_session(&req, &req.get_ref().lease).await?;
+        let body = req.into_inner();
+        let outcome = match v1::Outcome::try_from(body.outcome) {
+            Ok(v1::Outcome::Succeeded) => OutcomeKind::Succeeded,
+            Ok(v1::Outcome::Failed) => OutcomeKind::Failed,
+            Ok(v1::Outcome::Cancelled) => OutcomeKind::Cancelled,
+            Ok(v1::Outcome::TimedOut) => OutcomeKind::TimedOut,
+            Ok(v1::Outcome::Interrupted) => OutcomeKind::Interrupted,
+            _ => {
+                return Err(ServiceError::invalid(
+                    "outcome",
+                    "must be one of SUCCEEDED, FAILED, CANCELLED, TIMED_OUT, INTERRUPTED",
+                )
+                .into())
+            }
+        };
+        let reason = if body.reason.is_empty() {
+            match body.exit_code {
+                Some(code) => format!("exit code {code}"),
+                None => outcome.as_str().to_string(),
+            }
+        } else {
+            body.reason.chars().take(1024).collect()
+        };
+        let state = self
+            .service
+            .complete(
+                &lease,
+                Completion {
+                    outcome,
+                    exit_code: body.exit_code,
+                    reason,
+                },
+            )
+            .await?;
+        Ok(Response::new(v1::CompleteResponse {
+            state: state.as_str().to_string(),
+        }))
+    }
+
+    async fn leave(&self, req: Request<v1::LeaveRequest>) -> Result<Response<v1::LeaveResponse>, Status> {
+        let session = self.session(&req, &req.get_ref().session_id).await?;
+        let requeued = self.service.leave(&session).await?;
+        Ok(Response::new(v1::LeaveResponse { requeued }))
+    }
+}

@@ -1,0 +1,92 @@
+//! The OpenAPI 3 document of the HTTP API, served at `/v1/openapi.json`.
+//! A test checks that every route of the router is described here.
+
+use serde_json::{json, Value};
+
+fn op(summary: &str, scope: Option<&str>, response: &str) -> Value {
+    let mut op = json!({
+        "summary": summary,
+        "responses": {
+            "200": { "description": response },
+            "400": { "$ref": "#/components/responses/Error" },
+            "401": { "$ref": "#/components/responses/Error" },
+            "403": { "$ref": "#/components/responses/Error" },
+            "404": { "$ref": "#/components/responses/Error" },
+            "409": { "$ref": "#/components/responses/Error" }
+        }
+    });
+    match scope {
+        Some(scope) => {
+            op["security"] = json!([{ "bearer": [] }]);
+            op["x-drover-scope"] = json!(scope);
+        }
+        None => op["security"] = json!([]),
+    }
+    op
+}
+
+fn id_param(name: &str) -> Value {
+    json!([{ "name": name, "in": "path", "required": true, "schema": { "type": "string" } }])
+}
+
+pub fn openapi_document() -> Value {
+    let mut paths = serde_json::Map::new();
+    let mut submit = op("Submit one job (a JobSpec) or a batch ({\"jobs\": [...]})", Some("submit"), "201: SubmitResponse");
+    submit["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/SubmitRequest" } } } });
+    let mut list = op("List jobs, newest first", Some("read"), "JobList");
+    list["parameters"] = json!([
+        { "name": "state", "in": "query", "schema": { "type": "string", "enum": ["PENDING","QUEUED","LEASED","RUNNING","SUCCEEDED","FAILED","CANCELLED","TIMED_OUT"] } },
+        { "name": "pool", "in": "query", "schema": { "type": "string" } },
+        { "name": "name", "in": "query", "schema": { "type": "string" } },
+        { "name": "cursor", "in": "query", "schema": { "type": "string" }, "description": "next_cursor of the previous page" },
+        { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 1000, "default": 50 } }
+    ]);
+    paths.insert("/v1/jobs".into(), json!({ "post": submit, "get": list }));
+    let with_id = |mut v: Value, name: &str| {
+        v["parameters"] = id_param(name);
+        v
+    };
+    paths.insert("/v1/jobs/{id}".into(), json!({ "get": with_id(op("Get a job", Some("read"), "Job"), "id") }));
+    paths.insert("/v1/jobs/{id}/cancel".into(), json!({ "post": with_id(op("Cancel a job in any state", Some("submit"), "Job"), "id") }));
+    paths.insert("/v1/jobs/{id}/retry".into(), json!({ "post": with_id(op("Run a finished job again", Some("submit"), "Job"), "id") }));
+    paths.insert("/v1/jobs/{id}/events".into(), json!({ "get": with_id(op("A job's timeline", Some("read"), "EventList"), "id") }));
+    let mut logs = op("An attempt's output (text/plain); follow=true streams until the attempt ends", Some("read"), "text/plain; header x-drover-attempt");
+    logs["parameters"] = json!([
+        { "name": "id", "in": "path", "required": true, "schema": { "type": "string" } },
+        { "name": "attempt", "in": "query", "schema": { "type": "integer", "minimum": 1 } },
+        { "name": "follow", "in": "query", "schema": { "type": "boolean" } }
+    ]);
+    paths.insert("/v1/jobs/{id}/logs".into(), json!({ "get": logs }));
+    paths.insert("/v1/agents".into(), json!({ "get": op("Agents with live sessions and recently gone ones", Some("read"), "AgentList") }));
+    paths.insert("/v1/agents/{id}/drain".into(), json!({ "post": with_id(op("Ask an agent to drain", Some("admin"), "Agent"), "id") }));
+    paths.insert("/v1/pools".into(), json!({ "get": op("Queue depth, running jobs and agents per pool", Some("read"), "PoolList") }));
+    paths.insert("/v1/pools/{pool}/pause".into(), json!({ "post": with_id(op("Stop dispatching the pool's jobs", Some("admin"), "Pool"), "pool") }));
+    paths.insert("/v1/pools/{pool}/resume".into(), json!({ "post": with_id(op("Dispatch the pool's jobs again", Some("admin"), "Pool"), "pool") }));
+    paths.insert("/health".into(), json!({ "get": op("Liveness of the coordinator", None, "{\"status\":\"ok\"}") }));
+    paths.insert("/metrics".into(), json!({ "get": op("Prometheus metrics", None, "text/plain") }));
+    paths.insert("/v1/openapi.json".into(), json!({ "get": op("This document", None, "OpenAPI 3") }));
+    json!({
+        "openapi": "3.0.3",
+        "info": { "title": "Drover coordinator API", "version": env!("CARGO_PKG_VERSION"),
+                  "description": "Types are those of drover_proto::model (JobSpec, Job, JobEvent, Agent, Pool). Errors are {\"error\": {\"code\", \"message\", \"field\"}}." },
+        "paths": paths,
+        "components": {
+            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
+            "responses": { "Error": { "description": "ApiErrorBody", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ApiErrorBody" } } } } },
+            "schemas": {
+                "SubmitRequest": { "oneOf": [ { "$ref": "#/components/schemas/JobSpec" }, { "type": "object", "required": ["jobs"], "properties": { "jobs": { "type": "array", "items": { "$ref": "#/components/schemas/JobSpec" } } } } ] },
+                "JobSpec": { "type": "object", "required": ["command"], "additionalProperties": false, "properties": {
+                    "name": { "type": "string" }, "pool": { "type": "string", "default": "default" }, "image": { "type": "string" },
+                    "command": { "type": "array", "items": { "type": "string" }, "minItems": 1 }, "args": { "type": "array", "items": { "type": "string" } },
+                    "env": { "type": "object", "additionalProperties": { "oneOf": [ { "type": "string" }, { "type": "object", "properties": { "value": { "type": "string" }, "secret": { "type": "boolean" } } } ] } },
+                    "workdir": { "type": "string" }, "user": { "type": "string" },
+                    "resources": { "type": "object", "properties": { "cpu_millis": { "type": "integer", "default": 100 }, "memory_mib": { "type": "integer", "default": 128 }, "gpus": { "type": "integer" }, "disk_gib": { "type": "integer" }, "gpu_model": { "type": "string" } } },
+                    "constraints": { "type": "object", "additionalProperties": { "type": "string" } },
+                    "timeout_secs": { "type": "integer" },
+                    "retry": { "type": "object", "properties": { "max_attempts": { "type": "integer", "default": 1 }, "retry_on_exit_codes": { "type": "array", "items": { "type": "integer" } }, "backoff_secs": { "type": "integer", "default": 5 }, "max_infra_retries": { "type": "integer", "default": 5 } } },
+                    "priority": { "type": "integer" }, "idempotency_key": { "type": "string" } } },
+                "ApiErrorBody": { "type": "object", "properties": { "error": { "type": "object", "properties": { "code": { "type": "string" }, "message": { "type": "string" }, "field": { "type": "string" } } } } }
+            }
+        }
+    })
+}

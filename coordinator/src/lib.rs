@@ -1,0 +1,141 @@
+//! Drover's coordinator: hands out job leases to agents (gRPC), serves the
+//! HTTP JSON API, and keeps all state in a [`store::Store`].
+//!
+//! [`Server::start`] binds both listeners and runs everything in the
+//! background; [`run`] is the binary's entry point.
+
+pub mod auth;
+pub mod blob;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod http;
+pub mod metrics;
+pub mod reaper;
+pub mod service;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{ApiTokenConfig, Config, ConfigError, JoinTokenConfig, PoolConfig, Scope};
+pub use service::Service;
+
+/// A running coordinator (gRPC + HTTP + reaper).
+pub struct Server {
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    service: Arc<Service>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Server {
+    /// Opens the store, binds both listeners and starts serving.
+    pub async fn start(config: Config) -> anyhow::Result<Server> {
+        config.validate()?;
+        let store = store::SqliteStore::open(&config.data_dir.join("drover.db"))
+            .context("opening the SQLite store")?;
+        let blobs = blob::LocalBlobStore::new(config.data_dir.join("blobs"));
+        let service = Service::new(
+            Arc::new(store),
+            Arc::new(blobs),
+            Arc::new(clock::SystemClock),
+            config.clone(),
+        );
+        Self::start_with(service).await
+    }
+
+    /// Serves an already built service (tests choose store, blobs and clock).
+    pub async fn start_with(service: Arc<Service>) -> anyhow::Result<Server> {
+        let config = service.config().clone();
+        let grpc_listener = tokio::net::TcpListener::bind(config.grpc_addr)
+            .await
+            .with_context(|| format!("binding the gRPC address {} (grpc_addr / DROVER_GRPC_ADDR)", config.grpc_addr))?;
+        let http_listener = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("binding the HTTP address {} (http_addr / DROVER_HTTP_ADDR)", config.http_addr))?;
+        let grpc_addr = grpc_listener.local_addr()?;
+        let http_addr = http_listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+
+        let grpc = grpc::AgentGrpc::new(service.clone()).into_server();
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+                .add_service(grpc)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                    stop.cancelled_owned(),
+                )
+                .await
+                .context("gRPC server")
+        }));
+
+        let app = http::router(service.clone());
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            axum::serve(http_listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+                .context("HTTP server")
+        }));
+
+        let stop = shutdown.clone();
+        let reaper_service = service.clone();
+        tasks.push(tokio::spawn(async move {
+            reaper::run(reaper_service, config.reaper_interval_ms, stop).await;
+            Ok(())
+        }));
+
+        tracing::info!(%grpc_addr, %http_addr, data_dir = %config.data_dir.display(), "coordinator serving");
+        Ok(Server {
+            grpc_addr,
+            http_addr,
+            service,
+            shutdown,
+            tasks,
+        })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn service(&self) -> &Arc<Service> {
+        &self.service
+    }
+
+    /// Stops accepting, lets in-flight requests finish, stops the reaper.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            // Long-polls and log follows end when their connections close.
+            match tokio::time::timeout(std::time::Duration::from_secs(5), task).await {
+                Ok(joined) => joined??,
+                Err(_) => tracing::warn!("a server task did not stop within 5s; abandoning it"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The binary's entry point: serve until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let server = Server::start(config).await?;
+    shutdown.await;
+    tracing::info!("shutting down");
+    server.shutdown().await
+}

@@ -1,0 +1,90 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use drover_coordinator::{ApiTokenConfig, Config, JoinTokenConfig, Scope};
+
+/// Drover's coordinator: leases jobs to agents over gRPC, serves the HTTP API.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// TOML configuration file.
+    #[arg(long, env = "DROVER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory for the SQLite store and log blobs.
+    #[arg(long, env = "DROVER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[arg(long, env = "DROVER_GRPC_ADDR")]
+    grpc_addr: Option<SocketAddr>,
+    #[arg(long, env = "DROVER_HTTP_ADDR")]
+    http_addr: Option<SocketAddr>,
+    /// A join token for agents of any pool (added to the file's).
+    #[arg(long, env = "DROVER_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// An API token with the admin scope (added to the file's).
+    #[arg(long, env = "DROVER_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    #[arg(long, env = "DROVER_HEARTBEAT_INTERVAL_MS")]
+    heartbeat_interval_ms: Option<u64>,
+    #[arg(long, env = "DROVER_SESSION_TTL_MS")]
+    session_ttl_ms: Option<u64>,
+}
+
+fn load(args: Args) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+        }
+        None => Config::default(),
+    };
+    if let Some(v) = args.data_dir {
+        config.data_dir = v;
+    }
+    if let Some(v) = args.grpc_addr {
+        config.grpc_addr = v;
+    }
+    if let Some(v) = args.http_addr {
+        config.http_addr = v;
+    }
+    if let Some(token) = args.join_token {
+        config.join_tokens.push(JoinTokenConfig { token, pool: None });
+    }
+    if let Some(token) = args.admin_token {
+        config.api_tokens.push(ApiTokenConfig {
+            token,
+            scopes: vec![Scope::Admin],
+        });
+    }
+    if let Some(v) = args.heartbeat_interval_ms {
+        config.heartbeat_interval_ms = v;
+    }
+    if let Some(v) = args.session_ttl_ms {
+        config.session_ttl_ms = v;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let config = load(Args::parse())?;
+    drover_coordinator::run(config, shutdown_signal()).await
+}

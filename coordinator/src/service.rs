@@ -1,0 +1,796 @@
+//! The coordinator's operations as plain async methods. The gRPC
+//! AgentService and the HTTP API are thin adapters over this, so the two
+//! cannot drift apart.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use drover_proto::model::{
+    self, Agent, Job, JobEvent, JobSpec, JobState, Pool, Resources, SubmitResponse,
+};
+use drover_proto::v1;
+use futures::Stream;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
+
+use crate::auth::{self, JoinCheck, Tokens};
+use crate::blob::BlobStore;
+use crate::clock::Clock;
+use crate::config::{Config, Scope};
+use crate::error::{ServiceError, ServiceResult};
+use crate::metrics::Metrics;
+use crate::store::{
+    ClaimOffer, ClaimedJob, Completion, HeartbeatAnswer, JobFilter, LeaseRef, NewJob, NewSession,
+    OutcomeKind, Page, SessionAuth, Store, StoreError,
+};
+
+/// How often a waiting `Claim` re-checks the store even without a wake-up
+/// (jobs whose backoff ended, jobs submitted through another coordinator).
+const CLAIM_RECHECK: Duration = Duration::from_millis(500);
+const LOG_READ_CHUNK: usize = 64 * 1024;
+/// Agents that left are still listed this long.
+const RECENT_AGENTS_MS: i64 = 10 * 60_000;
+
+pub struct Service {
+    store: Arc<dyn Store>,
+    blobs: Arc<dyn BlobStore>,
+    clock: Arc<dyn Clock>,
+    config: Arc<Config>,
+    tokens: Tokens,
+    /// Woken whenever a job may have become claimable.
+    work: Notify,
+    /// Bumped on every log append and completion, for log followers.
+    log_events: watch::Sender<u64>,
+    /// Connected command streams, by session id.
+    commands: Mutex<HashMap<String, mpsc::Sender<v1::Command>>>,
+    /// Authenticated sessions (token hashes never change).
+    sessions: Mutex<HashMap<String, SessionAuth>>,
+    pub metrics: Metrics,
+}
+
+/// A stream of log bytes for the HTTP API.
+pub type LogStream = Pin<Box<dyn Stream<Item = ServiceResult<Bytes>> + Send>>;
+
+impl Service {
+    pub fn new(
+        store: Arc<dyn Store>,
+        blobs: Arc<dyn BlobStore>,
+        clock: Arc<dyn Clock>,
+        config: Config,
+    ) -> Arc<Service> {
+        let tokens = Tokens::new(&config.join_tokens, &config.api_tokens);
+        Arc::new(Service {
+            store,
+            blobs,
+            clock,
+            config: Arc::new(config),
+            tokens,
+            work: Notify::new(),
+            log_events: watch::channel(0).0,
+            commands: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            metrics: Metrics::default(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn now(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    fn wake_claimers(&self) {
+        self.work.notify_waiters();
+    }
+
+    fn bump_logs(&self) {
+        self.log_events.send_modify(|n| *n += 1);
+    }
+
+    // ----- people and tools (HTTP) -----
+
+    /// Checks an API bearer token for a scope.
+    pub fn authorize(&self, token: Option<&str>, needed: Scope) -> ServiceResult<()> {
+        let token = token.ok_or_else(|| {
+            ServiceError::Unauthenticated(
+                "missing API token: send `Authorization: Bearer <token>` (DROVER_TOKEN for the CLI)"
+                    .into(),
+            )
+        })?;
+        let scopes = self
+            .tokens
+            .api_scopes(token)
+            .ok_or_else(|| ServiceError::Unauthenticated("API token not recognised".into()))?;
+        if scopes.iter().any(|s| s.allows(needed)) {
+            Ok(())
+        } else {
+            Err(ServiceError::PermissionDenied(format!(
+                "this token lacks the {needed:?} scope"
+            )))
+        }
+    }
+
+    /// Validates every spec first; nothing is written unless all are good.
+    pub async fn submit(&self, specs: Vec<JobSpec>) -> ServiceResult<SubmitResponse> {
+        if specs.is_empty() {
+            return Err(ServiceError::invalid("jobs", "must contain at least one job"));
+        }
+        if specs.len() > model::MAX_BATCH {
+            return Err(ServiceError::invalid(
+                "jobs",
+                format!("{} jobs in one batch; the limit is {}", specs.len(), model::MAX_BATCH),
+            ));
+        }
+        let batch = specs.len() > 1;
+        let mut largest_by_pool: HashMap<String, Option<Resources>> = HashMap::new();
+        for (i, spec) in specs.iter().enumerate() {
+            let at = |e: model::FieldError| if batch { e.in_batch(i) } else { e };
+            spec.validate().map_err(at)?;
+            if !self.config.pools.is_empty()
+                && !self.config.pools.iter().any(|p| p.name == spec.pool)
+            {
+                let known: Vec<&str> = self.config.pools.iter().map(|p| p.name.as_str()).collect();
+                return Err(at(model::FieldError::new(
+                    "pool",
+                    format!("unknown pool {:?}; declared pools: {}", spec.pool, known.join(", ")),
+                ))
+                .into());
+            }
+            if !largest_by_pool.contains_key(&spec.pool) {
+                let capacity = self.store.pool_capacity(&spec.pool).await?;
+                largest_by_pool.insert(spec.pool.clone(), capacity.largest);
+            }
+            if let Some(Some(largest)) = largest_by_pool.get(&spec.pool) {
+                let wants = &spec.resources;
+                let fits_some = wants.cpu_millis <= largest.cpu_millis
+                    && wants.memory_mib <= largest.memory_mib
+                    && wants.gpus <= largest.gpus
+                    && wants.disk_gib <= largest.disk_gib;
+                if !fits_some {
+                    return Err(at(model::FieldError::new(
+                        "resources",
+                        format!(
+                            "pool {:?}: largest agent has {largest}; the job asks for {wants}",
+                            spec.pool
+                        ),
+                    ))
+                    .into());
+                }
+            }
+        }
+        let jobs: Vec<NewJob> = specs
+            .into_iter()
+            .map(|spec| NewJob {
+                id: ulid::Ulid::new().to_string(),
+                spec,
+            })
+            .collect();
+        let submitted = self.store.submit(jobs, self.now()).await?;
+        let created = submitted.iter().filter(|j| j.created).count() as u64;
+        self.metrics
+            .jobs_submitted
+            .fetch_add(created, std::sync::atomic::Ordering::Relaxed);
+        self.wake_claimers();
+        Ok(SubmitResponse { jobs: submitted })
+    }
+
+    pub async fn get_job(&self, job_id: &str) -> ServiceResult<Job> {
+        Ok(self.store.get_job(job_id).await?)
+    }
+
+    pub async fn list_jobs(
+        &self,
+        filter: &JobFilter,
+        cursor: Option<&str>,
+        limit: Option<usize>,
+    ) -> ServiceResult<Page<Job>> {
+        let limit = limit.unwrap_or(50);
+        if !(1..=1000).contains(&limit) {
+            return Err(ServiceError::invalid("limit", "must be between 1 and 1000"));
+        }
+        Ok(self.store.list_jobs(filter, cursor, limit).await?)
+    }
+
+    pub async fn events(&self, job_id: &str) -> ServiceResult<Vec<JobEvent>> {
+        Ok(self.store.events(job_id).await?)
+    }
+
+    pub async fn cancel(&self, job_id: &str) -> ServiceResult<Job> {
+        let job = self.store.cancel(job_id, self.now()).await?;
+        if let (true, Some(session)) = (job.cancel_requested, &job.session_id) {
+            if matches!(job.state, JobState::Leased | JobState::Running) {
+                self.push(
+                    session,
+                    v1::command::Command::Cancel(v1::LeaseRef {
+                        job_id: job.id.clone(),
+                        attempt: job.attempt,
+                        session_id: session.clone(),
+                    }),
+                );
+            }
+        }
+        self.bump_logs();
+        Ok(job)
+    }
+
+    pub async fn retry(&self, job_id: &str) -> ServiceResult<Job> {
+        let job = self.store.retry(job_id, self.now()).await?;
+        self.wake_claimers();
+        Ok(job)
+    }
+
+    /// The attempt a log request means: the given one, or the latest.
+    pub async fn log_attempt(&self, job_id: &str, attempt: Option<u64>) -> ServiceResult<u64> {
+        let job = self.store.get_job(job_id).await?;
+        match attempt {
+            Some(a) if a == 0 || a > job.attempt => Err(ServiceError::invalid(
+                "attempt",
+                format!("job {job_id} has attempts 1 to {}", job.attempt),
+            )),
+            Some(a) => Ok(a),
+            None => Ok(job.attempt),
+        }
+    }
+
+    /// The attempt's log; with `follow`, keeps streaming until the attempt ends.
+    pub fn log_stream(self: &Arc<Self>, job_id: String, attempt: u64, follow: bool) -> LogStream {
+        struct State {
+            service: Arc<Service>,
+            job_id: String,
+            attempt: u64,
+            offset: u64,
+            follow: bool,
+            events: watch::Receiver<u64>,
+            done: bool,
+        }
+        let state = State {
+            events: self.log_events.subscribe(),
+            service: self.clone(),
+            job_id,
+            attempt,
+            offset: 0,
+            follow,
+            done: attempt == 0,
+        };
+        Box::pin(futures::stream::unfold(state, |mut st| async move {
+            loop {
+                if st.done {
+                    return None;
+                }
+                // Whether the attempt has ended is read *before* the log, so
+                // the last appended bytes are never missed.
+                let ended = if st.follow {
+                    match st.service.store.get_job(&st.job_id).await {
+                        Ok(job) => {
+                            job.attempt != st.attempt
+                                || !matches!(job.state, JobState::Leased | JobState::Running)
+                        }
+                        Err(e) => {
+                            st.done = true;
+                            return Some((Err(e.into()), st));
+                        }
+                    }
+                } else {
+                    true
+                };
+                st.events.borrow_and_update();
+                match st
+                    .service
+                    .blobs
+                    .read_log(&st.job_id, st.attempt, st.offset, LOG_READ_CHUNK)
+                    .await
+                {
+                    Err(e) => {
+                        st.done = true;
+                        return Some((Err(e.into()), st));
+                    }
+                    Ok(data) if !data.is_empty() => {
+                        st.offset += data.len() as u64;
+                        return Some((Ok(Bytes::from(data)), st));
+                    }
+                    Ok(_) if ended => return None,
+                    Ok(_) => {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), st.events.changed())
+                            .await;
+                    }
+                }
+            }
+        }))
+    }
+
+    pub async fn agents(&self) -> ServiceResult<Vec<Agent>> {
+        Ok(self.store.list_agents(self.now(), RECENT_AGENTS_MS).await?)
+    }
+
+    pub async fn drain_agent(&self, agent_id: &str) -> ServiceResult<Agent> {
+        let agent = self.store.request_drain(agent_id, self.now()).await?;
+        self.push(
+            &agent.session_id,
+            v1::command::Command::Drain(v1::DrainOrder {
+                reason: "operator".into(),
+            }),
+        );
+        Ok(agent)
+    }
+
+    pub async fn pools(&self) -> ServiceResult<Vec<Pool>> {
+        let mut pools = self.store.pools(self.now()).await?;
+        for declared in &self.config.pools {
+            if !pools.iter().any(|p| p.pool == declared.name) {
+                pools.push(Pool {
+                    pool: declared.name.clone(),
+                    queued: 0,
+                    running: 0,
+                    agents: 0,
+                    paused: false,
+                    oldest_queued_age_ms: None,
+                });
+            }
+        }
+        pools.sort_by(|a, b| a.pool.cmp(&b.pool));
+        Ok(pools)
+    }
+
+    pub async fn set_pool_paused(&self, pool: &str, paused: bool) -> ServiceResult<Pool> {
+        model::validate_name("pool", pool)?;
+        let known = self.pools().await?;
+        if !known.iter().any(|p| p.pool == pool) {
+            return Err(ServiceError::NotFound(format!(
+                "pool {pool:?} not found (no jobs, agents or declaration name it)"
+            )));
+        }
+        self.store.set_pool_paused(pool, paused).await?;
+        if !paused {
+            self.wake_claimers();
+        }
+        self.pools()
+            .await?
+            .into_iter()
+            .find(|p| p.pool == pool)
+            .ok_or_else(|| ServiceError::Internal(format!("pool {pool} vanished")))
+    }
+
+    pub async fn metrics_text(&self) -> ServiceResult<String> {
+        let pools = self.pools().await?;
+        Ok(self.metrics.render(&pools))
+    }
+
+    // ----- agents (gRPC) -----
+
+    pub async fn register(&self, req: v1::RegisterRequest) -> ServiceResult<v1::RegisterResponse> {
+        let agent = req
+            .agent
+            .clone()
+            .ok_or_else(|| ServiceError::invalid("agent", "is required"))?;
+        if agent.agent_id.is_empty() || agent.agent_id.len() > 256 {
+            return Err(ServiceError::invalid("agent.agent_id", "must be 1 to 256 bytes"));
+        }
+        model::validate_name("agent.pool", &agent.pool)?;
+        match self.tokens.join_allows(&req.join_token, &agent.pool) {
+            JoinCheck::Allowed => {}
+            JoinCheck::WrongPool => {
+                return Err(ServiceError::PermissionDenied(format!(
+                    "this join token is not valid for pool {:?}",
+                    agent.pool
+                )))
+            }
+            JoinCheck::Unknown => {
+                return Err(ServiceError::Unauthenticated(
+                    "join token not recognised (DROVER_JOIN_TOKEN must match a coordinator join token)"
+                        .into(),
+                ))
+            }
+        }
+        if !self.config.pools.is_empty() && !self.config.pools.iter().any(|p| p.name == agent.pool)
+        {
+            return Err(ServiceError::invalid(
+                "agent.pool",
+                format!("unknown pool {:?}", agent.pool),
+            ));
+        }
+        let ttl_ms = self.config.session_ttl_ms(&agent.pool);
+        let now = self.now();
+        if !req.resume_session_id.is_empty() {
+            if let Some(resp) = self.try_resume(&req, &agent, ttl_ms).await? {
+                return Ok(resp);
+            }
+        }
+        let session_id = ulid::Ulid::new().to_string();
+        let token = auth::random_token("ds");
+        let capacity = agent.capacity.map(resources_from_wire).unwrap_or_default();
+        self.store
+            .create_session(
+                &NewSession {
+                    session_id: session_id.clone(),
+                    token_hash: auth::hash_token(&token),
+                    agent_id: agent.agent_id.clone(),
+                    pool: agent.pool.clone(),
+                    hostname: agent.hostname.clone(),
+                    labels: agent.labels.clone().into_iter().collect(),
+                    capacity,
+                    runtime: agent.runtime.clone(),
+                    version: agent.version.clone(),
+                    health_addr: agent.health_addr.clone(),
+                    ttl_ms,
+                },
+                now,
+            )
+            .await?;
+        Metrics::inc(&self.metrics.sessions_registered);
+        tracing::info!(session = %session_id, agent = %agent.agent_id, pool = %agent.pool, "agent registered");
+        Ok(v1::RegisterResponse {
+            session_id,
+            session_token: token,
+            heartbeat_interval_ms: self.config.heartbeat_interval_ms,
+            session_ttl_ms: ttl_ms,
+            resumed: false,
+            leases: Vec::new(),
+        })
+    }
+
+    /// Resumes the named session when it is still alive and the token matches;
+    /// otherwise ends it (its jobs are requeued) and returns None.
+    async fn try_resume(
+        &self,
+        req: &v1::RegisterRequest,
+        agent: &v1::AgentInfo,
+        ttl_ms: u64,
+    ) -> ServiceResult<Option<v1::RegisterResponse>> {
+        let old = match self.store.session_auth(&req.resume_session_id).await {
+            Ok(old) => old,
+            Err(StoreError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let token_ok = auth::hashes_equal(&old.token_hash, &auth::hash_token(&req.resume_session_token));
+        if !token_ok || old.agent_id != agent.agent_id {
+            // Not this agent's session to resume; leave it to the reaper.
+            return Ok(None);
+        }
+        match self.store.resume_session(&old.session_id, self.now()).await {
+            Ok(leases) => {
+                tracing::info!(session = %old.session_id, agent = %agent.agent_id, leases = leases.len(), "agent resumed its session");
+                Ok(Some(v1::RegisterResponse {
+                    session_id: old.session_id.clone(),
+                    session_token: req.resume_session_token.clone(),
+                    heartbeat_interval_ms: self.config.heartbeat_interval_ms,
+                    session_ttl_ms: ttl_ms,
+                    resumed: true,
+                    leases: leases.iter().map(lease_to_wire).collect(),
+                }))
+            }
+            Err(StoreError::Conflict(_)) => {
+                self.end_session(&old.session_id, "agent restarted after its session expired")
+                    .await?;
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Checks that `token` is the session's token and the session is live.
+    pub async fn authenticate(&self, session_id: &str, token: Option<&str>) -> ServiceResult<SessionAuth> {
+        let token = token.ok_or_else(|| {
+            ServiceError::Unauthenticated("missing session token (authorization metadata)".into())
+        })?;
+        let cached = self.sessions.lock().map_err(poisoned)?.get(session_id).cloned();
+        let auth = match cached {
+            Some(auth) => auth,
+            None => {
+                let auth = self.store.session_auth(session_id).await.map_err(|e| match e {
+                    StoreError::NotFound(_) => ServiceError::Unauthenticated(format!(
+                        "session {session_id} is unknown; register again"
+                    )),
+                    e => e.into(),
+                })?;
+                if !auth.gone {
+                    self.sessions
+                        .lock()
+                        .map_err(poisoned)?
+                        .insert(session_id.to_string(), auth.clone());
+                }
+                auth
+            }
+        };
+        if !auth::hashes_equal(&auth.token_hash, &auth::hash_token(token)) {
+            return Err(ServiceError::Unauthenticated(format!(
+                "wrong token for session {session_id}"
+            )));
+        }
+        if auth.gone {
+            return Err(ServiceError::Unauthenticated(format!(
+                "session {session_id} has ended; register again"
+            )));
+        }
+        Ok(auth)
+    }
+
+    /// Long-poll claim: answers at once when work fits, else waits up to `wait_ms`.
+    pub async fn claim(
+        &self,
+        session: &SessionAuth,
+        free: Resources,
+        max_jobs: u32,
+        wait_ms: u64,
+    ) -> ServiceResult<Vec<ClaimedJob>> {
+        let wait = Duration::from_millis(wait_ms.min(self.config.max_claim_wait_ms));
+        let deadline = Instant::now() + wait;
+        let offer = ClaimOffer {
+            session_id: session.session_id.clone(),
+            agent_id: session.agent_id.clone(),
+            pool: session.pool.clone(),
+            labels: session.labels.clone(),
+            free,
+            max_jobs: max_jobs.min(256),
+        };
+        Metrics::inc(&self.metrics.claims);
+        loop {
+            let notified = self.work.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now = self.now();
+            let claimed = self
+                .store
+                .claim(&offer, self.config.claim_scan_limit, now)
+                .await
+                .map_err(|e| match e {
+                    StoreError::Conflict(msg) => ServiceError::Unauthenticated(msg),
+                    e => e.into(),
+                })?;
+            if !claimed.is_empty() {
+                self.metrics
+                    .leases_granted
+                    .fetch_add(claimed.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                for job in claimed.iter().filter(|j| j.lease.attempt == 1) {
+                    if let Some(submitted_ms) = ulid_ms(&job.lease.job_id) {
+                        self.metrics.dispatch_ms_sum.fetch_add(
+                            (now - submitted_ms).max(0) as u64,
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
+                        Metrics::inc(&self.metrics.dispatch_count);
+                    }
+                }
+                return Ok(claimed);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(Vec::new());
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(left.min(CLAIM_RECHECK)) => {}
+            }
+        }
+    }
+
+    pub async fn heartbeat(
+        &self,
+        session: &SessionAuth,
+        running: Vec<LeaseRef>,
+        draining: bool,
+    ) -> ServiceResult<HeartbeatAnswer> {
+        let answer = self
+            .store
+            .heartbeat(&session.session_id, &running, draining, self.now())
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(msg) => ServiceError::Unauthenticated(msg),
+                e => e.into(),
+            })?;
+        Metrics::inc(&self.metrics.heartbeats);
+        if !answer.requeued_unreported.is_empty() {
+            self.metrics.requeues_session_lost.fetch_add(
+                answer.requeued_unreported.len() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            self.wake_claimers();
+        }
+        Ok(answer)
+    }
+
+    /// Registers the session's command stream, replacing an older one.
+    pub fn subscribe_commands(&self, session_id: &str) -> ServiceResult<mpsc::Receiver<v1::Command>> {
+        let (tx, rx) = mpsc::channel(64);
+        self.commands
+            .lock()
+            .map_err(poisoned)?
+            .insert(session_id.to_string(), tx);
+        Ok(rx)
+    }
+
+    fn push(&self, session_id: &str, command: v1::command::Command) {
+        let sender = self
+            .commands
+            .lock()
+            .ok()
+            .and_then(|c| c.get(session_id).cloned());
+        if let Some(sender) = sender {
+            // A full or closed stream is fine: the next heartbeat carries it.
+            let _ = sender.try_send(v1::Command {
+                command: Some(command),
+            });
+        }
+    }
+
+    pub async fn report_started(&self, lease: &LeaseRef) -> ServiceResult<()> {
+        self.fenced(self.store.start(lease, self.now()).await)?;
+        self.bump_logs();
+        Ok(())
+    }
+
+    pub async fn append_logs(&self, lease: &LeaseRef, chunks: Vec<v1::LogChunk>) -> ServiceResult<u64> {
+        self.fenced(self.store.check_lease(lease).await)?;
+        let mut stored = 0;
+        for chunk in chunks {
+            stored = self
+                .blobs
+                .append_log(&lease.job_id, lease.attempt, chunk.offset, &chunk.data)
+                .await?;
+        }
+        self.bump_logs();
+        Ok(stored)
+    }
+
+    pub async fn complete(&self, lease: &LeaseRef, completion: Completion) -> ServiceResult<JobState> {
+        let state = self.fenced(self.store.complete(lease, &completion, self.now()).await)?;
+        let index = match completion.outcome {
+            OutcomeKind::Succeeded => 0,
+            OutcomeKind::Failed => 1,
+            OutcomeKind::Cancelled => 2,
+            OutcomeKind::TimedOut => 3,
+            OutcomeKind::Interrupted => 4,
+        };
+        Metrics::inc(&self.metrics.completions[index]);
+        if state == JobState::Queued {
+            self.wake_claimers();
+        }
+        self.bump_logs();
+        Ok(state)
+    }
+
+    pub async fn leave(&self, session: &SessionAuth) -> ServiceResult<u32> {
+        let ended = self.end_session(&session.session_id, "agent left").await?;
+        tracing::info!(session = %session.session_id, agent = %session.agent_id, requeued = ended, "agent left");
+        Ok(ended)
+    }
+
+    /// Ends a session, requeues its jobs, forgets its caches. Returns the
+    /// number of jobs requeued.
+    async fn end_session(&self, session_id: &str, reason: &str) -> ServiceResult<u32> {
+        let ended = self.store.end_session(session_id, reason, self.now()).await?;
+        self.sessions.lock().map_err(poisoned)?.remove(session_id);
+        self.commands.lock().map_err(poisoned)?.remove(session_id);
+        let requeued = ended.requeued.len() as u64;
+        self.metrics
+            .requeues_session_lost
+            .fetch_add(requeued, std::sync::atomic::Ordering::Relaxed);
+        if requeued > 0 {
+            self.wake_claimers();
+        }
+        if !ended.finished.is_empty() || requeued > 0 {
+            self.bump_logs();
+        }
+        Ok(requeued as u32)
+    }
+
+    fn fenced<T>(&self, result: Result<T, StoreError>) -> ServiceResult<T> {
+        if let Err(StoreError::LeaseLost { .. }) = &result {
+            Metrics::inc(&self.metrics.fenced_rejections);
+        }
+        Ok(result?)
+    }
+
+    // ----- reaper -----
+
+    /// One pass of the reaper: expired sessions → requeue their jobs; jobs
+    /// past their timeout or start deadline. Returns what it did.
+    pub async fn reap(&self) -> ServiceResult<ReapReport> {
+        let now = self.now();
+        let mut report = ReapReport::default();
+        let expired = self
+            .store
+            .expired_sessions(now - self.config.clock_skew_ms as i64)
+            .await?;
+        if !expired.is_empty() {
+            let live = self.store.live_sessions().await?;
+            // A large share of sessions expiring at once smells of our own
+            // outage (store, network), not of dead agents: hold off one pass.
+            if expired.len() >= 4 && (expired.len() as u64) * 2 > live && !report.breaker_tripped {
+                report.breaker_tripped = true;
+                tracing::warn!(expired = expired.len(), live, "circuit breaker: many sessions expired at once; not reaping this pass");
+            } else {
+                for session_id in expired {
+                    tracing::warn!(session = %session_id, "agent session expired; requeueing its jobs");
+                    report.requeued += self
+                        .end_session(&session_id, "agent lost: session expired without heartbeat")
+                        .await?;
+                    report.sessions_expired += 1;
+                    Metrics::inc(&self.metrics.sessions_expired);
+                }
+            }
+        }
+        let reaped = self
+            .store
+            .reap_jobs(
+                self.config.timeout_grace_ms as i64,
+                self.config.start_deadline_ms as i64,
+                now,
+            )
+            .await?;
+        for lease in &reaped.timed_out {
+            Metrics::inc(&self.metrics.jobs_timed_out_by_reaper);
+            self.push(&lease.session_id, v1::command::Command::Kill(lease_to_wire(lease)));
+        }
+        if !reaped.timed_out.is_empty() || !reaped.not_started.is_empty() {
+            self.wake_claimers();
+            self.bump_logs();
+        }
+        report.timed_out = reaped.timed_out.len() as u32;
+        report.not_started = reaped.not_started.len() as u32;
+        Ok(report)
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReapReport {
+    pub sessions_expired: u32,
+    pub requeued: u32,
+    pub timed_out: u32,
+    pub not_started: u32,
+    pub breaker_tripped: bool,
+}
+
+fn poisoned<T>(_: std::sync::PoisonError<T>) -> ServiceError {
+    ServiceError::Internal("internal lock poisoned".into())
+}
+
+fn ulid_ms(id: &str) -> Option<i64> {
+    ulid::Ulid::from_string(id).ok().map(|u| u.timestamp_ms() as i64)
+}
+
+pub fn resources_from_wire(r: v1::Resources) -> Resources {
+    Resources {
+        cpu_millis: r.cpu_millis,
+        memory_mib: r.memory_mib,
+        gpus: r.gpus,
+        disk_gib: r.disk_gib,
+        gpu_model: (!r.gpu_model.is_empty()).then_some(r.gpu_model),
+    }
+}
+
+pub fn resources_to_wire(r: &Resources) -> v1::Resources {
+    v1::Resources {
+        cpu_millis: r.cpu_millis,
+        memory_mib: r.memory_mib,
+        gpus: r.gpus,
+        disk_gib: r.disk_gib,
+        gpu_model: r.gpu_model.clone().unwrap_or_default(),
+    }
+}
+
+pub fn lease_to_wire(l: &LeaseRef) -> v1::LeaseRef {
+    v1::LeaseRef {
+        job_id: l.job_id.clone(),
+        attempt: l.attempt,
+        session_id: l.session_id.clone(),
+    }
+}
+
+pub fn lease_from_wire(l: Option<v1::LeaseRef>) -> ServiceResult<LeaseRef> {
+    let l = l.ok_or_else(|| ServiceError::invalid("lease", "is required"))?;
+    if l.job_id.is_empty() || l.session_id.is_empty() || l.attempt == 0 {
+        return Err(ServiceError::invalid(
+            "lease",
+            "must name job_id, attempt (≥ 1) and session_id",
+        ));
+    }
+    Ok(LeaseRef {
+        job_id: l.job_id,
+        attempt: l.attempt,
+        session_id: l.session_id,
+    })
+}

@@ -1,0 +1,319 @@
+//! The coordinator's only state. Every backend implements [`Store`] and passes
+//! the one conformance suite in `conformance.rs`.
+//!
+//! Each method is one atomic step of the job/session state machine (DESIGN
+//! §2–§4): a backend either applies all of it or none of it. Calls about a job
+//! that name a [`LeaseRef`] are *fenced*: they apply only while that exact
+//! `(job_id, attempt, session_id)` still holds the lease, and fail with
+//! [`StoreError::LeaseLost`] otherwise. Every state transition appends an event.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use drover_proto::model::{
+    Agent, FieldError, Job, JobEvent, JobSpec, JobState, Pool, Resources, SubmittedJob,
+};
+
+#[cfg(test)]
+mod conformance;
+pub mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The named lease is no longer held: the attempt moved on, the session
+    /// died, or the job finished.
+    #[error("lease lost: job {job_id} attempt {attempt} is no longer held by session {session_id}")]
+    LeaseLost {
+        job_id: String,
+        attempt: u64,
+        session_id: String,
+    },
+    /// The operation does not apply to the current state.
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Invalid(#[from] FieldError),
+    #[error("store backend error: {0}")]
+    Backend(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The fencing triple.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseRef {
+    pub job_id: String,
+    pub attempt: u64,
+    pub session_id: String,
+}
+
+/// A job to insert. The id is chosen by the caller (a ULID).
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: String,
+    pub spec: JobSpec,
+}
+
+/// What an agent offers to one `claim`.
+#[derive(Debug, Clone)]
+pub struct ClaimOffer {
+    pub session_id: String,
+    pub agent_id: String,
+    pub pool: String,
+    pub labels: BTreeMap<String, String>,
+    pub free: Resources,
+    pub max_jobs: u32,
+}
+
+/// A lease handed to an agent, with the full (unredacted) spec.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    pub lease: LeaseRef,
+    pub spec: JobSpec,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutcomeKind {
+    Succeeded,
+    /// The job's own failure: counts against `max_attempts`.
+    Failed,
+    Cancelled,
+    /// Counts against `max_attempts` like a failure.
+    TimedOut,
+    /// Infrastructure stopped it: requeued on `max_infra_retries`.
+    Interrupted,
+}
+
+impl OutcomeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutcomeKind::Succeeded => "succeeded",
+            OutcomeKind::Failed => "failed",
+            OutcomeKind::Cancelled => "cancelled",
+            OutcomeKind::TimedOut => "timed_out",
+            OutcomeKind::Interrupted => "interrupted",
+        }
+    }
+    pub fn parse(s: &str) -> Option<OutcomeKind> {
+        [
+            OutcomeKind::Succeeded,
+            OutcomeKind::Failed,
+            OutcomeKind::Cancelled,
+            OutcomeKind::TimedOut,
+            OutcomeKind::Interrupted,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == s)
+    }
+}
+
+/// The result of one attempt as reported by its agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub outcome: OutcomeKind,
+    pub exit_code: Option<i32>,
+    pub reason: String,
+}
+
+/// A new agent session.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    pub session_id: String,
+    pub token_hash: String,
+    pub agent_id: String,
+    pub pool: String,
+    pub hostname: String,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Resources,
+    pub runtime: String,
+    pub version: String,
+    pub health_addr: String,
+    pub ttl_ms: u64,
+}
+
+/// What the service needs to authenticate a session's calls.
+#[derive(Debug, Clone)]
+pub struct SessionAuth {
+    pub session_id: String,
+    pub token_hash: String,
+    pub agent_id: String,
+    pub pool: String,
+    pub labels: BTreeMap<String, String>,
+    pub ttl_ms: u64,
+    pub expires_at_ms: i64,
+    /// Left or expired: no call may use it any more.
+    pub gone: bool,
+}
+
+/// The store's answer to a heartbeat.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeartbeatAnswer {
+    /// Session lifetime left as stored, from `now`.
+    pub remaining_ms: u64,
+    /// Leases of this session whose job an operator asked to cancel.
+    pub cancel: Vec<LeaseRef>,
+    /// Reported leases the session no longer holds.
+    pub lost: Vec<LeaseRef>,
+    /// Leases the session held but did not report for two heartbeats, now
+    /// requeued (a `Claim` answer lost on the wire).
+    pub requeued_unreported: Vec<LeaseRef>,
+    pub drain: bool,
+}
+
+/// Jobs a session held when it ended.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EndedSession {
+    pub session_id: String,
+    pub requeued: Vec<String>,
+    /// Jobs that ended instead (cancel requested, infra budget exhausted).
+    pub finished: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub state: Option<JobState>,
+    pub pool: Option<String>,
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+/// What the reaper did on one pass over running jobs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReapedJobs {
+    /// RUNNING past `timeout` + grace: the agent must kill these.
+    pub timed_out: Vec<LeaseRef>,
+    /// LEASED and never started within the start deadline: requeued.
+    pub not_started: Vec<LeaseRef>,
+}
+
+/// Largest resources any agent of a pool has offered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolCapacity {
+    pub largest: Option<Resources>,
+    pub paused: bool,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Inserts the jobs as QUEUED, all or none. A job whose
+    /// `idempotency_key` is already known is not inserted; the existing job
+    /// is returned with `created = false`.
+    async fn submit(&self, jobs: Vec<NewJob>, now_ms: i64) -> StoreResult<Vec<SubmittedJob>>;
+
+    async fn get_job(&self, job_id: &str) -> StoreResult<Job>;
+
+    /// Newest first. The cursor is opaque to callers.
+    async fn list_jobs(
+        &self,
+        filter: &JobFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Page<Job>>;
+
+    async fn events(&self, job_id: &str) -> StoreResult<Vec<JobEvent>>;
+
+    /// Leases up to `offer.max_jobs` QUEUED jobs of the offer's pool whose
+    /// `not_before` has passed, in priority then FIFO order, skipping (not
+    /// stopping at) jobs that do not fit the free resources or whose
+    /// constraints the agent's labels do not meet. At most `scan_limit`
+    /// candidates are examined. Each job is leased to at most one claimer;
+    /// its `attempt` grows by one. A paused pool yields nothing.
+    async fn claim(
+        &self,
+        offer: &ClaimOffer,
+        scan_limit: usize,
+        now_ms: i64,
+    ) -> StoreResult<Vec<ClaimedJob>>;
+
+    /// LEASED → RUNNING. Fenced; idempotent when already RUNNING.
+    async fn start(&self, lease: &LeaseRef, now_ms: i64) -> StoreResult<()>;
+
+    /// Fenced check only (for log appends).
+    async fn check_lease(&self, lease: &LeaseRef) -> StoreResult<()>;
+
+    /// Records the attempt's outcome exactly once and moves the job on:
+    /// SUCCEEDED; FAILED/TIMED_OUT or back to QUEUED with backoff while
+    /// `max_attempts` allows; CANCELLED; or, for interruptions, QUEUED on the
+    /// infrastructure budget. A cancel request turns any unsuccessful outcome
+    /// into CANCELLED. Repeating the same completion of the same lease returns
+    /// the job's state again (idempotent); anything else on a lease no longer
+    /// held is `LeaseLost`. Returns the job's state afterwards.
+    async fn complete(
+        &self,
+        lease: &LeaseRef,
+        completion: &Completion,
+        now_ms: i64,
+    ) -> StoreResult<JobState>;
+
+    /// QUEUED/PENDING → CANCELLED at once; LEASED/RUNNING → cancel recorded
+    /// on the job (the agent is told; a requeue cannot resurrect it).
+    /// CANCELLED again is a no-op; other terminal states are a `Conflict`.
+    async fn cancel(&self, job_id: &str, now_ms: i64) -> StoreResult<Job>;
+
+    /// A terminal job back to QUEUED as a fresh run (failure counts reset).
+    async fn retry(&self, job_id: &str, now_ms: i64) -> StoreResult<Job>;
+
+    async fn create_session(&self, session: &NewSession, now_ms: i64) -> StoreResult<()>;
+
+    async fn session_auth(&self, session_id: &str) -> StoreResult<SessionAuth>;
+
+    /// Resumes a live session (agent restart within the TTL): renews it and
+    /// returns the leases it holds. `Conflict` when expired or gone.
+    async fn resume_session(&self, session_id: &str, now_ms: i64) -> StoreResult<Vec<LeaseRef>>;
+
+    /// Renews the session and reconciles the agent's view of its leases.
+    /// Fails with `NotFound`/`Conflict` when the session is unknown or gone.
+    async fn heartbeat(
+        &self,
+        session_id: &str,
+        running: &[LeaseRef],
+        draining: bool,
+        now_ms: i64,
+    ) -> StoreResult<HeartbeatAnswer>;
+
+    /// Ends a session (Leave, or expiry found by the reaper) and requeues its
+    /// jobs on the infrastructure budget. Idempotent.
+    async fn end_session(
+        &self,
+        session_id: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> StoreResult<EndedSession>;
+
+    /// Live sessions whose expiry is before `before_ms`.
+    async fn expired_sessions(&self, before_ms: i64) -> StoreResult<Vec<String>>;
+
+    /// Number of live (not gone) sessions.
+    async fn live_sessions(&self) -> StoreResult<u64>;
+
+    /// Times out RUNNING jobs past `timeout + grace_ms` (counted as a
+    /// failure, so retried while attempts remain) and requeues LEASED jobs
+    /// not started within `start_deadline_ms`.
+    async fn reap_jobs(
+        &self,
+        grace_ms: i64,
+        start_deadline_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<ReapedJobs>;
+
+    /// Asks the agent's live session(s) to drain. `NotFound` when none.
+    async fn request_drain(&self, agent_id: &str, now_ms: i64) -> StoreResult<Agent>;
+
+    /// Agents with a live session, and those gone within `recent_ms`.
+    async fn list_agents(&self, now_ms: i64, recent_ms: i64) -> StoreResult<Vec<Agent>>;
+
+    async fn pools(&self, now_ms: i64) -> StoreResult<Vec<Pool>>;
+
+    async fn set_pool_paused(&self, pool: &str, paused: bool) -> StoreResult<()>;
+
+    async fn pool_capacity(&self, pool: &str) -> StoreResult<PoolCapacity>;
+}

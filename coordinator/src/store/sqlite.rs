@@ -1,0 +1,1407 @@
+//! The embedded default store: one SQLite file (bundled, WAL).
+//!
+//! Every operation runs as one `BEGIN IMMEDIATE` transaction on a single
+//! connection behind a mutex, on the blocking pool. That makes each trait
+//! method atomic and serialises claims, which is what gives exclusivity here.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use base64::Engine;
+use drover_proto::model::{
+    Agent, AgentState, Job, JobEvent, JobSpec, JobState, Pool, Resources, SubmittedJob,
+};
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
+
+use super::{
+    ClaimOffer, ClaimedJob, Completion, EndedSession, HeartbeatAnswer, JobFilter, LeaseRef,
+    NewJob, NewSession, OutcomeKind, Page, PoolCapacity, ReapedJobs, SessionAuth, Store,
+    StoreError, StoreResult,
+};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    pool TEXT NOT NULL,
+    name TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    spec TEXT NOT NULL,
+    cpu_millis INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    gpus INTEGER NOT NULL,
+    disk_gib INTEGER NOT NULL,
+    gpu_model TEXT,
+    constraints TEXT,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,
+    infra_retries INTEGER NOT NULL DEFAULT 0,
+    created_at_ms INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL,
+    not_before_ms INTEGER NOT NULL DEFAULT 0,
+    session_id TEXT,
+    agent_id TEXT,
+    leased_at_ms INTEGER,
+    started_at_ms INTEGER,
+    finished_at_ms INTEGER,
+    exit_code INTEGER,
+    reason TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    missed_reports INTEGER NOT NULL DEFAULT 0,
+    next_event_seq INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(pool, priority DESC) WHERE state = 'QUEUED';
+CREATE INDEX IF NOT EXISTS jobs_session ON jobs(session_id) WHERE session_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_active ON jobs(state) WHERE state IN ('LEASED', 'RUNNING');
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    agent_id TEXT,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    session_id TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    exit_code INTEGER,
+    reason TEXT NOT NULL,
+    finished_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (job_id, attempt)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS idempotency (
+    key TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    hostname TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    capacity TEXT NOT NULL,
+    runtime TEXT NOT NULL,
+    version TEXT NOT NULL,
+    health_addr TEXT NOT NULL,
+    ttl_ms INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    last_heartbeat_ms INTEGER NOT NULL,
+    gone INTEGER NOT NULL DEFAULT 0,
+    ended_at_ms INTEGER,
+    draining INTEGER NOT NULL DEFAULT 0,
+    drain_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS sessions_live ON sessions(expires_at_ms) WHERE gone = 0;
+CREATE TABLE IF NOT EXISTS pools (
+    name TEXT PRIMARY KEY,
+    paused INTEGER NOT NULL DEFAULT 0,
+    largest TEXT
+);
+"#;
+
+const JOB_COLUMNS: &str = "id, spec, state, attempt, failures, infra_retries, created_at_ms, \
+     updated_at_ms, not_before_ms, session_id, agent_id, started_at_ms, finished_at_ms, \
+     exit_code, reason, cancel_requested";
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file.
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Backend(format!("cannot create {}: {e}", dir.display()))
+            })?;
+        }
+        let conn = Connection::open(path)
+            .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
+        Self::init(conn)
+    }
+
+    /// A private in-memory database (tests).
+    pub fn in_memory() -> StoreResult<Self> {
+        Self::init(Connection::open_in_memory().map_err(backend)?)
+    }
+
+    fn init(conn: Connection) -> StoreResult<Self> {
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(backend)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(backend)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(backend)?;
+        conn.execute_batch(SCHEMA).map_err(backend)?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` in one immediate transaction on the blocking pool.
+    async fn tx<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> StoreResult<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn
+                .lock()
+                .map_err(|_| StoreError::Backend("sqlite connection poisoned".into()))?;
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            let out = f(&tx)?;
+            tx.commit().map_err(backend)?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
+    }
+}
+
+fn backend(e: rusqlite::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn json_err(e: serde_json::Error) -> StoreError {
+    StoreError::Backend(format!("corrupt stored JSON: {e}"))
+}
+
+fn parse_state(s: &str) -> StoreResult<JobState> {
+    s.parse()
+        .map_err(|_| StoreError::Backend(format!("unknown stored state {s:?}")))
+}
+
+fn row_to_job(row: &Row<'_>) -> rusqlite::Result<(Job, String)> {
+    let spec_json: String = row.get(1)?;
+    let state: String = row.get(2)?;
+    let job = Job {
+        id: row.get(0)?,
+        // Filled by the caller, which can report JSON errors properly.
+        spec: JobSpec::command(Vec::<String>::new()),
+        state: JobState::Queued,
+        attempt: row.get::<_, i64>(3)? as u64,
+        failures: row.get::<_, i64>(4)? as u32,
+        infra_retries: row.get::<_, i64>(5)? as u32,
+        created_at_ms: row.get(6)?,
+        updated_at_ms: row.get(7)?,
+        not_before_ms: row.get::<_, i64>(8).map(|v| (v > 0).then_some(v))?,
+        session_id: row.get(9)?,
+        agent_id: row.get(10)?,
+        started_at_ms: row.get(11)?,
+        finished_at_ms: row.get(12)?,
+        exit_code: row.get(13)?,
+        reason: row.get(14)?,
+        cancel_requested: row.get::<_, i64>(15)? != 0,
+    };
+    Ok((job, format!("{state}\u{0}{spec_json}")))
+}
+
+/// Finishes what `row_to_job` started: state and spec, redacted.
+fn finish_job((mut job, packed): (Job, String)) -> StoreResult<Job> {
+    let (state, spec_json) = packed.split_once('\u{0}').unwrap_or_default();
+    job.state = parse_state(state)?;
+    let spec: JobSpec = serde_json::from_str(spec_json).map_err(json_err)?;
+    job.spec = spec.redacted();
+    Ok(job)
+}
+
+fn load_job(tx: &Transaction<'_>, job_id: &str) -> StoreResult<Job> {
+    let row = tx
+        .query_row(
+            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"),
+            [job_id],
+            row_to_job,
+        )
+        .optional()
+        .map_err(backend)?
+        .ok_or_else(|| StoreError::NotFound(format!("job {job_id}")))?;
+    finish_job(row)
+}
+
+fn load_spec(tx: &Transaction<'_>, job_id: &str) -> StoreResult<JobSpec> {
+    let json: String = tx
+        .query_row("SELECT spec FROM jobs WHERE id = ?1", [job_id], |r| r.get(0))
+        .map_err(backend)?;
+    serde_json::from_str(&json).map_err(json_err)
+}
+
+fn append_event(
+    tx: &Transaction<'_>,
+    job_id: &str,
+    now_ms: i64,
+    attempt: u64,
+    state: JobState,
+    agent_id: Option<&str>,
+    reason: &str,
+) -> StoreResult<()> {
+    let seq: i64 = tx
+        .query_row(
+            "UPDATE jobs SET next_event_seq = next_event_seq + 1 WHERE id = ?1 \
+             RETURNING next_event_seq - 1",
+            [job_id],
+            |r| r.get(0),
+        )
+        .map_err(backend)?;
+    tx.execute(
+        "INSERT INTO events (job_id, seq, at_ms, attempt, state, agent_id, reason) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![job_id, seq, now_ms, attempt as i64, state.as_str(), agent_id, reason],
+    )
+    .map_err(backend)?;
+    Ok(())
+}
+
+/// The lease's job row, if the lease still holds it.
+fn held(tx: &Transaction<'_>, lease: &LeaseRef) -> StoreResult<Option<(JobState, Option<String>)>> {
+    let row: Option<(String, Option<String>)> = tx
+        .query_row(
+            "SELECT state, agent_id FROM jobs WHERE id = ?1 AND attempt = ?2 AND session_id = ?3 \
+             AND state IN ('LEASED', 'RUNNING')",
+            params![lease.job_id, lease.attempt as i64, lease.session_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .map_err(backend)?;
+    row.map(|(s, a)| Ok((parse_state(&s)?, a))).transpose()
+}
+
+fn lease_lost(lease: &LeaseRef) -> StoreError {
+    StoreError::LeaseLost {
+        job_id: lease.job_id.clone(),
+        attempt: lease.attempt,
+        session_id: lease.session_id.clone(),
+    }
+}
+
+/// Puts a leased job back in the queue on the infrastructure budget, or ends
+/// it when the budget is spent or a cancel was requested. Returns the new state.
+fn requeue_infra(
+    tx: &Transaction<'_>,
+    job_id: &str,
+    reason: &str,
+    now_ms: i64,
+) -> StoreResult<JobState> {
+    let (attempt, infra, cancel, agent, spec): (i64, i64, i64, Option<String>, String) = tx
+        .query_row(
+            "SELECT attempt, infra_retries, cancel_requested, agent_id, spec FROM jobs WHERE id = ?1",
+            [job_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .map_err(backend)?;
+    let spec: JobSpec = serde_json::from_str(&spec).map_err(json_err)?;
+    let infra = infra + 1;
+    let (state, why) = if cancel != 0 {
+        (JobState::Cancelled, format!("cancelled ({reason})"))
+    } else if infra > spec.retry.max_infra_retries as i64 {
+        (
+            JobState::Failed,
+            format!(
+                "{reason}; infrastructure retries exhausted ({} of {})",
+                infra - 1,
+                spec.retry.max_infra_retries
+            ),
+        )
+    } else {
+        (JobState::Queued, format!("requeued: {reason}"))
+    };
+    let terminal = state.is_terminal();
+    tx.execute(
+        "UPDATE jobs SET state = ?2, infra_retries = ?3, updated_at_ms = ?4, not_before_ms = 0, \
+         session_id = NULL, missed_reports = 0, reason = ?5, \
+         finished_at_ms = CASE WHEN ?6 THEN ?4 ELSE NULL END, \
+         started_at_ms = CASE WHEN ?6 THEN started_at_ms ELSE NULL END WHERE id = ?1",
+        params![job_id, state.as_str(), infra, now_ms, why, terminal],
+    )
+    .map_err(backend)?;
+    append_event(tx, job_id, now_ms, attempt as u64, state, agent.as_deref(), &why)?;
+    Ok(state)
+}
+
+/// Records a held lease's outcome and moves the job on (see `Store::complete`).
+fn apply_completion(
+    tx: &Transaction<'_>,
+    lease: &LeaseRef,
+    completion: &Completion,
+    now_ms: i64,
+) -> StoreResult<JobState> {
+    let agent: Option<String> = tx
+        .query_row("SELECT agent_id FROM jobs WHERE id = ?1", [&lease.job_id], |r| r.get(0))
+        .map_err(backend)?;
+        tx.execute(
+            "INSERT INTO attempts (job_id, attempt, session_id, outcome, exit_code, reason, \
+             finished_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                lease.job_id,
+                lease.attempt as i64,
+                lease.session_id,
+                completion.outcome.as_str(),
+                completion.exit_code,
+                completion.reason,
+                now_ms
+            ],
+        )
+        .map_err(backend)?;
+        let spec = load_spec(tx, &lease.job_id)?;
+        let (failures, cancel): (i64, i64) = tx
+            .query_row(
+                "SELECT failures, cancel_requested FROM jobs WHERE id = ?1",
+                [&lease.job_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(backend)?;
+        if completion.outcome == OutcomeKind::Interrupted && cancel == 0 {
+            return requeue_infra(tx, &lease.job_id, &completion.reason, now_ms);
+        }
+        let mut failures = failures;
+        let mut not_before = 0;
+        let (state, reason) = match completion.outcome {
+            OutcomeKind::Succeeded => (JobState::Succeeded, completion.reason.clone()),
+            _ if cancel != 0 => (
+                JobState::Cancelled,
+                format!("cancelled ({})", completion.reason),
+            ),
+            OutcomeKind::Cancelled | OutcomeKind::Interrupted => {
+                (JobState::Cancelled, completion.reason.clone())
+            }
+            OutcomeKind::Failed | OutcomeKind::TimedOut => {
+                failures += 1;
+                let terminal = if completion.outcome == OutcomeKind::TimedOut {
+                    JobState::TimedOut
+                } else {
+                    JobState::Failed
+                };
+                if failures < spec.retry.max_attempts as i64
+                    && spec.retry.retries_exit_code(completion.exit_code)
+                {
+                    not_before = now_ms + spec.retry.backoff_ms(failures as u32) as i64;
+                    (
+                        JobState::Queued,
+                        format!(
+                            "{}; retrying (failure {failures} of {} allowed)",
+                            completion.reason, spec.retry.max_attempts
+                        ),
+                    )
+                } else {
+                    (terminal, completion.reason.clone())
+                }
+            }
+        };
+        let terminal = state.is_terminal();
+        tx.execute(
+            "UPDATE jobs SET state = ?2, failures = ?3, updated_at_ms = ?4, not_before_ms = ?5, \
+             exit_code = ?6, reason = ?7, \
+             session_id = CASE WHEN ?8 THEN session_id ELSE NULL END, \
+             finished_at_ms = CASE WHEN ?8 THEN ?4 ELSE NULL END WHERE id = ?1",
+            params![
+                lease.job_id,
+                state.as_str(),
+                failures,
+                now_ms,
+                not_before,
+                completion.exit_code,
+                reason,
+                terminal
+            ],
+        )
+        .map_err(backend)?;
+        append_event(
+            tx,
+            &lease.job_id,
+            now_ms,
+            lease.attempt,
+            state,
+            agent.as_deref(),
+            &reason,
+        )?;
+        Ok(state)
+}
+
+fn largest_of(a: Option<Resources>, b: &Resources) -> Resources {
+    match a {
+        None => b.clone(),
+        Some(a) => Resources {
+            cpu_millis: a.cpu_millis.max(b.cpu_millis),
+            memory_mib: a.memory_mib.max(b.memory_mib),
+            gpus: a.gpus.max(b.gpus),
+            disk_gib: a.disk_gib.max(b.disk_gib),
+            gpu_model: a.gpu_model.or_else(|| b.gpu_model.clone()),
+        },
+    }
+}
+
+fn encode_cursor(id: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id)
+}
+
+fn decode_cursor(cursor: &str) -> StoreResult<String> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| {
+            drover_proto::model::FieldError::new(
+                "cursor",
+                "is not a cursor this API returned; pass next_cursor from the previous page",
+            )
+            .into()
+        })
+}
+
+fn row_to_agent(row: &Row<'_>, now_ms: i64) -> rusqlite::Result<(Agent, String, String)> {
+    let gone: i64 = row.get(12)?;
+    let draining: i64 = row.get(13)?;
+    let expires: i64 = row.get(14)?;
+    let state = if gone != 0 || expires < now_ms {
+        AgentState::Gone
+    } else if draining != 0 {
+        AgentState::Draining
+    } else {
+        AgentState::Active
+    };
+    let agent = Agent {
+        agent_id: row.get(0)?,
+        session_id: row.get(1)?,
+        pool: row.get(2)?,
+        hostname: row.get(3)?,
+        labels: BTreeMap::new(),
+        capacity: Resources::default(),
+        runtime: row.get(6)?,
+        version: row.get(7)?,
+        state,
+        registered_at_ms: row.get(8)?,
+        last_heartbeat_ms: row.get(9)?,
+        running: row.get::<_, i64>(10)? as u32,
+        health_addr: row.get(11)?,
+    };
+    Ok((agent, row.get(4)?, row.get(5)?))
+}
+
+const AGENT_SELECT: &str = "SELECT s.agent_id, s.session_id, s.pool, s.hostname, s.labels, \
+     s.capacity, s.runtime, s.version, s.created_at_ms, s.last_heartbeat_ms, \
+     (SELECT COUNT(*) FROM jobs j WHERE j.session_id = s.session_id \
+        AND j.state IN ('LEASED', 'RUNNING')), \
+     s.health_addr, s.gone, s.draining OR s.drain_requested, s.expires_at_ms FROM sessions s";
+
+fn finish_agent((mut agent, labels, capacity): (Agent, String, String)) -> StoreResult<Agent> {
+    agent.labels = serde_json::from_str(&labels).map_err(json_err)?;
+    agent.capacity = serde_json::from_str(&capacity).map_err(json_err)?;
+    Ok(agent)
+}
+
+fn end_session_tx(
+    tx: &Transaction<'_>,
+    session_id: &str,
+    reason: &str,
+    now_ms: i64,
+) -> StoreResult<EndedSession> {
+    let exists: Option<i64> = tx
+        .query_row(
+            "SELECT gone FROM sessions WHERE session_id = ?1",
+            [session_id],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(backend)?;
+    if exists.is_none() {
+        return Err(StoreError::NotFound(format!("session {session_id}")));
+    }
+    tx.execute(
+        "UPDATE sessions SET gone = 1, ended_at_ms = COALESCE(ended_at_ms, ?2) WHERE session_id = ?1",
+        params![session_id, now_ms],
+    )
+    .map_err(backend)?;
+    let jobs: Vec<String> = {
+        let mut stmt = tx
+            .prepare(
+                "SELECT id FROM jobs WHERE session_id = ?1 AND state IN ('LEASED', 'RUNNING') \
+                 ORDER BY id",
+            )
+            .map_err(backend)?;
+        let rows = stmt
+            .query_map([session_id], |r| r.get(0))
+            .map_err(backend)?;
+        rows.collect::<Result<_, _>>().map_err(backend)?
+    };
+    let mut ended = EndedSession {
+        session_id: session_id.to_string(),
+        ..EndedSession::default()
+    };
+    for job_id in jobs {
+        match requeue_infra(tx, &job_id, reason, now_ms)? {
+            JobState::Queued => ended.requeued.push(job_id),
+            _ => ended.finished.push(job_id),
+        }
+    }
+    Ok(ended)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn submit(&self, jobs: Vec<NewJob>, now_ms: i64) -> StoreResult<Vec<SubmittedJob>> {
+        self.tx(move |tx| {
+            let mut out = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                if let Some(key) = &job.spec.idempotency_key {
+                    let existing: Option<String> = tx
+                        .query_row("SELECT job_id FROM idempotency WHERE key = ?1", [key], |r| {
+                            r.get(0)
+                        })
+                        .optional()
+                        .map_err(backend)?;
+                    if let Some(id) = existing {
+                        let state: String = tx
+                            .query_row("SELECT state FROM jobs WHERE id = ?1", [&id], |r| r.get(0))
+                            .map_err(backend)?;
+                        out.push(SubmittedJob {
+                            id,
+                            state: parse_state(&state)?,
+                            created: false,
+                        });
+                        continue;
+                    }
+                    tx.execute(
+                        "INSERT INTO idempotency (key, job_id) VALUES (?1, ?2)",
+                        params![key, job.id],
+                    )
+                    .map_err(backend)?;
+                }
+                let spec = &job.spec;
+                let constraints = if spec.constraints.is_empty() {
+                    None
+                } else {
+                    Some(serde_json::to_string(&spec.constraints).map_err(json_err)?)
+                };
+                tx.execute(
+                    "INSERT INTO jobs (id, pool, name, priority, spec, cpu_millis, memory_mib, gpus, \
+                     disk_gib, gpu_model, constraints, state, created_at_ms, updated_at_ms) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'QUEUED', ?12, ?12)",
+                    params![
+                        job.id,
+                        spec.pool,
+                        spec.name,
+                        spec.priority,
+                        serde_json::to_string(spec).map_err(json_err)?,
+                        spec.resources.cpu_millis,
+                        spec.resources.memory_mib as i64,
+                        spec.resources.gpus,
+                        spec.resources.disk_gib,
+                        spec.resources.gpu_model,
+                        constraints,
+                        now_ms,
+                    ],
+                )
+                .map_err(backend)?;
+                append_event(tx, &job.id, now_ms, 0, JobState::Queued, None, "submitted")?;
+                out.push(SubmittedJob {
+                    id: job.id,
+                    state: JobState::Queued,
+                    created: true,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn get_job(&self, job_id: &str) -> StoreResult<Job> {
+        let job_id = job_id.to_string();
+        self.tx(move |tx| load_job(tx, &job_id)).await
+    }
+
+    async fn list_jobs(
+        &self,
+        filter: &JobFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Page<Job>> {
+        let after = cursor.map(decode_cursor).transpose()?;
+        let filter = filter.clone();
+        let limit = limit.clamp(1, 1000);
+        self.tx(move |tx| {
+            let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE 1 = 1");
+            let mut args: Vec<String> = Vec::new();
+            if let Some(state) = filter.state {
+                args.push(state.as_str().to_string());
+                sql.push_str(&format!(" AND state = ?{}", args.len()));
+            }
+            if let Some(pool) = filter.pool {
+                args.push(pool);
+                sql.push_str(&format!(" AND pool = ?{}", args.len()));
+            }
+            if let Some(name) = filter.name {
+                args.push(name);
+                sql.push_str(&format!(" AND name = ?{}", args.len()));
+            }
+            if let Some(after) = after {
+                args.push(after);
+                sql.push_str(&format!(" AND id < ?{}", args.len()));
+            }
+            sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", limit + 1));
+            let mut stmt = tx.prepare(&sql).map_err(backend)?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(args.iter()), row_to_job)
+                .map_err(backend)?;
+            let mut items = Vec::new();
+            for row in rows {
+                items.push(finish_job(row.map_err(backend)?)?);
+            }
+            let next_cursor = if items.len() > limit {
+                items.truncate(limit);
+                items.last().map(|j| encode_cursor(&j.id))
+            } else {
+                None
+            };
+            Ok(Page { items, next_cursor })
+        })
+        .await
+    }
+
+    async fn events(&self, job_id: &str) -> StoreResult<Vec<JobEvent>> {
+        let job_id = job_id.to_string();
+        self.tx(move |tx| {
+            load_job(tx, &job_id)?;
+            let mut stmt = tx
+                .prepare(
+                    "SELECT seq, at_ms, attempt, state, agent_id, reason FROM events \
+                     WHERE job_id = ?1 ORDER BY seq",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map([&job_id], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, Option<String>>(4)?,
+                        r.get::<_, String>(5)?,
+                    ))
+                })
+                .map_err(backend)?;
+            let mut events = Vec::new();
+            for row in rows {
+                let (seq, at_ms, attempt, state, agent_id, reason) = row.map_err(backend)?;
+                events.push(JobEvent {
+                    seq: seq as u64,
+                    at_ms,
+                    attempt: attempt as u64,
+                    state: parse_state(&state)?,
+                    agent_id,
+                    reason,
+                });
+            }
+            Ok(events)
+        })
+        .await
+    }
+
+    async fn claim(
+        &self,
+        offer: &ClaimOffer,
+        scan_limit: usize,
+        now_ms: i64,
+    ) -> StoreResult<Vec<ClaimedJob>> {
+        let offer = offer.clone();
+        self.tx(move |tx| {
+            let live: Option<i64> = tx
+                .query_row(
+                    "SELECT 1 FROM sessions WHERE session_id = ?1 AND gone = 0 AND expires_at_ms >= ?2",
+                    params![offer.session_id, now_ms],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(backend)?;
+            if live.is_none() {
+                return Err(StoreError::Conflict(format!(
+                    "session {} has expired or ended; register again",
+                    offer.session_id
+                )));
+            }
+            if offer.max_jobs == 0 {
+                return Ok(Vec::new());
+            }
+            let paused: Option<i64> = tx
+                .query_row("SELECT paused FROM pools WHERE name = ?1", [&offer.pool], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(backend)?;
+            if paused == Some(1) {
+                return Ok(Vec::new());
+            }
+            let candidates: Vec<(String, Resources, Option<String>)> = {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "SELECT id, cpu_millis, memory_mib, gpus, disk_gib, gpu_model, constraints \
+                         FROM jobs INDEXED BY jobs_queue \
+                         WHERE pool = ?1 AND state = 'QUEUED' AND not_before_ms <= ?2 \
+                         ORDER BY priority DESC, rowid ASC LIMIT ?3",
+                    )
+                    .map_err(backend)?;
+                let rows = stmt
+                    .query_map(params![offer.pool, now_ms, scan_limit as i64], |r| {
+                        Ok((
+                            r.get(0)?,
+                            Resources {
+                                cpu_millis: r.get(1)?,
+                                memory_mib: r.get::<_, i64>(2)? as u64,
+                                gpus: r.get(3)?,
+                                disk_gib: r.get(4)?,
+                                gpu_model: r.get(5)?,
+                            },
+                            r.get(6)?,
+                        ))
+                    })
+                    .map_err(backend)?;
+                rows.collect::<Result<_, _>>().map_err(backend)?
+            };
+            let mut free = offer.free.clone();
+            let mut claimed = Vec::new();
+            for (job_id, wants, constraints) in candidates {
+                if claimed.len() >= offer.max_jobs as usize {
+                    break;
+                }
+                if !wants.fits_in(&free) {
+                    continue;
+                }
+                if let Some(constraints) = constraints {
+                    let constraints: BTreeMap<String, String> =
+                        serde_json::from_str(&constraints).map_err(json_err)?;
+                    if !constraints
+                        .iter()
+                        .all(|(k, v)| offer.labels.get(k) == Some(v))
+                    {
+                        continue;
+                    }
+                }
+                let attempt: i64 = tx
+                    .query_row(
+                        "UPDATE jobs SET state = 'LEASED', attempt = attempt + 1, session_id = ?2, \
+                         agent_id = ?3, leased_at_ms = ?4, started_at_ms = NULL, updated_at_ms = ?4, \
+                         missed_reports = 0, exit_code = NULL, reason = NULL \
+                         WHERE id = ?1 AND state = 'QUEUED' RETURNING attempt",
+                        params![job_id, offer.session_id, offer.agent_id, now_ms],
+                        |r| r.get(0),
+                    )
+                    .map_err(backend)?;
+                let attempt = attempt as u64;
+                append_event(
+                    tx,
+                    &job_id,
+                    now_ms,
+                    attempt,
+                    JobState::Leased,
+                    Some(&offer.agent_id),
+                    &format!("leased to session {}", offer.session_id),
+                )?;
+                free.cpu_millis -= wants.cpu_millis;
+                free.memory_mib -= wants.memory_mib;
+                free.gpus -= wants.gpus;
+                free.disk_gib -= wants.disk_gib;
+                let spec = load_spec(tx, &job_id)?;
+                claimed.push(ClaimedJob {
+                    lease: LeaseRef {
+                        job_id,
+                        attempt,
+                        session_id: offer.session_id.clone(),
+                    },
+                    spec,
+                });
+            }
+            Ok(claimed)
+        })
+        .await
+    }
+
+    async fn start(&self, lease: &LeaseRef, now_ms: i64) -> StoreResult<()> {
+        let lease = lease.clone();
+        self.tx(move |tx| {
+            let (state, agent) = held(tx, &lease)?.ok_or_else(|| lease_lost(&lease))?;
+            if state == JobState::Running {
+                return Ok(());
+            }
+            tx.execute(
+                "UPDATE jobs SET state = 'RUNNING', started_at_ms = ?2, updated_at_ms = ?2 WHERE id = ?1",
+                params![lease.job_id, now_ms],
+            )
+            .map_err(backend)?;
+            append_event(
+                tx,
+                &lease.job_id,
+                now_ms,
+                lease.attempt,
+                JobState::Running,
+                agent.as_deref(),
+                "started",
+            )
+        })
+        .await
+    }
+
+    async fn check_lease(&self, lease: &LeaseRef) -> StoreResult<()> {
+        let lease = lease.clone();
+        self.tx(move |tx| held(tx, &lease)?.map(|_| ()).ok_or_else(|| lease_lost(&lease)))
+            .await
+    }
+
+    async fn complete(
+        &self,
+        lease: &LeaseRef,
+        completion: &Completion,
+        now_ms: i64,
+    ) -> StoreResult<JobState> {
+        let lease = lease.clone();
+        let completion = completion.clone();
+        self.tx(move |tx| {
+            let Some(_) = held(tx, &lease)? else {
+                // Idempotent repeat of the recorded completion?
+                let recorded: Option<(String, String, Option<i32>)> = tx
+                    .query_row(
+                        "SELECT session_id, outcome, exit_code FROM attempts \
+                         WHERE job_id = ?1 AND attempt = ?2",
+                        params![lease.job_id, lease.attempt as i64],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .optional()
+                    .map_err(backend)?;
+                return match recorded {
+                    Some((session, outcome, exit_code))
+                        if session == lease.session_id
+                            && outcome == completion.outcome.as_str()
+                            && exit_code == completion.exit_code =>
+                    {
+                        Ok(load_job(tx, &lease.job_id)?.state)
+                    }
+                    _ => Err(lease_lost(&lease)),
+                };
+            };
+            apply_completion(tx, &lease, &completion, now_ms)
+        })
+        .await
+    }
+
+    async fn cancel(&self, job_id: &str, now_ms: i64) -> StoreResult<Job> {
+        let job_id = job_id.to_string();
+        self.tx(move |tx| {
+            let job = load_job(tx, &job_id)?;
+            match job.state {
+                JobState::Pending | JobState::Queued => {
+                    tx.execute(
+                        "UPDATE jobs SET state = 'CANCELLED', cancel_requested = 1, updated_at_ms = ?2, \
+                         finished_at_ms = ?2, reason = 'cancelled by request' WHERE id = ?1",
+                        params![job_id, now_ms],
+                    )
+                    .map_err(backend)?;
+                    append_event(tx, &job_id, now_ms, job.attempt, JobState::Cancelled, None, "cancelled by request")?;
+                }
+                JobState::Leased | JobState::Running => {
+                    if !job.cancel_requested {
+                        tx.execute(
+                            "UPDATE jobs SET cancel_requested = 1, updated_at_ms = ?2 WHERE id = ?1",
+                            params![job_id, now_ms],
+                        )
+                        .map_err(backend)?;
+                        append_event(
+                            tx,
+                            &job_id,
+                            now_ms,
+                            job.attempt,
+                            job.state,
+                            job.agent_id.as_deref(),
+                            "cancel requested; the agent is stopping the job",
+                        )?;
+                    }
+                }
+                JobState::Cancelled => {}
+                state => {
+                    return Err(StoreError::Conflict(format!(
+                        "job {job_id} already finished ({state}); nothing to cancel"
+                    )))
+                }
+            }
+            load_job(tx, &job_id)
+        })
+        .await
+    }
+
+    async fn retry(&self, job_id: &str, now_ms: i64) -> StoreResult<Job> {
+        let job_id = job_id.to_string();
+        self.tx(move |tx| {
+            let job = load_job(tx, &job_id)?;
+            if !job.state.is_terminal() {
+                return Err(StoreError::Conflict(format!(
+                    "job {job_id} is {}; only finished jobs can be retried (cancel it first)",
+                    job.state
+                )));
+            }
+            tx.execute(
+                "UPDATE jobs SET state = 'QUEUED', failures = 0, infra_retries = 0, cancel_requested = 0, \
+                 not_before_ms = 0, session_id = NULL, started_at_ms = NULL, finished_at_ms = NULL, \
+                 exit_code = NULL, reason = 'retried by request', updated_at_ms = ?2 WHERE id = ?1",
+                params![job_id, now_ms],
+            )
+            .map_err(backend)?;
+            append_event(tx, &job_id, now_ms, job.attempt, JobState::Queued, None, "retried by request")?;
+            load_job(tx, &job_id)
+        })
+        .await
+    }
+
+    async fn create_session(&self, s: &NewSession, now_ms: i64) -> StoreResult<()> {
+        let s = s.clone();
+        self.tx(move |tx| {
+            tx.execute(
+                "INSERT INTO sessions (session_id, token_hash, agent_id, pool, hostname, labels, capacity, \
+                 runtime, version, health_addr, ttl_ms, created_at_ms, expires_at_ms, last_heartbeat_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?12)",
+                params![
+                    s.session_id,
+                    s.token_hash,
+                    s.agent_id,
+                    s.pool,
+                    s.hostname,
+                    serde_json::to_string(&s.labels).map_err(json_err)?,
+                    serde_json::to_string(&s.capacity).map_err(json_err)?,
+                    s.runtime,
+                    s.version,
+                    s.health_addr,
+                    s.ttl_ms as i64,
+                    now_ms,
+                    now_ms + s.ttl_ms as i64,
+                ],
+            )
+            .map_err(backend)?;
+            let largest: Option<String> = tx
+                .query_row("SELECT largest FROM pools WHERE name = ?1", [&s.pool], |r| r.get(0))
+                .optional()
+                .map_err(backend)?
+                .flatten();
+            let largest = largest
+                .map(|l| serde_json::from_str::<Resources>(&l))
+                .transpose()
+                .map_err(json_err)?;
+            let largest = serde_json::to_string(&largest_of(largest, &s.capacity)).map_err(json_err)?;
+            tx.execute(
+                "INSERT INTO pools (name, largest) VALUES (?1, ?2) \
+                 ON CONFLICT (name) DO UPDATE SET largest = excluded.largest",
+                params![s.pool, largest],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn session_auth(&self, session_id: &str) -> StoreResult<SessionAuth> {
+        let session_id = session_id.to_string();
+        self.tx(move |tx| {
+            let row = tx
+                .query_row(
+                    "SELECT token_hash, agent_id, pool, labels, ttl_ms, expires_at_ms, gone \
+                     FROM sessions WHERE session_id = ?1",
+                    [&session_id],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                            r.get::<_, i64>(4)?,
+                            r.get::<_, i64>(5)?,
+                            r.get::<_, i64>(6)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(backend)?
+                .ok_or_else(|| StoreError::NotFound(format!("session {session_id}")))?;
+            Ok(SessionAuth {
+                session_id,
+                token_hash: row.0,
+                agent_id: row.1,
+                pool: row.2,
+                labels: serde_json::from_str(&row.3).map_err(json_err)?,
+                ttl_ms: row.4 as u64,
+                expires_at_ms: row.5,
+                gone: row.6 != 0,
+            })
+        })
+        .await
+    }
+
+    async fn resume_session(&self, session_id: &str, now_ms: i64) -> StoreResult<Vec<LeaseRef>> {
+        let session_id = session_id.to_string();
+        self.tx(move |tx| {
+            let renewed = tx
+                .execute(
+                    "UPDATE sessions SET expires_at_ms = ?2 + ttl_ms, last_heartbeat_ms = ?2 \
+                     WHERE session_id = ?1 AND gone = 0 AND expires_at_ms >= ?2",
+                    params![session_id, now_ms],
+                )
+                .map_err(backend)?;
+            if renewed == 0 {
+                return Err(StoreError::Conflict(format!(
+                    "session {session_id} has expired or ended"
+                )));
+            }
+            let mut stmt = tx
+                .prepare(
+                    "SELECT id, attempt FROM jobs WHERE session_id = ?1 \
+                     AND state IN ('LEASED', 'RUNNING') ORDER BY id",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map([&session_id], |r| {
+                    Ok(LeaseRef {
+                        job_id: r.get(0)?,
+                        attempt: r.get::<_, i64>(1)? as u64,
+                        session_id: session_id.clone(),
+                    })
+                })
+                .map_err(backend)?;
+            rows.collect::<Result<_, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn heartbeat(
+        &self,
+        session_id: &str,
+        running: &[LeaseRef],
+        draining: bool,
+        now_ms: i64,
+    ) -> StoreResult<HeartbeatAnswer> {
+        let session_id = session_id.to_string();
+        let running = running.to_vec();
+        self.tx(move |tx| {
+            let row: Option<(i64, i64, i64)> = tx
+                .query_row(
+                    "UPDATE sessions SET expires_at_ms = ?2 + ttl_ms, last_heartbeat_ms = ?2, \
+                     draining = MAX(draining, ?3) WHERE session_id = ?1 AND gone = 0 \
+                     AND expires_at_ms >= ?2 RETURNING expires_at_ms, drain_requested, ttl_ms",
+                    params![session_id, now_ms, draining as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(backend)?;
+            let Some((expires_at_ms, drain_requested, _)) = row else {
+                return Err(StoreError::Conflict(format!(
+                    "session {session_id} has expired or ended; register again"
+                )));
+            };
+            let mut answer = HeartbeatAnswer {
+                remaining_ms: (expires_at_ms - now_ms).max(0) as u64,
+                drain: drain_requested != 0,
+                ..HeartbeatAnswer::default()
+            };
+            for lease in &running {
+                if lease.session_id != session_id || held(tx, lease)?.is_none() {
+                    answer.lost.push(lease.clone());
+                }
+            }
+            let held_jobs: Vec<(String, i64, i64, i64)> = {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "SELECT id, attempt, cancel_requested, missed_reports FROM jobs \
+                         WHERE session_id = ?1 AND state IN ('LEASED', 'RUNNING')",
+                    )
+                    .map_err(backend)?;
+                let rows = stmt
+                    .query_map([&session_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                    .map_err(backend)?;
+                rows.collect::<Result<_, _>>().map_err(backend)?
+            };
+            for (job_id, attempt, cancel, missed) in held_jobs {
+                let lease = LeaseRef {
+                    job_id,
+                    attempt: attempt as u64,
+                    session_id: session_id.clone(),
+                };
+                if running.contains(&lease) {
+                    if missed != 0 {
+                        tx.execute("UPDATE jobs SET missed_reports = 0 WHERE id = ?1", [&lease.job_id])
+                            .map_err(backend)?;
+                    }
+                    if cancel != 0 {
+                        answer.cancel.push(lease);
+                    }
+                } else if missed + 1 >= 2 {
+                    requeue_infra(tx, &lease.job_id, "lease never reported by its agent", now_ms)?;
+                    answer.requeued_unreported.push(lease);
+                } else {
+                    tx.execute(
+                        "UPDATE jobs SET missed_reports = missed_reports + 1 WHERE id = ?1",
+                        [&lease.job_id],
+                    )
+                    .map_err(backend)?;
+                }
+            }
+            Ok(answer)
+        })
+        .await
+    }
+
+    async fn end_session(
+        &self,
+        session_id: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> StoreResult<EndedSession> {
+        let session_id = session_id.to_string();
+        let reason = reason.to_string();
+        self.tx(move |tx| end_session_tx(tx, &session_id, &reason, now_ms))
+            .await
+    }
+
+    async fn expired_sessions(&self, before_ms: i64) -> StoreResult<Vec<String>> {
+        self.tx(move |tx| {
+            let mut stmt = tx
+                .prepare("SELECT session_id FROM sessions WHERE gone = 0 AND expires_at_ms < ?1")
+                .map_err(backend)?;
+            let rows = stmt.query_map([before_ms], |r| r.get(0)).map_err(backend)?;
+            rows.collect::<Result<_, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn live_sessions(&self) -> StoreResult<u64> {
+        self.tx(|tx| {
+            tx.query_row("SELECT COUNT(*) FROM sessions WHERE gone = 0", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n as u64)
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn reap_jobs(
+        &self,
+        grace_ms: i64,
+        start_deadline_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<ReapedJobs> {
+        self.tx(move |tx| {
+            let active: Vec<(String, i64, String, String, Option<i64>, Option<i64>)> = {
+                let mut stmt = tx
+                    .prepare(
+                        "SELECT id, attempt, session_id, state, leased_at_ms, started_at_ms FROM jobs \
+                         INDEXED BY jobs_active WHERE state IN ('LEASED', 'RUNNING')",
+                    )
+                    .map_err(backend)?;
+                let rows = stmt
+                    .query_map([], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+                    })
+                    .map_err(backend)?;
+                rows.collect::<Result<_, _>>().map_err(backend)?
+            };
+            let mut reaped = ReapedJobs::default();
+            for (job_id, attempt, session_id, state, leased_at, started_at) in active {
+                let lease = LeaseRef {
+                    job_id: job_id.clone(),
+                    attempt: attempt as u64,
+                    session_id,
+                };
+                if state == "LEASED" {
+                    if leased_at.is_some_and(|t| t + start_deadline_ms < now_ms) {
+                        requeue_infra(tx, &job_id, "not started within the start deadline", now_ms)?;
+                        reaped.not_started.push(lease);
+                    }
+                    continue;
+                }
+                let spec = load_spec(tx, &job_id)?;
+                if spec.timeout_secs == 0 {
+                    continue;
+                }
+                let deadline =
+                    started_at.unwrap_or(now_ms) + spec.timeout_secs as i64 * 1000 + grace_ms;
+                if deadline < now_ms {
+                    let completion = Completion {
+                        outcome: OutcomeKind::TimedOut,
+                        exit_code: None,
+                        reason: format!(
+                            "timed out after {}s (enforced by the coordinator)",
+                            spec.timeout_secs
+                        ),
+                    };
+                    apply_completion(tx, &lease, &completion, now_ms)?;
+                    reaped.timed_out.push(lease);
+                }
+            }
+            Ok(reaped)
+        })
+        .await
+    }
+
+    async fn request_drain(&self, agent_id: &str, now_ms: i64) -> StoreResult<Agent> {
+        let agent_id = agent_id.to_string();
+        self.tx(move |tx| {
+            let n = tx
+                .execute(
+                    "UPDATE sessions SET drain_requested = 1 WHERE agent_id = ?1 AND gone = 0 \
+                     AND expires_at_ms >= ?2",
+                    params![agent_id, now_ms],
+                )
+                .map_err(backend)?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!(
+                    "agent {agent_id} (no live session; see `drover agents`)"
+                )));
+            }
+            let row = tx
+                .query_row(
+                    &format!(
+                        "{AGENT_SELECT} WHERE s.agent_id = ?1 AND s.gone = 0 \
+                         ORDER BY s.created_at_ms DESC LIMIT 1"
+                    ),
+                    [&agent_id],
+                    |r| row_to_agent(r, now_ms),
+                )
+                .map_err(backend)?;
+            finish_agent(row)
+        })
+        .await
+    }
+
+    async fn list_agents(&self, now_ms: i64, recent_ms: i64) -> StoreResult<Vec<Agent>> {
+        self.tx(move |tx| {
+            let mut stmt = tx
+                .prepare(&format!(
+                    "{AGENT_SELECT} WHERE s.gone = 0 OR s.ended_at_ms >= ?1 \
+                     ORDER BY s.pool, s.agent_id, s.created_at_ms"
+                ))
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map([now_ms - recent_ms], |r| row_to_agent(r, now_ms))
+                .map_err(backend)?;
+            let mut agents = Vec::new();
+            for row in rows {
+                agents.push(finish_agent(row.map_err(backend)?)?);
+            }
+            Ok(agents)
+        })
+        .await
+    }
+
+    async fn pools(&self, now_ms: i64) -> StoreResult<Vec<Pool>> {
+        self.tx(move |tx| {
+            let mut pools: BTreeMap<String, Pool> = BTreeMap::new();
+            {
+                let mut stmt = tx.prepare("SELECT name, paused FROM pools").map_err(backend)?;
+                let rows = stmt
+                    .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                    .map_err(backend)?;
+                for row in rows {
+                    let (name, paused) = row.map_err(backend)?;
+                    pool_entry(&mut pools, &name).paused = paused != 0;
+                }
+            }
+            {
+                let mut stmt = tx
+                    .prepare(
+                        "SELECT pool, state, COUNT(*), MIN(created_at_ms) FROM jobs \
+                         WHERE state IN ('QUEUED', 'LEASED', 'RUNNING') GROUP BY pool, state",
+                    )
+                    .map_err(backend)?;
+                let rows = stmt
+                    .query_map([], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, i64>(3)?,
+                        ))
+                    })
+                    .map_err(backend)?;
+                for row in rows {
+                    let (name, state, count, oldest) = row.map_err(backend)?;
+                    let pool = pool_entry(&mut pools, &name);
+                    if state == "QUEUED" {
+                        pool.queued += count as u64;
+                        pool.oldest_queued_age_ms = Some(now_ms - oldest);
+                    } else {
+                        pool.running += count as u64;
+                    }
+                }
+            }
+            {
+                let mut stmt = tx
+                    .prepare(
+                        "SELECT pool, COUNT(DISTINCT agent_id) FROM sessions \
+                         WHERE gone = 0 AND expires_at_ms >= ?1 GROUP BY pool",
+                    )
+                    .map_err(backend)?;
+                let rows = stmt
+                    .query_map([now_ms], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                    .map_err(backend)?;
+                for row in rows {
+                    let (name, agents) = row.map_err(backend)?;
+                    pool_entry(&mut pools, &name).agents = agents as u64;
+                }
+            }
+            Ok(pools.into_values().collect())
+        })
+        .await
+    }
+
+    async fn set_pool_paused(&self, pool: &str, paused: bool) -> StoreResult<()> {
+        let pool = pool.to_string();
+        self.tx(move |tx| {
+            tx.execute(
+                "INSERT INTO pools (name, paused) VALUES (?1, ?2) \
+                 ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
+                params![pool, paused as i64],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn pool_capacity(&self, pool: &str) -> StoreResult<PoolCapacity> {
+        let pool = pool.to_string();
+        self.tx(move |tx| {
+            let row: Option<(i64, Option<String>)> = tx
+                .query_row("SELECT paused, largest FROM pools WHERE name = ?1", [&pool], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()
+                .map_err(backend)?;
+            Ok(match row {
+                None => PoolCapacity::default(),
+                Some((paused, largest)) => PoolCapacity {
+                    paused: paused != 0,
+                    largest: largest
+                        .map(|l| serde_json::from_str(&l))
+                        .transpose()
+                        .map_err(json_err)?,
+                },
+            })
+        })
+        .await
+    }
+}
+
+fn pool_entry<'a>(pools: &'a mut BTreeMap<String, Pool>, name: &str) -> &'a mut Pool {
+    pools.entry(name.to_string()).or_insert_with(|| Pool {
+        pool: name.to_string(),
+        queued: 0,
+        running: 0,
+        agents: 0,
+        paused: false,
+        oldest_queued_age_ms: None,
+    })
+}
