@@ -29,9 +29,13 @@ struct Args {
     heartbeat_interval_ms: Option<u64>,
     #[arg(long, env = "DROVER_SESSION_TTL_MS")]
     session_ttl_ms: Option<u64>,
+    /// Once listening, write `{"grpc_addr": …, "http_addr": …}` here (useful
+    /// with port 0).
+    #[arg(long, env = "DROVER_READY_FILE")]
+    ready_file: Option<PathBuf>,
 }
 
-fn load(args: Args) -> anyhow::Result<Config> {
+fn load(args: &Args) -> anyhow::Result<Config> {
     let mut config = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -40,8 +44,8 @@ fn load(args: Args) -> anyhow::Result<Config> {
         }
         None => Config::default(),
     };
-    if let Some(v) = args.data_dir {
-        config.data_dir = v;
+    if let Some(v) = &args.data_dir {
+        config.data_dir = v.clone();
     }
     if let Some(v) = args.grpc_addr {
         config.grpc_addr = v;
@@ -49,12 +53,15 @@ fn load(args: Args) -> anyhow::Result<Config> {
     if let Some(v) = args.http_addr {
         config.http_addr = v;
     }
-    if let Some(token) = args.join_token {
-        config.join_tokens.push(JoinTokenConfig { token, pool: None });
+    if let Some(token) = &args.join_token {
+        config.join_tokens.push(JoinTokenConfig {
+            token: token.clone(),
+            pool: None,
+        });
     }
-    if let Some(token) = args.admin_token {
+    if let Some(token) = &args.admin_token {
         config.api_tokens.push(ApiTokenConfig {
-            token,
+            token: token.clone(),
             scopes: vec![Scope::Admin],
         });
     }
@@ -85,6 +92,18 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let config = load(Args::parse())?;
-    drover_coordinator::run(config, shutdown_signal()).await
+    let args = Args::parse();
+    let config = load(&args)?;
+    let server = drover_coordinator::Server::start(config).await?;
+    if let Some(path) = &args.ready_file {
+        let ready = serde_json::json!({
+            "grpc_addr": server.grpc_addr().to_string(),
+            "http_addr": server.http_addr().to_string(),
+        });
+        std::fs::write(path, ready.to_string())
+            .with_context(|| format!("writing the ready file {}", path.display()))?;
+    }
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await
 }
