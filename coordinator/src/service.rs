@@ -48,6 +48,8 @@ pub struct Service {
     commands: Mutex<HashMap<String, mpsc::Sender<v1::Command>>>,
     /// Authenticated sessions (token hashes never change).
     sessions: Mutex<HashMap<String, SessionAuth>>,
+    /// When the reaper's circuit breaker tripped, while it holds.
+    breaker_since_ms: Mutex<Option<i64>>,
     pub metrics: Metrics,
 }
 
@@ -72,6 +74,7 @@ impl Service {
             log_events: watch::channel(0).0,
             commands: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
+            breaker_since_ms: Mutex::new(None),
             metrics: Metrics::default(),
         })
     }
@@ -698,10 +701,26 @@ impl Service {
         if !expired.is_empty() {
             let live = self.store.live_sessions().await?;
             // A large share of sessions expiring at once smells of our own
-            // outage (store, network), not of dead agents: hold off one pass.
-            if expired.len() >= 4 && (expired.len() as u64) * 2 > live && !report.breaker_tripped {
+            // outage (store, network), not of dead agents: hold off, for at
+            // most one session TTL, so agents that are alive can renew.
+            let mass_expiry = expired.len() >= 4 && (expired.len() as u64) * 2 > live;
+            let holding = {
+                let mut since = self.breaker_since_ms.lock().map_err(poisoned)?;
+                match (*since, mass_expiry) {
+                    (_, false) => {
+                        *since = None;
+                        false
+                    }
+                    (None, true) => {
+                        *since = Some(now);
+                        true
+                    }
+                    (Some(t), true) => now - t < self.config.session_ttl_ms as i64,
+                }
+            };
+            if holding {
                 report.breaker_tripped = true;
-                tracing::warn!(expired = expired.len(), live, "circuit breaker: many sessions expired at once; not reaping this pass");
+                tracing::warn!(expired = expired.len(), live, "circuit breaker: many sessions expired at once; not reaping them yet");
             } else {
                 for session_id in expired {
                     tracing::warn!(session = %session_id, "agent session expired; requeueing its jobs");
