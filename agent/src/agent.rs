@@ -1,0 +1,926 @@
+//! The agent's lifecycle: register, claim, heartbeat (with self-fencing),
+//! commands, drain, leave. Shared state lives in [`Shared`]; no lock is held
+//! across an await.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use drover_proto::v1;
+use tokio::sync::{oneshot, watch, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{Auth, Backoff, CallError, Client, CALL_TIMEOUT};
+use crate::config::AgentConfig;
+use crate::job;
+use crate::metrics::Metrics;
+use crate::runtime::process::ProcessRuntime;
+use crate::runtime::{Runtime, StopOrder};
+use crate::{health, resources, session};
+
+/// Where the agent is in its life. Only moves forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Running,
+    Draining,
+    Terminating,
+}
+
+pub(crate) type JobKey = (String, u64);
+
+pub(crate) struct JobEntry {
+    pub lease: v1::LeaseRef,
+    pub resources: v1::Resources,
+    pub orders: watch::Sender<Option<StopOrder>>,
+}
+
+/// The current session and the token that ends its loops when it is fenced.
+#[derive(Clone)]
+pub(crate) struct SessionState {
+    pub auth: Auth,
+    pub generation: u64,
+    pub ttl_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    /// When the Register that opened it was sent: the first fence deadline
+    /// counts from here.
+    pub registered_at: Instant,
+    pub cancel: CancellationToken,
+}
+
+pub(crate) struct State {
+    pub phase: Phase,
+    pub drain_reason: Option<String>,
+    pub session: Option<SessionState>,
+    pub generation: u64,
+    pub jobs: HashMap<JobKey, JobEntry>,
+    pub last_heartbeat_ok: Option<Instant>,
+}
+
+pub(crate) struct Shared {
+    pub config: AgentConfig,
+    pub capacity: v1::Resources,
+    pub runtime: Arc<dyn Runtime>,
+    pub client: Client,
+    pub metrics: Metrics,
+    pub started_at: Instant,
+    /// The bound health address, advertised at Register.
+    pub health_addr: SocketAddr,
+    state: Mutex<State>,
+    /// Number of jobs; waiters use it for slots, drain and idle.
+    pub jobs_count: watch::Sender<usize>,
+    /// Cancelled when a drain begins: claiming stops.
+    pub drain: CancellationToken,
+    /// Cancelled when the agent gives up entirely (start aborted).
+    pub shutdown: CancellationToken,
+    pub heartbeat_now: Notify,
+}
+
+fn key(lease: &v1::LeaseRef) -> JobKey {
+    (lease.job_id.clone(), lease.attempt)
+}
+
+fn lease_name(lease: &v1::LeaseRef) -> String {
+    format!("{}#{}", lease.job_id, lease.attempt)
+}
+
+impl Shared {
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.state().phase
+    }
+
+    /// Begins a drain (idempotent: the first reason wins).
+    pub fn begin_drain(&self, reason: &str) {
+        let mut st = self.state();
+        if st.phase != Phase::Running {
+            return;
+        }
+        st.phase = Phase::Draining;
+        st.drain_reason = Some(reason.to_string());
+        drop(st);
+        tracing::info!(reason, "draining: no new jobs; running jobs may finish");
+        self.drain.cancel();
+        self.heartbeat_now.notify_one();
+    }
+
+    /// Free resources and free slots, for Claim and `/health`.
+    pub fn free(&self) -> (v1::Resources, u32) {
+        let st = self.state();
+        resources::free(
+            &self.capacity,
+            self.config.max_jobs,
+            st.jobs.values().map(|j| &j.resources),
+        )
+    }
+
+    pub fn running_leases(&self) -> Vec<v1::LeaseRef> {
+        self.state()
+            .jobs
+            .values()
+            .map(|j| j.lease.clone())
+            .collect()
+    }
+
+    /// Sends a stop order to one job; a milder order never overrides a
+    /// harsher one. Unknown leases are ignored (already finished).
+    pub fn stop_job(&self, lease: &v1::LeaseRef, order: StopOrder) {
+        let st = self.state();
+        if let Some(entry) = st.jobs.get(&key(lease)) {
+            tracing::info!(job = %lease_name(lease), ?order, "stopping job");
+            entry.orders.send_if_modified(|cur| {
+                if cur.as_ref().is_none_or(|c| order > *c) {
+                    *cur = Some(order.clone());
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+
+    fn stop_all(&self, order: StopOrder) {
+        for lease in self.running_leases() {
+            self.stop_job(&lease, order.clone());
+        }
+    }
+
+    /// Self-fence: the session `generation` can no longer be trusted. Kills
+    /// every job (SIGKILL, never completed), forgets the session and ends its
+    /// loops; the supervisor registers again. No-op for an older generation.
+    pub fn fence(&self, generation: u64, why: &str) {
+        let mut st = self.state();
+        let Some(current) = st.session.as_ref() else {
+            return;
+        };
+        if current.generation != generation {
+            return;
+        }
+        let current = st.session.take().expect("checked above");
+        let running = st.jobs.len();
+        drop(st);
+        tracing::error!(
+            session = %current.auth.session_id,
+            running,
+            "fencing: {why}; killing running jobs and registering again"
+        );
+        Metrics::inc(&self.metrics.fences);
+        current.cancel.cancel();
+        self.stop_all(StopOrder::Kill);
+        session::forget(&self.config.data_dir);
+    }
+
+    fn current_session(&self) -> Option<SessionState> {
+        self.state().session.clone()
+    }
+
+    fn remove_job(&self, key: &JobKey) {
+        let mut st = self.state();
+        st.jobs.remove(key);
+        let n = st.jobs.len();
+        drop(st);
+        self.jobs_count.send_replace(n);
+    }
+}
+
+/// A running agent; see [`Agent::start`].
+pub struct Agent {
+    shared: Arc<Shared>,
+    health_addr: SocketAddr,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+/// Cancels everything if `Agent::start` is dropped before it returns.
+struct StartGuard(Option<CancellationToken>);
+
+impl Drop for StartGuard {
+    fn drop(&mut self) {
+        if let Some(token) = self.0.take() {
+            token.cancel();
+        }
+    }
+}
+
+impl Agent {
+    /// Binds the health server, registers with the coordinator and starts the
+    /// claim/heartbeat loops in the background. Retries while the coordinator
+    /// is unreachable; fails at once when it rejects the join token.
+    pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data_dir).with_context(|| {
+            format!(
+                "cannot create data dir {} — is it writable? (DROVER_DATA_DIR)",
+                config.data_dir.display()
+            )
+        })?;
+        let runtime: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new(&config.data_dir));
+        match runtime.kill_leftovers().await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!("killed {n} job(s) left running by an earlier agent"),
+            Err(e) => tracing::warn!("cannot clean up after an earlier agent: {e}"),
+        }
+        let client = Client::new(&config.coordinator)?;
+        let listener = tokio::net::TcpListener::bind(config.health_addr)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot bind the health server to {} — is another agent running? (DROVER_HEALTH_ADDR; port 0 picks a free port)",
+                    config.health_addr
+                )
+            })?;
+        let health_addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            capacity: resources::capacity(&config),
+            config,
+            runtime,
+            client,
+            metrics: Metrics::default(),
+            started_at: Instant::now(),
+            health_addr,
+            state: Mutex::new(State {
+                phase: Phase::Running,
+                drain_reason: None,
+                session: None,
+                generation: 0,
+                jobs: HashMap::new(),
+                last_heartbeat_ok: None,
+            }),
+            jobs_count: watch::Sender::new(0),
+            drain: CancellationToken::new(),
+            shutdown: CancellationToken::new(),
+            heartbeat_now: Notify::new(),
+        });
+        let mut guard = StartGuard(Some(shared.shutdown.clone()));
+        let health_stop = shared.shutdown.child_token();
+        let health_task =
+            tokio::spawn(health::serve(shared.clone(), listener, health_stop.clone()));
+        tracing::info!(
+            agent = %shared.config.agent_id,
+            pool = %shared.config.pool,
+            health = %health_addr,
+            cpu_millis = shared.capacity.cpu_millis,
+            memory_mib = shared.capacity.memory_mib,
+            max_jobs = shared.config.max_jobs,
+            "agent starting"
+        );
+        let (first_tx, first_rx) = oneshot::channel();
+        let task = tokio::spawn(main_loop(
+            shared.clone(),
+            first_tx,
+            health_stop,
+            health_task,
+        ));
+        match first_rx.await {
+            Ok(Ok(())) => {
+                guard.0 = None;
+                Ok(Agent {
+                    shared,
+                    health_addr,
+                    task,
+                })
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => match task.await {
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(())) => Err(anyhow::anyhow!("agent stopped before it registered")),
+                Err(e) => Err(anyhow::anyhow!("agent task failed: {e}")),
+            },
+        }
+    }
+
+    /// The address the health server actually bound (useful with port 0).
+    pub fn health_addr(&self) -> SocketAddr {
+        self.health_addr
+    }
+
+    /// Begins a drain (idempotent).
+    pub fn drain(&self, reason: &str) {
+        self.shared.begin_drain(reason);
+    }
+
+    /// Resolves when the agent has stopped (drain finished and Leave sent, or
+    /// exit-when-idle).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => Err(anyhow::anyhow!("agent task failed: {e}")),
+        }
+    }
+}
+
+/// For main.rs: start, then on `shutdown` drain and wait.
+pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    tokio::pin!(shutdown);
+    let agent = tokio::select! {
+        agent = Agent::start(config) => agent?,
+        () = &mut shutdown => {
+            tracing::info!("shutdown before the agent registered");
+            return Ok(());
+        }
+    };
+    let drain_on_shutdown = {
+        let shared = agent.shared.clone();
+        async move {
+            shutdown.await;
+            shared.begin_drain("shutdown");
+            std::future::pending::<()>().await
+        }
+    };
+    tokio::select! {
+        result = agent.wait() => result,
+        () = drain_on_shutdown => unreachable!(),
+    }
+}
+
+async fn main_loop(
+    shared: Arc<Shared>,
+    first: oneshot::Sender<anyhow::Result<()>>,
+    health_stop: CancellationToken,
+    health_task: JoinHandle<()>,
+) -> anyhow::Result<()> {
+    let mut first = Some(first);
+    if shared.config.exit_when_idle {
+        tokio::spawn(idle_watch(shared.clone()));
+    }
+    let mut resume = session::load(&shared.config.data_dir);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        let registered = tokio::select! {
+            r = register(&shared, &mut resume) => r,
+            () = shared.drain.cancelled() => break,
+            () = shared.shutdown.cancelled() => return Ok(()),
+        };
+        let session = match registered {
+            Ok(session) => session,
+            Err(e) => {
+                if let Some(tx) = first.take() {
+                    let _ = tx.send(Err(e));
+                    return Ok(());
+                }
+                let delay = backoff.next_delay();
+                tracing::error!("{e:#}; retrying in {delay:?}");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => continue,
+                    () = shared.drain.cancelled() => break,
+                    () = shared.shutdown.cancelled() => return Ok(()),
+                }
+            }
+        };
+        backoff.reset();
+        if let Some(tx) = first.take() {
+            let _ = tx.send(Ok(()));
+        }
+        tokio::spawn(claim_loop(shared.clone(), session.clone()));
+        tokio::spawn(heartbeat_loop(shared.clone(), session.clone()));
+        tokio::spawn(commands_loop(shared.clone(), session.clone()));
+        tokio::select! {
+            () = session.cancel.cancelled() => continue,
+            () = shared.drain.cancelled() => break,
+            () = shared.shutdown.cancelled() => return Ok(()),
+        }
+    }
+    drain(&shared).await;
+    // Health goes last so probes saw 503 throughout the drain.
+    health_stop.cancel();
+    let _ = health_task.await;
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+/// Registers (resuming the saved session when there is one). Transient
+/// failures are retried here, one log line each; the error returned is one
+/// that retrying cannot fix (a rejected join token).
+async fn register(
+    shared: &Arc<Shared>,
+    resume: &mut Option<session::SavedSession>,
+) -> anyhow::Result<SessionState> {
+    let config = &shared.config;
+    let mut labels = config.labels.clone();
+    labels.insert("platform".into(), "local".into());
+    labels.insert("arch".into(), std::env::consts::ARCH.into());
+    labels.insert("os".into(), std::env::consts::OS.into());
+    let agent = v1::AgentInfo {
+        agent_id: config.agent_id.clone(),
+        pool: config.pool.clone(),
+        hostname: crate::config::hostname(),
+        labels: labels.into_iter().collect(),
+        capacity: Some(shared.capacity.clone()),
+        runtime: shared.runtime.name().to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        health_addr: shared.health_addr.to_string(),
+    };
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        let req = v1::RegisterRequest {
+            join_token: config.join_token.clone(),
+            agent: Some(agent.clone()),
+            resume_session_id: resume
+                .as_ref()
+                .map(|s| s.session_id.clone())
+                .unwrap_or_default(),
+            resume_session_token: resume
+                .as_ref()
+                .map(|s| s.session_token.clone())
+                .unwrap_or_default(),
+        };
+        let sent_at = Instant::now();
+        match shared.client.register(req).await {
+            Ok(resp) => return Ok(adopt_session(shared, resume.take().is_some(), resp, sent_at)),
+            Err(e) if e.is_transient() => {
+                let delay = backoff.next_delay();
+                tracing::warn!("register failed: {e}; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) if resume.is_some() => {
+                tracing::warn!("cannot resume the saved session ({e}); registering a new one");
+                *resume = None;
+                session::forget(&config.data_dir);
+            }
+            Err(e) => {
+                return Err(anyhow::anyhow!(
+                    "coordinator at {} rejected the registration of agent {:?} in pool {:?}: {e} — check the join token (DROVER_JOIN_TOKEN) and pool (DROVER_POOL)",
+                    shared.client.url(),
+                    config.agent_id,
+                    config.pool
+                ))
+            }
+        }
+    }
+}
+
+fn adopt_session(
+    shared: &Arc<Shared>,
+    tried_resume: bool,
+    resp: v1::RegisterResponse,
+    sent_at: Instant,
+) -> SessionState {
+    Metrics::inc(&shared.metrics.registrations);
+    let auth = Auth {
+        session_id: resp.session_id.clone(),
+        token: resp.session_token.clone(),
+    };
+    if let Err(e) = session::save(
+        &shared.config.data_dir,
+        &session::SavedSession {
+            session_id: resp.session_id.clone(),
+            session_token: resp.session_token.clone(),
+        },
+    ) {
+        tracing::warn!("cannot save the session file (a restart will not resume it): {e}");
+    }
+    let ttl_ms = if resp.session_ttl_ms == 0 {
+        60_000
+    } else {
+        resp.session_ttl_ms
+    };
+    let heartbeat_interval_ms = if resp.heartbeat_interval_ms == 0 {
+        10_000
+    } else {
+        resp.heartbeat_interval_ms
+    };
+    let mut st = shared.state();
+    st.generation += 1;
+    let session = SessionState {
+        auth: auth.clone(),
+        generation: st.generation,
+        ttl_ms,
+        heartbeat_interval_ms,
+        registered_at: sent_at,
+        cancel: shared.shutdown.child_token(),
+    };
+    st.session = Some(session.clone());
+    // Count the registration as contact: the fence deadline starts from here.
+    st.last_heartbeat_ok = Some(sent_at);
+    drop(st);
+    if resp.resumed {
+        tracing::info!(session = %resp.session_id, leases = resp.leases.len(), "resumed session");
+        // The process runtime cannot adopt processes of an earlier agent
+        // (their output pipes died with it), and kill_leftovers killed them:
+        // hand those leases back for an infra retry.
+        for lease in resp.leases {
+            let shared = shared.clone();
+            let auth = auth.clone();
+            tokio::spawn(async move {
+                job::complete(
+                    &shared,
+                    &auth,
+                    &lease,
+                    v1::Outcome::Interrupted,
+                    None,
+                    "agent restarted; the process runtime cannot adopt running jobs".into(),
+                    None,
+                )
+                .await;
+            });
+        }
+    } else {
+        if tried_resume {
+            tracing::info!("the saved session expired; registered a new one");
+        }
+        tracing::info!(session = %resp.session_id, ttl_ms, heartbeat_interval_ms = resp.heartbeat_interval_ms, "registered");
+    }
+    session
+}
+
+/// The self-fence margin: a quarter of the remaining lifetime, at most 5 s.
+pub(crate) fn fence_margin(remaining: Duration) -> Duration {
+    (remaining / 4).min(Duration::from_secs(5))
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Claims while slots are free, until the session ends or a drain begins.
+async fn claim_loop(shared: Arc<Shared>, session: SessionState) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut failing = false;
+    let max_jobs = shared.config.max_jobs as usize;
+    loop {
+        if shared.drain.is_cancelled() || session.cancel.is_cancelled() {
+            return;
+        }
+        let (free, slots) = shared.free();
+        if slots == 0 {
+            let mut count = shared.jobs_count.subscribe();
+            tokio::select! {
+                _ = count.wait_for(|n| *n < max_jobs) => continue,
+                () = shared.drain.cancelled() => return,
+                () = session.cancel.cancelled() => return,
+            }
+        }
+        let req = v1::ClaimRequest {
+            session_id: session.auth.session_id.clone(),
+            free: Some(free),
+            max_jobs: slots,
+            wait_ms: shared.config.claim_wait_ms,
+        };
+        let result = tokio::select! {
+            r = shared.client.claim(&session.auth, req) => r,
+            () = shared.drain.cancelled() => return,
+            () = session.cancel.cancelled() => return,
+        };
+        match result {
+            Ok(resp) => {
+                Metrics::inc(&shared.metrics.claims_ok);
+                if failing {
+                    tracing::info!("claim works again");
+                    failing = false;
+                }
+                backoff.reset();
+                for lease in resp.leases {
+                    accept_lease(&shared, &session, lease);
+                }
+            }
+            Err(CallError::SessionGone(why)) => {
+                shared.fence(session.generation, &format!("Claim: {why}"));
+                return;
+            }
+            Err(e) => {
+                Metrics::inc(&shared.metrics.claims_failed);
+                let delay = backoff.next_delay();
+                if !failing {
+                    tracing::warn!("claim failed: {e}; retrying with backoff");
+                    failing = true;
+                } else {
+                    tracing::debug!("claim failed: {e}; retrying in {delay:?}");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shared.drain.cancelled() => return,
+                    () = session.cancel.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+/// Records a lease and starts its job, unless the agent cannot run it any
+/// more (drain began, session fenced while the Claim was in flight).
+fn accept_lease(shared: &Arc<Shared>, session: &SessionState, lease: v1::Lease) {
+    let (Some(lease_ref), Some(payload)) = (lease.lease, lease.job) else {
+        tracing::warn!("coordinator sent a lease without a job or reference; ignoring it");
+        return;
+    };
+    Metrics::inc(&shared.metrics.leases_claimed);
+    let (orders_tx, orders_rx) = watch::channel(None);
+    let resources = payload.resources.clone().unwrap_or_default();
+    {
+        let mut st = shared.state();
+        let same_session = st
+            .session
+            .as_ref()
+            .is_some_and(|s| s.generation == session.generation);
+        if !same_session {
+            // Our session is gone; the coordinator requeues the lease.
+            return;
+        }
+        if st.phase != Phase::Running {
+            drop(st);
+            let shared = shared.clone();
+            let auth = session.auth.clone();
+            tokio::spawn(async move {
+                job::complete(
+                    &shared,
+                    &auth,
+                    &lease_ref,
+                    v1::Outcome::Interrupted,
+                    None,
+                    "agent is draining".into(),
+                    None,
+                )
+                .await;
+            });
+            return;
+        }
+        st.jobs.insert(
+            key(&lease_ref),
+            JobEntry {
+                lease: lease_ref.clone(),
+                resources,
+                orders: orders_tx,
+            },
+        );
+        let n = st.jobs.len();
+        drop(st);
+        shared.jobs_count.send_replace(n);
+    }
+    tracing::info!(job = %lease_name(&lease_ref), name = %payload.name, "leased job");
+    let shared = shared.clone();
+    let auth = session.auth.clone();
+    tokio::spawn(async move {
+        let k = key(&lease_ref);
+        // The job runs in its own task so that a panic there is caught here
+        // and becomes that job's failure.
+        let inner = tokio::spawn(job::run(
+            shared.clone(),
+            auth.clone(),
+            lease_ref.clone(),
+            payload,
+            orders_rx,
+        ));
+        if let Err(e) = inner.await {
+            let what = if e.is_panic() {
+                "panicked"
+            } else {
+                "was aborted"
+            };
+            tracing::error!(job = %lease_name(&lease_ref), "the job's task {what}: {e}");
+            job::complete(
+                &shared,
+                &auth,
+                &lease_ref,
+                v1::Outcome::Failed,
+                None,
+                format!("agent error while running the job: task {what}"),
+                None,
+            )
+            .await;
+            shared.metrics.job_finished("failed");
+        }
+        shared.remove_job(&k);
+    });
+}
+
+/// Renews the session every interval and self-fences when its remaining
+/// lifetime, counted from when the last answered heartbeat was sent, runs out.
+async fn heartbeat_loop(shared: Arc<Shared>, session: SessionState) {
+    let ttl = Duration::from_millis(session.ttl_ms);
+    let mut fence_at = session.registered_at + ttl - fence_margin(ttl);
+    let mut period = Duration::from_millis(session.heartbeat_interval_ms);
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = session.cancel.cancelled() => return,
+            () = tokio::time::sleep_until(fence_at) => {
+                shared.fence(session.generation, "no heartbeat answer before the session's deadline");
+                return;
+            }
+            _ = ticker.tick() => {}
+            () = shared.heartbeat_now.notified() => {}
+        }
+        let req = v1::HeartbeatRequest {
+            session_id: session.auth.session_id.clone(),
+            running: shared.running_leases(),
+            draining: shared.phase() != Phase::Running,
+        };
+        let sent_at = Instant::now();
+        let sent_unix = SystemTime::now();
+        let timeout = fence_at
+            .saturating_duration_since(sent_at)
+            .clamp(Duration::from_millis(100), CALL_TIMEOUT);
+        let result = tokio::select! {
+            r = shared.client.heartbeat(&session.auth, req, timeout) => r,
+            () = session.cancel.cancelled() => return,
+        };
+        match result {
+            Ok(resp) => {
+                let remaining = Duration::from_millis(resp.session_remaining_ms);
+                let margin = fence_margin(remaining);
+                fence_at = sent_at + remaining - margin;
+                let deadline_unix_ms = unix_ms(sent_unix) + (remaining - margin).as_millis() as u64;
+                if let Err(e) =
+                    session::write_fence_deadline(&shared.config.data_dir, deadline_unix_ms)
+                {
+                    tracing::warn!("cannot write the fence deadline file: {e}");
+                }
+                Metrics::inc(&shared.metrics.heartbeats_ok);
+                shared.state().last_heartbeat_ok = Some(Instant::now());
+                if failing {
+                    tracing::info!("heartbeat works again");
+                    failing = false;
+                }
+                for lease in &resp.cancel {
+                    shared.stop_job(lease, StopOrder::Cancel);
+                }
+                for lease in &resp.lost {
+                    shared.stop_job(lease, StopOrder::Kill);
+                }
+                if resp.drain {
+                    shared.begin_drain("operator");
+                }
+                let wanted = Duration::from_millis(resp.heartbeat_interval_ms);
+                if !wanted.is_zero() && wanted != period {
+                    period = wanted;
+                    ticker = tokio::time::interval_at(Instant::now() + period, period);
+                    ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+                }
+            }
+            Err(CallError::SessionGone(why)) => {
+                shared.fence(session.generation, &format!("Heartbeat: {why}"));
+                return;
+            }
+            Err(e) => {
+                Metrics::inc(&shared.metrics.heartbeats_failed);
+                let left = fence_at.saturating_duration_since(Instant::now());
+                if !failing {
+                    tracing::warn!(
+                        "heartbeat failed: {e}; self-fencing in {left:?} unless one succeeds"
+                    );
+                    failing = true;
+                } else {
+                    tracing::debug!("heartbeat failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Follows the session's command stream; reconnects with backoff. The same
+/// orders also arrive in heartbeat answers, so a broken stream only delays them.
+async fn commands_loop(shared: Arc<Shared>, session: SessionState) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        let opened = tokio::select! {
+            r = shared.client.commands(&session.auth) => r,
+            () = session.cancel.cancelled() => return,
+        };
+        match opened {
+            Ok(mut stream) => loop {
+                let message = tokio::select! {
+                    m = stream.message() => m,
+                    () = session.cancel.cancelled() => return,
+                };
+                match message {
+                    Ok(Some(command)) => {
+                        backoff.reset();
+                        handle_command(&shared, command);
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        match CallError::from_status(shared.client.url(), status, false) {
+                            CallError::SessionGone(why) => {
+                                shared.fence(session.generation, &format!("Commands: {why}"));
+                                return;
+                            }
+                            e => tracing::debug!("command stream ended: {e}"),
+                        }
+                        break;
+                    }
+                }
+            },
+            Err(CallError::SessionGone(why)) => {
+                shared.fence(session.generation, &format!("Commands: {why}"));
+                return;
+            }
+            Err(e) => tracing::debug!("cannot open the command stream: {e}"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff.next_delay()) => {}
+            () = session.cancel.cancelled() => return,
+        }
+    }
+}
+
+fn handle_command(shared: &Shared, command: v1::Command) {
+    use v1::command::Command as C;
+    match command.command {
+        Some(C::Cancel(lease)) => shared.stop_job(&lease, StopOrder::Cancel),
+        Some(C::Kill(lease)) => shared.stop_job(&lease, StopOrder::Kill),
+        Some(C::Drain(order)) => {
+            let reason = if order.reason.is_empty() {
+                "operator"
+            } else {
+                &order.reason
+            };
+            shared.begin_drain(reason);
+        }
+        None => {}
+    }
+}
+
+/// The drain after claiming stopped: let jobs finish up to the deadline, stop
+/// the rest (INTERRUPTED), then Leave.
+async fn drain(shared: &Arc<Shared>) {
+    let mut count = shared.jobs_count.subscribe();
+    let deadline = Duration::from_millis(shared.config.drain_timeout_ms);
+    let running = *count.borrow();
+    if running > 0 {
+        tracing::info!(running, "waiting up to {deadline:?} for running jobs");
+    }
+    if tokio::time::timeout(deadline, count.wait_for(|n| *n == 0))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            running = *count.borrow(),
+            "drain deadline passed; stopping the remaining jobs"
+        );
+        shared.stop_all(StopOrder::Interrupt);
+        let _ = count.wait_for(|n| *n == 0).await;
+    }
+    if let Some(session) = shared.current_session() {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+        for attempt in 1..=5 {
+            match shared.client.leave(&session.auth).await {
+                Ok(requeued) => {
+                    tracing::info!(session = %session.auth.session_id, requeued, "left the coordinator");
+                    session::forget(&shared.config.data_dir);
+                    break;
+                }
+                Err(e) if e.is_transient() && attempt < 5 => {
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                Err(e) => {
+                    tracing::warn!("Leave failed: {e}; the session will expire on its own");
+                    break;
+                }
+            }
+        }
+        session.cancel.cancel();
+    }
+    let mut st = shared.state();
+    st.phase = Phase::Terminating;
+    st.session = None;
+}
+
+/// With `exit_when_idle`: drains with reason "idle" once nothing has run for
+/// `idle_timeout_ms`.
+async fn idle_watch(shared: Arc<Shared>) {
+    let idle = Duration::from_millis(shared.config.idle_timeout_ms);
+    let mut count = shared.jobs_count.subscribe();
+    loop {
+        tokio::select! {
+            _ = count.wait_for(|n| *n == 0) => {}
+            () = shared.drain.cancelled() => return,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(idle) => {
+                if *count.borrow() == 0 {
+                    tracing::info!("idle for {idle:?}");
+                    shared.begin_drain("idle");
+                    return;
+                }
+            }
+            _ = count.changed() => {}
+            () = shared.drain.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fence_margin_is_a_quarter_capped_at_five_seconds() {
+        assert_eq!(fence_margin(Duration::from_secs(8)), Duration::from_secs(2));
+        assert_eq!(
+            fence_margin(Duration::from_secs(60)),
+            Duration::from_secs(5)
+        );
+        assert_eq!(fence_margin(Duration::ZERO), Duration::ZERO);
+    }
+}

@@ -1,0 +1,322 @@
+//! The agent's side of the AgentService: one channel, the session token on
+//! every call, and errors classified into what the agent must do about them.
+
+use std::time::Duration;
+
+use drover_proto::v1;
+use drover_proto::v1::agent_service_client::AgentServiceClient;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+/// Longest a unary call may take before it counts as a transient failure.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What went wrong with a call, by what the agent does next.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// Network or coordinator trouble: retry with backoff.
+    #[error("cannot reach coordinator at {url}: {message} — is drover-coordinator running? (DROVER_COORDINATOR)")]
+    Unreachable { url: String, message: String },
+    #[error("coordinator at {url} failed transiently ({code:?}): {message}")]
+    Transient {
+        url: String,
+        code: Code,
+        message: String,
+    },
+    /// FAILED_PRECONDITION: the lease is no longer ours. Kill, never complete.
+    #[error("lease lost: {0}")]
+    LeaseLost(String),
+    /// UNAUTHENTICATED (or NOT_FOUND for the session): the session is gone.
+    /// Fence: kill everything and register again.
+    #[error("session is no longer valid: {0}")]
+    SessionGone(String),
+    /// The coordinator rejected the request; retrying the same call is futile.
+    #[error("coordinator rejected the call ({code:?}): {message}")]
+    Rejected { code: Code, message: String },
+}
+
+impl CallError {
+    pub fn from_status(url: &str, status: Status, job_call: bool) -> CallError {
+        let message = status.message().to_string();
+        match status.code() {
+            Code::Unavailable => CallError::Unreachable {
+                url: url.to_string(),
+                message: if message.is_empty() {
+                    "unavailable".to_string()
+                } else {
+                    message
+                },
+            },
+            Code::FailedPrecondition => CallError::LeaseLost(message),
+            Code::Unauthenticated => CallError::SessionGone(message),
+            // For job calls NOT_FOUND means the job or lease is gone; for
+            // session calls, the session is.
+            Code::NotFound if job_call => CallError::LeaseLost(message),
+            Code::NotFound => CallError::SessionGone(message),
+            code @ (Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::ResourceExhausted
+            | Code::Internal
+            | Code::Unknown
+            | Code::Cancelled) => CallError::Transient {
+                url: url.to_string(),
+                code,
+                message,
+            },
+            code => CallError::Rejected { code, message },
+        }
+    }
+
+    /// Worth retrying the same call.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            CallError::Unreachable { .. } | CallError::Transient { .. }
+        )
+    }
+}
+
+/// A cheap-to-clone handle on the coordinator.
+#[derive(Clone)]
+pub struct Client {
+    url: String,
+    inner: AgentServiceClient<Channel>,
+}
+
+/// The session a call acts for.
+#[derive(Debug, Clone)]
+pub struct Auth {
+    pub session_id: String,
+    pub token: String,
+}
+
+impl Client {
+    /// Connects lazily: an unreachable coordinator shows up as call errors,
+    /// which the loops retry.
+    pub fn new(url: &str) -> Result<Client, CallError> {
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| CallError::Rejected {
+                code: Code::InvalidArgument,
+                message: format!("coordinator URL {url:?} is invalid: {e} (DROVER_COORDINATOR)"),
+            })?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true);
+        Ok(Client {
+            url: url.to_string(),
+            inner: AgentServiceClient::new(endpoint.connect_lazy()),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn request<T>(&self, auth: Option<&Auth>, msg: T, timeout: Duration) -> Request<T> {
+        let mut req = Request::new(msg);
+        req.set_timeout(timeout);
+        if let Some(auth) = auth {
+            if let Ok(value) = MetadataValue::try_from(format!("Bearer {}", auth.token)) {
+                req.metadata_mut().insert("authorization", value);
+            }
+        }
+        req
+    }
+
+    fn err(&self, status: Status, job_call: bool) -> CallError {
+        CallError::from_status(&self.url, status, job_call)
+    }
+
+    pub async fn register(
+        &self,
+        msg: v1::RegisterRequest,
+    ) -> Result<v1::RegisterResponse, CallError> {
+        let req = self.request(None, msg, CALL_TIMEOUT);
+        self.inner
+            .clone()
+            .register(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.err(s, false))
+    }
+
+    pub async fn claim(
+        &self,
+        auth: &Auth,
+        msg: v1::ClaimRequest,
+    ) -> Result<v1::ClaimResponse, CallError> {
+        let timeout = Duration::from_millis(msg.wait_ms) + CALL_TIMEOUT;
+        let req = self.request(Some(auth), msg, timeout);
+        self.inner
+            .clone()
+            .claim(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.err(s, false))
+    }
+
+    pub async fn heartbeat(
+        &self,
+        auth: &Auth,
+        msg: v1::HeartbeatRequest,
+        timeout: Duration,
+    ) -> Result<v1::HeartbeatResponse, CallError> {
+        let req = self.request(Some(auth), msg, timeout);
+        self.inner
+            .clone()
+            .heartbeat(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.err(s, false))
+    }
+
+    pub async fn commands(&self, auth: &Auth) -> Result<tonic::Streaming<v1::Command>, CallError> {
+        let mut req = Request::new(v1::CommandsRequest {
+            session_id: auth.session_id.clone(),
+        });
+        if let Ok(value) = MetadataValue::try_from(format!("Bearer {}", auth.token)) {
+            req.metadata_mut().insert("authorization", value);
+        }
+        self.inner
+            .clone()
+            .commands(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.err(s, false))
+    }
+
+    pub async fn report_started(&self, auth: &Auth, lease: v1::LeaseRef) -> Result<(), CallError> {
+        let req = self.request(
+            Some(auth),
+            v1::ReportStartedRequest { lease: Some(lease) },
+            CALL_TIMEOUT,
+        );
+        self.inner
+            .clone()
+            .report_started(req)
+            .await
+            .map(|_| ())
+            .map_err(|s| self.err(s, true))
+    }
+
+    pub async fn append_logs(
+        &self,
+        auth: &Auth,
+        msg: v1::AppendLogsRequest,
+    ) -> Result<u64, CallError> {
+        let req = self.request(Some(auth), msg, CALL_TIMEOUT);
+        self.inner
+            .clone()
+            .append_logs(req)
+            .await
+            .map(|r| r.into_inner().stored_bytes)
+            .map_err(|s| self.err(s, true))
+    }
+
+    pub async fn complete(
+        &self,
+        auth: &Auth,
+        msg: v1::CompleteRequest,
+    ) -> Result<String, CallError> {
+        let req = self.request(Some(auth), msg, CALL_TIMEOUT);
+        self.inner
+            .clone()
+            .complete(req)
+            .await
+            .map(|r| r.into_inner().state)
+            .map_err(|s| self.err(s, true))
+    }
+
+    pub async fn leave(&self, auth: &Auth) -> Result<u32, CallError> {
+        let req = self.request(
+            Some(auth),
+            v1::LeaveRequest {
+                session_id: auth.session_id.clone(),
+            },
+            CALL_TIMEOUT,
+        );
+        self.inner
+            .clone()
+            .leave(req)
+            .await
+            .map(|r| r.into_inner().requeued)
+            .map_err(|s| self.err(s, false))
+    }
+}
+
+/// Exponential backoff with jitter, for retries of one kind of call.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    /// The delay before the next attempt: doubles up to `max`, ±25 % jitter.
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let jitter = rand::random::<f64>() * 0.5 + 0.75;
+        base.mul_f64(jitter).min(self.max)
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes_map_to_what_the_agent_does() {
+        let url = "http://c:7070";
+        let e = |code, job| CallError::from_status(url, Status::new(code, "m"), job);
+        assert!(matches!(
+            e(Code::FailedPrecondition, true),
+            CallError::LeaseLost(_)
+        ));
+        assert!(matches!(
+            e(Code::Unauthenticated, false),
+            CallError::SessionGone(_)
+        ));
+        assert!(matches!(
+            e(Code::NotFound, false),
+            CallError::SessionGone(_)
+        ));
+        assert!(matches!(e(Code::NotFound, true), CallError::LeaseLost(_)));
+        assert!(e(Code::Unavailable, true).is_transient());
+        assert!(e(Code::DeadlineExceeded, true).is_transient());
+        assert!(!e(Code::InvalidArgument, true).is_transient());
+        let msg = e(Code::Unavailable, false).to_string();
+        assert!(
+            msg.contains("http://c:7070") && msg.contains("DROVER_COORDINATOR"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let first = b.next_delay();
+        assert!(first <= Duration::from_millis(125));
+        for _ in 0..20 {
+            assert!(b.next_delay() <= Duration::from_secs(5));
+        }
+        assert!(b.next_delay() >= Duration::from_millis(3750));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(125));
+    }
+}

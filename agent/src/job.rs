@@ -1,0 +1,411 @@
+//! One attempt of one job: start it, report it started, stream its output,
+//! supervise it (timeout, stop orders) and record its outcome.
+//!
+//! Guarantees: log chunks are flushed before Complete; a lease found lost
+//! (FAILED_PRECONDITION, a Kill order, a fence) kills the job and never
+//! completes it; transient coordinator errors are retried with backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_proto::v1;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::agent::Shared;
+use crate::client::{Auth, Backoff, CallError};
+use crate::runtime::{supervise, OutputChunk, RunSpec, StopOrder, Stream};
+
+/// Largest AppendLogs batch, in bytes of output.
+pub const BATCH_BYTES: usize = 64 * 1024;
+/// Longest a piece of output waits before it is sent.
+pub const BATCH_DELAY: Duration = Duration::from_millis(100);
+
+fn name(lease: &v1::LeaseRef) -> String {
+    format!("{}#{}", lease.job_id, lease.attempt)
+}
+
+fn spec_from(lease: &v1::LeaseRef, payload: v1::JobPayload) -> RunSpec {
+    RunSpec {
+        job_id: lease.job_id.clone(),
+        attempt: lease.attempt,
+        name: payload.name,
+        image: payload.image,
+        argv: payload.command,
+        env: payload.env.into_iter().collect(),
+        secret_env: payload.secret_env.into_iter().collect(),
+        workdir: (!payload.workdir.is_empty()).then(|| payload.workdir.into()),
+        user: (!payload.user.is_empty()).then_some(payload.user),
+        resources: payload.resources.unwrap_or_default(),
+    }
+}
+
+fn killed(orders: &watch::Receiver<Option<StopOrder>>) -> bool {
+    matches!(*orders.borrow(), Some(StopOrder::Kill))
+}
+
+/// Resolves once a Kill order arrives (never if the sender is gone first).
+async fn kill_ordered(orders: &mut watch::Receiver<Option<StopOrder>>) {
+    if orders
+        .wait_for(|o| matches!(o, Some(StopOrder::Kill)))
+        .await
+        .is_err()
+    {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Runs the attempt to its end. The caller removes it from the job table.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    auth: Auth,
+    lease: v1::LeaseRef,
+    payload: v1::JobPayload,
+    orders: watch::Receiver<Option<StopOrder>>,
+) {
+    let timeout = (payload.timeout_ms > 0).then(|| Duration::from_millis(payload.timeout_ms));
+    let timeout_ms = payload.timeout_ms;
+    let grace = Duration::from_millis(if payload.kill_grace_ms > 0 {
+        payload.kill_grace_ms
+    } else {
+        shared.config.kill_grace_ms
+    });
+    if killed(&orders) {
+        shared.metrics.job_finished("lost");
+        return;
+    }
+    let spec = spec_from(&lease, payload);
+    let started = match shared.runtime.start(spec).await {
+        Ok(started) => started,
+        Err(e) => {
+            let outcome = if e.is_job_failure() {
+                v1::Outcome::Failed
+            } else {
+                v1::Outcome::Interrupted
+            };
+            tracing::warn!(job = %name(&lease), "cannot start: {e}");
+            complete(
+                &shared,
+                &auth,
+                &lease,
+                outcome,
+                None,
+                e.to_string(),
+                Some(&orders),
+            )
+            .await;
+            return;
+        }
+    };
+    let crate::runtime::Started { mut job, output } = started;
+    tracing::info!(job = %name(&lease), "started");
+    let shipper = tokio::spawn(ship_output(
+        shared.clone(),
+        auth.clone(),
+        lease.clone(),
+        output,
+        orders.clone(),
+    ));
+    let ended = supervise(job.as_mut(), timeout, grace, orders.clone()).await;
+    // The output ends once the job's process group is gone; flush it all
+    // before Complete.
+    let shipped = shipper.await;
+    job.cleanup().await;
+
+    let lease_lost = matches!(shipped, Ok(Err(CallError::LeaseLost(_))))
+        || matches!(shipped, Ok(Err(CallError::SessionGone(_))));
+    if killed(&orders) || lease_lost {
+        tracing::warn!(job = %name(&lease), "lease lost: job killed, not completed");
+        shared.metrics.job_finished("lost");
+        return;
+    }
+    let (outcome, exit_code, reason) = match ended {
+        Err(e) => (
+            v1::Outcome::Interrupted,
+            None,
+            format!("agent lost track of the job: {e}"),
+        ),
+        Ok(ended) => {
+            let status = ended.status;
+            let how = status.describe();
+            if ended.timed_out {
+                (
+                    v1::Outcome::TimedOut,
+                    status.code,
+                    format!("timed out after {timeout_ms} ms ({how})"),
+                )
+            } else {
+                match ended.stopped_by {
+                    Some(StopOrder::Cancel) => (
+                        v1::Outcome::Cancelled,
+                        status.code,
+                        format!("cancelled by an operator ({how})"),
+                    ),
+                    Some(StopOrder::Interrupt) => {
+                        let why = shared
+                            .state()
+                            .drain_reason
+                            .clone()
+                            .unwrap_or_else(|| "drain".into());
+                        (
+                            v1::Outcome::Interrupted,
+                            status.code,
+                            format!("stopped at the agent's drain deadline (drain: {why}; {how})"),
+                        )
+                    }
+                    Some(StopOrder::Kill) => unreachable!("handled above"),
+                    None if status.success() => (v1::Outcome::Succeeded, status.code, how),
+                    None => (v1::Outcome::Failed, status.code, how),
+                }
+            }
+        }
+    };
+    if let Ok(Err(e)) = &shipped {
+        tracing::warn!(job = %name(&lease), "some output was not stored: {e}");
+    }
+    complete(
+        &shared,
+        &auth,
+        &lease,
+        outcome,
+        exit_code,
+        reason,
+        Some(&orders),
+    )
+    .await;
+}
+
+fn outcome_label(outcome: v1::Outcome) -> &'static str {
+    match outcome {
+        v1::Outcome::Succeeded => "succeeded",
+        v1::Outcome::Failed => "failed",
+        v1::Outcome::Cancelled => "cancelled",
+        v1::Outcome::TimedOut => "timed_out",
+        v1::Outcome::Interrupted | v1::Outcome::Unspecified => "interrupted",
+    }
+}
+
+/// Records the outcome, retrying transient failures until it is stored, the
+/// lease is found lost, or (with `orders`) a Kill order arrives.
+pub(crate) async fn complete(
+    shared: &Arc<Shared>,
+    auth: &Auth,
+    lease: &v1::LeaseRef,
+    outcome: v1::Outcome,
+    exit_code: Option<i32>,
+    reason: String,
+    orders: Option<&watch::Receiver<Option<StopOrder>>>,
+) {
+    let req = v1::CompleteRequest {
+        lease: Some(lease.clone()),
+        outcome: outcome as i32,
+        exit_code,
+        reason: reason.clone(),
+    };
+    let mut orders = orders.cloned();
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut warned = false;
+    loop {
+        let result = match orders.as_mut() {
+            Some(o) => tokio::select! {
+                r = shared.client.complete(auth, req.clone()) => r,
+                () = kill_ordered(o) => {
+                    shared.metrics.job_finished("lost");
+                    return;
+                }
+            },
+            None => shared.client.complete(auth, req.clone()).await,
+        };
+        match result {
+            Ok(state) => {
+                tracing::info!(job = %name(lease), outcome = outcome_label(outcome), %reason, %state, "completed");
+                shared.metrics.job_finished(outcome_label(outcome));
+                return;
+            }
+            Err(e) if e.is_transient() => {
+                let delay = backoff.next_delay();
+                if !warned {
+                    tracing::warn!(job = %name(lease), "Complete failed: {e}; retrying");
+                    warned = true;
+                }
+                match orders.as_mut() {
+                    Some(o) => tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = kill_ordered(o) => {
+                            shared.metrics.job_finished("lost");
+                            return;
+                        }
+                    },
+                    None => tokio::time::sleep(delay).await,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(job = %name(lease), "Complete not recorded: {e}");
+                shared.metrics.job_finished("lost");
+                return;
+            }
+        }
+    }
+}
+
+/// A batch of output waiting to be sent, with offsets already assigned.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    /// Bytes of the combined log assigned so far (the next chunk's offset).
+    pub next_offset: u64,
+    pub chunks: Vec<v1::LogChunk>,
+    pub bytes: usize,
+}
+
+impl Batch {
+    /// Appends output at the next offset, merging with the previous chunk
+    /// when it is from the same stream.
+    pub fn push(&mut self, chunk: OutputChunk) {
+        let stream = match chunk.stream {
+            Stream::Stdout => v1::LogStream::Stdout,
+            Stream::Stderr => v1::LogStream::Stderr,
+        } as i32;
+        let len = chunk.data.len();
+        match self.chunks.last_mut() {
+            Some(last) if last.stream == stream => last.data.extend_from_slice(&chunk.data),
+            _ => self.chunks.push(v1::LogChunk {
+                offset: self.next_offset,
+                data: chunk.data.to_vec(),
+                stream,
+            }),
+        }
+        self.next_offset += len as u64;
+        self.bytes += len;
+    }
+
+    pub fn take(&mut self) -> Vec<v1::LogChunk> {
+        self.bytes = 0;
+        std::mem::take(&mut self.chunks)
+    }
+}
+
+/// ReportStarted, then AppendLogs in batches of up to [`BATCH_BYTES`] or
+/// [`BATCH_DELAY`] until the output ends. Returns the error that stopped it;
+/// on a lost lease it orders the job killed.
+async fn ship_output(
+    shared: Arc<Shared>,
+    auth: Auth,
+    lease: v1::LeaseRef,
+    mut output: mpsc::Receiver<OutputChunk>,
+    mut orders: watch::Receiver<Option<StopOrder>>,
+) -> Result<(), CallError> {
+    let result = async {
+        retry_call(&mut orders, || {
+            shared.client.report_started(&auth, lease.clone())
+        })
+        .await?;
+        let mut batch = Batch::default();
+        let mut flush_at: Option<Instant> = None;
+        loop {
+            let flush_due = async {
+                match flush_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let done = tokio::select! {
+                chunk = output.recv() => match chunk {
+                    Some(chunk) => {
+                        batch.push(chunk);
+                        flush_at.get_or_insert_with(|| Instant::now() + BATCH_DELAY);
+                        false
+                    }
+                    None => true,
+                },
+                () = flush_due => false,
+            };
+            let due = flush_at.is_some_and(|at| at <= Instant::now());
+            if done || due || batch.bytes >= BATCH_BYTES {
+                flush_at = None;
+                let chunks = batch.take();
+                if !chunks.is_empty() {
+                    let req = v1::AppendLogsRequest {
+                        lease: Some(lease.clone()),
+                        chunks,
+                    };
+                    retry_call(&mut orders, || {
+                        shared.client.append_logs(&auth, req.clone())
+                    })
+                    .await?;
+                }
+            }
+            if done {
+                return Ok(());
+            }
+        }
+    }
+    .await;
+    if let Err(CallError::LeaseLost(why) | CallError::SessionGone(why)) = &result {
+        tracing::warn!(job = %name(&lease), "lease lost: {why}");
+        shared.stop_job(&lease, StopOrder::Kill);
+    }
+    if result.is_err() {
+        // Keep the job's pipes flowing until it is gone.
+        while output.recv().await.is_some() {}
+    }
+    result
+}
+
+/// Retries a fenced call on transient errors (same request, so the same
+/// offsets) until it succeeds, fails for good, or a Kill order arrives.
+async fn retry_call<T, F, Fut>(
+    orders: &mut watch::Receiver<Option<StopOrder>>,
+    mut call: F,
+) -> Result<T, CallError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, CallError>>,
+{
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let result = tokio::select! {
+            r = call() => r,
+            () = kill_ordered(orders) => return Err(CallError::LeaseLost("killed by the agent".into())),
+        };
+        match result {
+            Err(e) if e.is_transient() => {
+                tokio::select! {
+                    () = tokio::time::sleep(backoff.next_delay()) => {}
+                    () = kill_ordered(orders) => return Err(CallError::LeaseLost("killed by the agent".into())),
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn out(stream: Stream, s: &str) -> OutputChunk {
+        OutputChunk {
+            stream,
+            data: Bytes::copy_from_slice(s.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn batch_assigns_combined_offsets_and_merges_runs_of_one_stream() {
+        let mut b = Batch::default();
+        b.push(out(Stream::Stdout, "abc"));
+        b.push(out(Stream::Stdout, "de"));
+        b.push(out(Stream::Stderr, "XY"));
+        let first = b.take();
+        assert_eq!(first.len(), 2);
+        assert_eq!((first[0].offset, &first[0].data[..]), (0, &b"abcde"[..]));
+        assert_eq!(first[0].stream, v1::LogStream::Stdout as i32);
+        assert_eq!((first[1].offset, &first[1].data[..]), (5, &b"XY"[..]));
+        assert_eq!(first[1].stream, v1::LogStream::Stderr as i32);
+        b.push(out(Stream::Stdout, "z"));
+        let second = b.take();
+        assert_eq!(second[0].offset, 7, "offsets continue across batches");
+        assert_eq!(b.bytes, 0);
+    }
+}

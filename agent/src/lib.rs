@@ -1,0 +1,19 @@
+//! Drover's agent (DESIGN §6): registers a session with the coordinator,
+//! claims jobs that fit its free resources, runs them through a [`Runtime`],
+//! streams their output, heartbeats (fencing itself when its session may have
+//! expired), drains on request, and reports its health over HTTP.
+//!
+//! [`Runtime`]: runtime::Runtime
+
+mod agent;
+pub mod client;
+pub mod config;
+mod health;
+mod job;
+pub mod metrics;
+pub mod resources;
+pub mod runtime;
+pub mod session;
+
+pub use agent::{run, Agent};
+pub use config::{AgentConfig, ConfigError};

@@ -1,0 +1,141 @@
+//! `drover-agent`: parse flags and env, load agent.toml, validate, init
+//! tracing, then run until SIGTERM/SIGINT, which start a drain.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use drover_agent::AgentConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "drover-agent",
+    version,
+    about = "Drover agent: claims jobs from a coordinator and runs them"
+)]
+struct Args {
+    /// TOML config file; flags and DROVER_* env override it.
+    #[arg(long, env = "DROVER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Coordinator gRPC URL, e.g. http://127.0.0.1:7070.
+    #[arg(long, env = "DROVER_COORDINATOR")]
+    coordinator: Option<String>,
+    /// The pool's join token.
+    #[arg(long, env = "DROVER_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    #[arg(long, env = "DROVER_POOL")]
+    pool: Option<String>,
+    /// Stable id of this agent (default: hostname).
+    #[arg(long, env = "DROVER_AGENT_ID")]
+    agent_id: Option<String>,
+    #[arg(long, env = "DROVER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Health HTTP address (port 0 picks a free port).
+    #[arg(long, env = "DROVER_HEALTH_ADDR")]
+    health_addr: Option<SocketAddr>,
+    /// Bearer token for POST /drain from non-loopback peers.
+    #[arg(long, env = "DROVER_HEALTH_TOKEN", hide_env_values = true)]
+    health_token: Option<String>,
+    /// Job slots (default: number of CPUs).
+    #[arg(long, env = "DROVER_MAX_JOBS")]
+    max_jobs: Option<u32>,
+    #[arg(long, env = "DROVER_CPU_MILLIS")]
+    cpu_millis: Option<u32>,
+    #[arg(long, env = "DROVER_MEMORY_MIB")]
+    memory_mib: Option<u64>,
+    #[arg(long, env = "DROVER_RESERVE_CPU_MILLIS")]
+    reserve_cpu_millis: Option<u32>,
+    #[arg(long, env = "DROVER_RESERVE_MEMORY_MIB")]
+    reserve_memory_mib: Option<u64>,
+    /// Extra agent labels, KEY=VALUE (repeatable or comma-separated).
+    #[arg(long = "label", env = "DROVER_LABELS", value_delimiter = ',')]
+    labels: Vec<String>,
+    #[arg(long, env = "DROVER_KILL_GRACE_MS")]
+    kill_grace_ms: Option<u64>,
+    #[arg(long, env = "DROVER_DRAIN_TIMEOUT_MS")]
+    drain_timeout_ms: Option<u64>,
+    /// Drain and exit after idle_timeout_ms with nothing running.
+    #[arg(long, env = "DROVER_EXIT_WHEN_IDLE", num_args = 0..=1, default_missing_value = "true")]
+    exit_when_idle: Option<bool>,
+    #[arg(long, env = "DROVER_IDLE_TIMEOUT_MS")]
+    idle_timeout_ms: Option<u64>,
+    #[arg(long, env = "DROVER_CLAIM_WAIT_MS")]
+    claim_wait_ms: Option<u64>,
+}
+
+impl Args {
+    fn into_config(self) -> anyhow::Result<AgentConfig> {
+        let mut c = match &self.config {
+            Some(path) => AgentConfig::from_toml_file(path)?,
+            None => AgentConfig::default(),
+        };
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field { c.$field = v; } )* };
+        }
+        set!(
+            coordinator,
+            join_token,
+            pool,
+            agent_id,
+            data_dir,
+            health_addr,
+            max_jobs
+        );
+        set!(
+            reserve_cpu_millis,
+            reserve_memory_mib,
+            kill_grace_ms,
+            drain_timeout_ms
+        );
+        set!(exit_when_idle, idle_timeout_ms, claim_wait_ms);
+        c.cpu_millis = self.cpu_millis.or(c.cpu_millis);
+        c.memory_mib = self.memory_mib.or(c.memory_mib);
+        c.health_token = self.health_token.or(c.health_token);
+        let extra: BTreeMap<String, String> = self
+            .labels
+            .iter()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                l.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .with_context(|| {
+                        format!("label {l:?} is not KEY=VALUE (--label / DROVER_LABELS)")
+                    })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        c.labels.extend(extra);
+        Ok(c)
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Args::parse().into_config()?;
+    config.validate()?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    drover_agent::run(config, shutdown_signal()).await
+}
+
+/// SIGTERM or SIGINT: in production SIGTERM means drain.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot listen for SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: draining"),
+    }
+}

@@ -1,0 +1,259 @@
+//! The seam between the agent and whatever runs a job: child processes
+//! ([`process`], for Fargate and hosts without Docker) or, later, Docker
+//! containers. Every runtime passes the same behavioural suite (`suite.rs`).
+//!
+//! Timeouts, grace periods and stop escalation are not the runtime's business:
+//! [`supervise`] implements them once on top of [`RunningJob`], so every
+//! runtime stops jobs the same way.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+
+pub mod process;
+#[cfg(test)]
+pub(crate) mod suite;
+
+/// Everything a runtime needs to start one attempt of a job.
+#[derive(Clone)]
+pub struct RunSpec {
+    pub job_id: String,
+    pub attempt: u64,
+    pub name: String,
+    /// Container image; the process runtime ignores it.
+    pub image: String,
+    /// The full argv; `argv[0]` is the program.
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Keys of `env` whose values must never be logged.
+    pub secret_env: BTreeSet<String>,
+    /// Where the job runs; `None` means a fresh per-attempt directory that is
+    /// removed by [`RunningJob::cleanup`].
+    pub workdir: Option<PathBuf>,
+    /// User to run as (name or uid); `None` runs as the agent's user.
+    pub user: Option<String>,
+    pub resources: drover_proto::v1::Resources,
+}
+
+impl std::fmt::Debug for RunSpec {
+    /// Shows env keys only: values may be secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunSpec")
+            .field("job_id", &self.job_id)
+            .field("attempt", &self.attempt)
+            .field("name", &self.name)
+            .field("image", &self.image)
+            .field("argv", &self.argv)
+            .field("env_keys", &self.env.keys().collect::<Vec<_>>())
+            .field("workdir", &self.workdir)
+            .field("user", &self.user)
+            .finish()
+    }
+}
+
+impl RunSpec {
+    /// A spec for tests and `drover dev`: run `argv` with no extra env.
+    pub fn command<I: IntoIterator<Item = S>, S: Into<String>>(job_id: &str, argv: I) -> RunSpec {
+        RunSpec {
+            job_id: job_id.to_string(),
+            attempt: 1,
+            name: String::new(),
+            image: String::new(),
+            argv: argv.into_iter().map(Into::into).collect(),
+            env: BTreeMap::new(),
+            secret_env: BTreeSet::new(),
+            workdir: None,
+            user: None,
+            resources: Default::default(),
+        }
+    }
+}
+
+/// Which stream a piece of output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// A piece of a job's output, in the order the job wrote it on that stream.
+#[derive(Debug, Clone)]
+pub struct OutputChunk {
+    pub stream: Stream,
+    pub data: Bytes,
+}
+
+/// How a job's main process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// Exit code when it exited normally.
+    pub code: Option<i32>,
+    /// Signal number when a signal killed it.
+    pub signal: Option<i32>,
+}
+
+impl ExitStatus {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// "exit code 3" or "killed by signal 9": for completion reasons.
+    pub fn describe(&self) -> String {
+        match (self.code, self.signal) {
+            (Some(code), _) => format!("exit code {code}"),
+            (None, Some(sig)) => format!("killed by signal {sig}"),
+            (None, None) => "exited with an unknown status".to_string(),
+        }
+    }
+}
+
+/// A runtime error, classified: a job's own fault counts against its attempts
+/// (outcome FAILED); an infrastructure fault is requeued on the infra budget
+/// (outcome INTERRUPTED).
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The job cannot run as specified: bad command, bad image, bad user.
+    #[error("{0}")]
+    Job(String),
+    /// The host or runtime failed (disk full, daemon down, pull throttled).
+    #[error("{0}")]
+    Infra(String),
+}
+
+impl RuntimeError {
+    /// True when the job itself is at fault and the attempt counts.
+    pub fn is_job_failure(&self) -> bool {
+        matches!(self, RuntimeError::Job(_))
+    }
+}
+
+/// A started job. The output arrives separately ([`Started::output`]) so that
+/// it keeps flowing while the job is being waited on or stopped.
+pub struct Started {
+    pub job: Box<dyn RunningJob>,
+    /// Output of both streams; closes once the job and everything it started
+    /// have exited (or been killed) and both streams are drained.
+    pub output: mpsc::Receiver<OutputChunk>,
+}
+
+/// Something that runs jobs.
+#[async_trait]
+pub trait Runtime: Send + Sync + 'static {
+    /// The name advertised at Register (`process`, `docker`).
+    fn name(&self) -> &'static str;
+
+    /// Starts one attempt. Returns once the job is running, so that
+    /// `ReportStarted` is true when sent. Errors are classified (see
+    /// [`RuntimeError`]); a program that does not exist is a job failure.
+    async fn start(&self, spec: RunSpec) -> Result<Started, RuntimeError>;
+
+    /// Whether the runtime can start jobs now (Docker daemon reachable, data
+    /// dir writable). Shown as `runtime_ok` in `/health`.
+    async fn check(&self) -> Result<(), RuntimeError>;
+
+    /// Called once at agent start: kills what an earlier run of the agent left
+    /// behind (processes, containers, work dirs). Returns how many jobs it
+    /// killed.
+    async fn kill_leftovers(&self) -> Result<usize, RuntimeError>;
+}
+
+/// Control over one running job. All methods are cancel-safe.
+#[async_trait]
+pub trait RunningJob: Send + Sync {
+    /// Resolves when the job's main process has exited. After the main
+    /// process exits, anything it left running is killed, so that the output
+    /// stream ends. May be called again after it resolved.
+    async fn wait(&mut self) -> Result<ExitStatus, RuntimeError>;
+    /// Asks the job to stop (SIGTERM to the whole job). No-op once exited.
+    async fn terminate(&mut self) -> Result<(), RuntimeError>;
+    /// Stops the job now (SIGKILL to the whole job). No-op once exited.
+    async fn kill(&mut self) -> Result<(), RuntimeError>;
+    /// Releases what the attempt used (work dir, container). Kills the job
+    /// first if it is still running.
+    async fn cleanup(self: Box<Self>);
+}
+
+/// Why the agent stops a job before it ends on its own. Ordered by severity: a
+/// later, more severe order escalates a stop under way.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StopOrder {
+    /// An operator cancelled it: SIGTERM, grace, SIGKILL; completes CANCELLED.
+    Cancel,
+    /// A drain deadline passed: SIGTERM, grace, SIGKILL; completes INTERRUPTED.
+    Interrupt,
+    /// The lease is gone (lost, fenced, killed by the reaper): SIGKILL at once,
+    /// never completed.
+    Kill,
+}
+
+/// How a supervised job ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    pub status: ExitStatus,
+    /// Set when the agent stopped the job; `timed_out` when its timeout did.
+    pub stopped_by: Option<StopOrder>,
+    pub timed_out: bool,
+}
+
+/// Runs a started job to its end: enforces `timeout` (SIGTERM, `grace`,
+/// SIGKILL) and obeys stop orders arriving on `orders` (the latest value
+/// counts; `None` means keep running). A more severe order arriving during a
+/// graceful stop escalates it.
+pub async fn supervise(
+    job: &mut dyn RunningJob,
+    timeout: Option<Duration>,
+    grace: Duration,
+    mut orders: watch::Receiver<Option<StopOrder>>,
+) -> Result<Ended, RuntimeError> {
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut stopped_by: Option<StopOrder> = None;
+    let mut timed_out = false;
+    let mut kill_at: Option<tokio::time::Instant> = None;
+    let mut orders_open = true;
+    loop {
+        // A new or more severe order, or the timeout, starts (or escalates) a stop.
+        let current = orders.borrow_and_update().clone();
+        if let Some(order) = current {
+            if stopped_by.as_ref().is_none_or(|s| order > *s) {
+                stopped_by = Some(order.clone());
+                if order == StopOrder::Kill {
+                    job.kill().await?;
+                    kill_at = None;
+                } else if kill_at.is_none() {
+                    job.terminate().await?;
+                    kill_at = Some(tokio::time::Instant::now() + grace);
+                }
+            }
+        }
+        tokio::select! {
+            status = job.wait() => {
+                return Ok(Ended { status: status?, stopped_by, timed_out });
+            }
+            changed = orders.changed(), if orders_open => {
+                if changed.is_err() {
+                    orders_open = false;
+                }
+            }
+            _ = sleep_until_opt(deadline), if !timed_out && stopped_by.is_none() => {
+                timed_out = true;
+                job.terminate().await?;
+                kill_at = Some(tokio::time::Instant::now() + grace);
+            }
+            _ = sleep_until_opt(kill_at), if kill_at.is_some() => {
+                job.kill().await?;
+                kill_at = None;
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
