@@ -26,7 +26,11 @@ fn configured_hash(token: &str) -> String {
 
 /// Constant-time comparison of two hex hashes.
 pub fn hashes_equal(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// The configured tokens, hashed once at start-up.
@@ -93,19 +97,37 @@ mod tests {
     #[test]
     fn pool_scoped_join_token_only_admits_its_pool() {
         let tokens = Tokens::new(
-            &[JoinTokenConfig { token: "cpu-token-0123456789".into(), pool: Some("cpu".into()) }],
+            &[JoinTokenConfig {
+                token: "cpu-token-0123456789".into(),
+                pool: Some("cpu".into()),
+            }],
             &[],
         );
-        assert_eq!(tokens.join_allows("cpu-token-0123456789", "cpu"), JoinCheck::Allowed);
-        assert_eq!(tokens.join_allows("cpu-token-0123456789", "gpu"), JoinCheck::WrongPool);
+        assert_eq!(
+            tokens.join_allows("cpu-token-0123456789", "cpu"),
+            JoinCheck::Allowed
+        );
+        assert_eq!(
+            tokens.join_allows("cpu-token-0123456789", "gpu"),
+            JoinCheck::WrongPool
+        );
         assert_eq!(tokens.join_allows("other", "cpu"), JoinCheck::Unknown);
     }
 
     #[test]
     fn hashed_tokens_in_config_are_accepted() {
         let hash = format!("sha256:{}", hash_token("the-real-token-123"));
-        let tokens = Tokens::new(&[], &[ApiTokenConfig { token: hash, scopes: vec![Scope::Read] }]);
-        assert_eq!(tokens.api_scopes("the-real-token-123"), Some(&[Scope::Read][..]));
+        let tokens = Tokens::new(
+            &[],
+            &[ApiTokenConfig {
+                token: hash,
+                scopes: vec![Scope::Read],
+            }],
+        );
+        assert_eq!(
+            tokens.api_scopes("the-real-token-123"),
+            Some(&[Scope::Read][..])
+        );
         assert_eq!(tokens.api_scopes("the-real-token-124"), None);
     }
 }

@@ -69,7 +69,9 @@ impl Scope {
     pub fn allows(self, needed: Scope) -> bool {
         matches!(
             (self, needed),
-            (Scope::Admin, _) | (Scope::Submit, Scope::Submit | Scope::Read) | (Scope::Read, Scope::Read)
+            (Scope::Admin, _)
+                | (Scope::Submit, Scope::Submit | Scope::Read)
+                | (Scope::Read, Scope::Read)
         )
     }
 }
@@ -206,7 +208,10 @@ impl Config {
 fn check_token(field: &str, token: &str) -> Result<(), ConfigError> {
     if let Some(hex) = token.strip_prefix("sha256:") {
         if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(config_error(field, "sha256: must be followed by 64 hex digits"));
+            return Err(config_error(
+                field,
+                "sha256: must be followed by 64 hex digits",
+            ));
         }
     } else if token.len() < 16 {
         return Err(config_error(

@@ -57,10 +57,20 @@ impl Server {
         let config = service.config().clone();
         let grpc_listener = tokio::net::TcpListener::bind(config.grpc_addr)
             .await
-            .with_context(|| format!("binding the gRPC address {} (grpc_addr / DROVER_GRPC_ADDR)", config.grpc_addr))?;
+            .with_context(|| {
+                format!(
+                    "binding the gRPC address {} (grpc_addr / DROVER_GRPC_ADDR)",
+                    config.grpc_addr
+                )
+            })?;
         let http_listener = tokio::net::TcpListener::bind(config.http_addr)
             .await
-            .with_context(|| format!("binding the HTTP address {} (http_addr / DROVER_HTTP_ADDR)", config.http_addr))?;
+            .with_context(|| {
+                format!(
+                    "binding the HTTP address {} (http_addr / DROVER_HTTP_ADDR)",
+                    config.http_addr
+                )
+            })?;
         let grpc_addr = grpc_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
         let shutdown = CancellationToken::new();

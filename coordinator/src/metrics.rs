@@ -24,7 +24,16 @@ pub struct Metrics {
     pub dispatch_count: AtomicU64,
 }
 
-pub const OUTCOMES: [&str; 5] = ["succeeded", "failed", "cancelled", "timed_out", "interrupted"];
+/// A per-pool gauge: name, help, and how to read it off a pool.
+type PoolGauge = (&'static str, &'static str, fn(&Pool) -> Option<i64>);
+
+pub const OUTCOMES: [&str; 5] = [
+    "succeeded",
+    "failed",
+    "cancelled",
+    "timed_out",
+    "interrupted",
+];
 
 impl Metrics {
     pub fn inc(counter: &AtomicU64) {
@@ -34,19 +43,59 @@ impl Metrics {
     pub fn render(&self, pools: &[Pool]) -> String {
         let mut out = String::new();
         let counters: [(&str, &str, &AtomicU64); 10] = [
-            ("drover_jobs_submitted_total", "Jobs accepted by submit.", &self.jobs_submitted),
-            ("drover_leases_granted_total", "Leases handed to agents.", &self.leases_granted),
+            (
+                "drover_jobs_submitted_total",
+                "Jobs accepted by submit.",
+                &self.jobs_submitted,
+            ),
+            (
+                "drover_leases_granted_total",
+                "Leases handed to agents.",
+                &self.leases_granted,
+            ),
             ("drover_claims_total", "Claim calls answered.", &self.claims),
-            ("drover_heartbeats_total", "Heartbeats answered.", &self.heartbeats),
-            ("drover_fenced_rejections_total", "Calls rejected because the lease was lost.", &self.fenced_rejections),
-            ("drover_sessions_registered_total", "Agent sessions opened.", &self.sessions_registered),
-            ("drover_sessions_expired_total", "Agent sessions reaped after their TTL.", &self.sessions_expired),
-            ("drover_requeues_session_lost_total", "Jobs requeued because their agent session ended.", &self.requeues_session_lost),
-            ("drover_jobs_timed_out_by_reaper_total", "Jobs timed out by the coordinator's backstop.", &self.jobs_timed_out_by_reaper),
-            ("drover_dispatch_latency_ms_sum", "Sum of submit-to-lease latency of first attempts.", &self.dispatch_ms_sum),
+            (
+                "drover_heartbeats_total",
+                "Heartbeats answered.",
+                &self.heartbeats,
+            ),
+            (
+                "drover_fenced_rejections_total",
+                "Calls rejected because the lease was lost.",
+                &self.fenced_rejections,
+            ),
+            (
+                "drover_sessions_registered_total",
+                "Agent sessions opened.",
+                &self.sessions_registered,
+            ),
+            (
+                "drover_sessions_expired_total",
+                "Agent sessions reaped after their TTL.",
+                &self.sessions_expired,
+            ),
+            (
+                "drover_requeues_session_lost_total",
+                "Jobs requeued because their agent session ended.",
+                &self.requeues_session_lost,
+            ),
+            (
+                "drover_jobs_timed_out_by_reaper_total",
+                "Jobs timed out by the coordinator's backstop.",
+                &self.jobs_timed_out_by_reaper,
+            ),
+            (
+                "drover_dispatch_latency_ms_sum",
+                "Sum of submit-to-lease latency of first attempts.",
+                &self.dispatch_ms_sum,
+            ),
         ];
         for (name, help, value) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                value.load(Ordering::Relaxed)
+            );
         }
         let _ = writeln!(
             out,
@@ -55,13 +104,33 @@ impl Metrics {
         );
         let _ = writeln!(out, "# HELP drover_completions_total Attempts completed, by outcome.\n# TYPE drover_completions_total counter");
         for (outcome, value) in OUTCOMES.iter().zip(&self.completions) {
-            let _ = writeln!(out, "drover_completions_total{{outcome=\"{outcome}\"}} {}", value.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "drover_completions_total{{outcome=\"{outcome}\"}} {}",
+                value.load(Ordering::Relaxed)
+            );
         }
-        let gauges: [(&str, &str, fn(&Pool) -> Option<i64>); 4] = [
-            ("drover_pool_queued_jobs", "Jobs waiting in the pool's queue.", |p| Some(p.queued as i64)),
-            ("drover_pool_running_jobs", "Jobs leased or running in the pool.", |p| Some(p.running as i64)),
-            ("drover_pool_agents", "Agents with a live session in the pool.", |p| Some(p.agents as i64)),
-            ("drover_pool_oldest_queued_age_ms", "Age of the oldest queued job.", |p| p.oldest_queued_age_ms),
+        let gauges: [PoolGauge; 4] = [
+            (
+                "drover_pool_queued_jobs",
+                "Jobs waiting in the pool's queue.",
+                |p| Some(p.queued as i64),
+            ),
+            (
+                "drover_pool_running_jobs",
+                "Jobs leased or running in the pool.",
+                |p| Some(p.running as i64),
+            ),
+            (
+                "drover_pool_agents",
+                "Agents with a live session in the pool.",
+                |p| Some(p.agents as i64),
+            ),
+            (
+                "drover_pool_oldest_queued_age_ms",
+                "Age of the oldest queued job.",
+                |p| p.oldest_queued_age_ms,
+            ),
         ];
         for (name, help, get) in gauges {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");

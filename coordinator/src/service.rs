@@ -121,12 +121,19 @@ impl Service {
     /// Validates every spec first; nothing is written unless all are good.
     pub async fn submit(&self, specs: Vec<JobSpec>) -> ServiceResult<SubmitResponse> {
         if specs.is_empty() {
-            return Err(ServiceError::invalid("jobs", "must contain at least one job"));
+            return Err(ServiceError::invalid(
+                "jobs",
+                "must contain at least one job",
+            ));
         }
         if specs.len() > model::MAX_BATCH {
             return Err(ServiceError::invalid(
                 "jobs",
-                format!("{} jobs in one batch; the limit is {}", specs.len(), model::MAX_BATCH),
+                format!(
+                    "{} jobs in one batch; the limit is {}",
+                    specs.len(),
+                    model::MAX_BATCH
+                ),
             ));
         }
         let batch = specs.len() > 1;
@@ -140,7 +147,11 @@ impl Service {
                 let known: Vec<&str> = self.config.pools.iter().map(|p| p.name.as_str()).collect();
                 return Err(at(model::FieldError::new(
                     "pool",
-                    format!("unknown pool {:?}; declared pools: {}", spec.pool, known.join(", ")),
+                    format!(
+                        "unknown pool {:?}; declared pools: {}",
+                        spec.pool,
+                        known.join(", ")
+                    ),
                 ))
                 .into());
             }
@@ -298,8 +309,8 @@ impl Service {
                     }
                     Ok(_) if ended => return None,
                     Ok(_) => {
-                        let _ = tokio::time::timeout(Duration::from_secs(1), st.events.changed())
-                            .await;
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(1), st.events.changed()).await;
                     }
                 }
             }
@@ -371,7 +382,10 @@ impl Service {
             .clone()
             .ok_or_else(|| ServiceError::invalid("agent", "is required"))?;
         if agent.agent_id.is_empty() || agent.agent_id.len() > 256 {
-            return Err(ServiceError::invalid("agent.agent_id", "must be 1 to 256 bytes"));
+            return Err(ServiceError::invalid(
+                "agent.agent_id",
+                "must be 1 to 256 bytes",
+            ));
         }
         model::validate_name("agent.pool", &agent.pool)?;
         match self.tokens.join_allows(&req.join_token, &agent.pool) {
@@ -382,12 +396,10 @@ impl Service {
                     agent.pool
                 )))
             }
-            JoinCheck::Unknown => {
-                return Err(ServiceError::Unauthenticated(
-                    "join token not recognised (DROVER_JOIN_TOKEN must match a coordinator join token)"
-                        .into(),
-                ))
-            }
+            JoinCheck::Unknown => return Err(ServiceError::Unauthenticated(
+                "join token not recognised (DROVER_JOIN_TOKEN must match a coordinator join token)"
+                    .into(),
+            )),
         }
         if !self.config.pools.is_empty() && !self.config.pools.iter().any(|p| p.name == agent.pool)
         {
@@ -449,7 +461,10 @@ impl Service {
             Err(StoreError::NotFound(_)) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let token_ok = auth::hashes_equal(&old.token_hash, &auth::hash_token(&req.resume_session_token));
+        let token_ok = auth::hashes_equal(
+            &old.token_hash,
+            &auth::hash_token(&req.resume_session_token),
+        );
         if !token_ok || old.agent_id != agent.agent_id {
             // Not this agent's session to resume; leave it to the reaper.
             return Ok(None);
@@ -476,20 +491,33 @@ impl Service {
     }
 
     /// Checks that `token` is the session's token and the session is live.
-    pub async fn authenticate(&self, session_id: &str, token: Option<&str>) -> ServiceResult<SessionAuth> {
+    pub async fn authenticate(
+        &self,
+        session_id: &str,
+        token: Option<&str>,
+    ) -> ServiceResult<SessionAuth> {
         let token = token.ok_or_else(|| {
             ServiceError::Unauthenticated("missing session token (authorization metadata)".into())
         })?;
-        let cached = self.sessions.lock().map_err(poisoned)?.get(session_id).cloned();
+        let cached = self
+            .sessions
+            .lock()
+            .map_err(poisoned)?
+            .get(session_id)
+            .cloned();
         let auth = match cached {
             Some(auth) => auth,
             None => {
-                let auth = self.store.session_auth(session_id).await.map_err(|e| match e {
-                    StoreError::NotFound(_) => ServiceError::Unauthenticated(format!(
-                        "session {session_id} is unknown; register again"
-                    )),
-                    e => e.into(),
-                })?;
+                let auth = self
+                    .store
+                    .session_auth(session_id)
+                    .await
+                    .map_err(|e| match e {
+                        StoreError::NotFound(_) => ServiceError::Unauthenticated(format!(
+                            "session {session_id} is unknown; register again"
+                        )),
+                        e => e.into(),
+                    })?;
                 if !auth.gone {
                     self.sessions
                         .lock()
@@ -596,7 +624,10 @@ impl Service {
     }
 
     /// Registers the session's command stream, replacing an older one.
-    pub fn subscribe_commands(&self, session_id: &str) -> ServiceResult<mpsc::Receiver<v1::Command>> {
+    pub fn subscribe_commands(
+        &self,
+        session_id: &str,
+    ) -> ServiceResult<mpsc::Receiver<v1::Command>> {
         let (tx, rx) = mpsc::channel(64);
         self.commands
             .lock()
@@ -625,7 +656,11 @@ impl Service {
         Ok(())
     }
 
-    pub async fn append_logs(&self, lease: &LeaseRef, chunks: Vec<v1::LogChunk>) -> ServiceResult<u64> {
+    pub async fn append_logs(
+        &self,
+        lease: &LeaseRef,
+        chunks: Vec<v1::LogChunk>,
+    ) -> ServiceResult<u64> {
         self.fenced(self.store.check_lease(lease).await)?;
         let mut stored = 0;
         for chunk in chunks {
@@ -638,7 +673,11 @@ impl Service {
         Ok(stored)
     }
 
-    pub async fn complete(&self, lease: &LeaseRef, completion: Completion) -> ServiceResult<JobState> {
+    pub async fn complete(
+        &self,
+        lease: &LeaseRef,
+        completion: Completion,
+    ) -> ServiceResult<JobState> {
         let state = self.fenced(self.store.complete(lease, &completion, self.now()).await)?;
         let index = match completion.outcome {
             OutcomeKind::Succeeded => 0,
@@ -664,7 +703,10 @@ impl Service {
     /// Ends a session, requeues its jobs, forgets its caches. Returns the
     /// number of jobs requeued.
     async fn end_session(&self, session_id: &str, reason: &str) -> ServiceResult<u32> {
-        let ended = self.store.end_session(session_id, reason, self.now()).await?;
+        let ended = self
+            .store
+            .end_session(session_id, reason, self.now())
+            .await?;
         self.sessions.lock().map_err(poisoned)?.remove(session_id);
         self.commands.lock().map_err(poisoned)?.remove(session_id);
         let requeued = ended.requeued.len() as u64;
@@ -720,7 +762,11 @@ impl Service {
             };
             if holding {
                 report.breaker_tripped = true;
-                tracing::warn!(expired = expired.len(), live, "circuit breaker: many sessions expired at once; not reaping them yet");
+                tracing::warn!(
+                    expired = expired.len(),
+                    live,
+                    "circuit breaker: many sessions expired at once; not reaping them yet"
+                );
             } else {
                 for session_id in expired {
                     tracing::warn!(session = %session_id, "agent session expired; requeueing its jobs");
@@ -742,7 +788,10 @@ impl Service {
             .await?;
         for lease in &reaped.timed_out {
             Metrics::inc(&self.metrics.jobs_timed_out_by_reaper);
-            self.push(&lease.session_id, v1::command::Command::Kill(lease_to_wire(lease)));
+            self.push(
+                &lease.session_id,
+                v1::command::Command::Kill(lease_to_wire(lease)),
+            );
         }
         if !reaped.timed_out.is_empty() || !reaped.not_started.is_empty() {
             self.wake_claimers();
@@ -768,7 +817,9 @@ fn poisoned<T>(_: std::sync::PoisonError<T>) -> ServiceError {
 }
 
 fn ulid_ms(id: &str) -> Option<i64> {
-    ulid::Ulid::from_string(id).ok().map(|u| u.timestamp_ms() as i64)
+    ulid::Ulid::from_string(id)
+        .ok()
+        .map(|u| u.timestamp_ms() as i64)
 }
 
 pub fn resources_from_wire(r: v1::Resources) -> Resources {

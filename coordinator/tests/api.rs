@@ -40,7 +40,13 @@ impl Harness {
         }
     }
 
-    async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut req = self
             .http
             .request(method.parse().unwrap(), format!("{}{path}", self.base));
@@ -53,11 +59,15 @@ impl Harness {
         let resp = req.send().await.unwrap();
         let status = resp.status();
         let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {
-        self.call(method, path, Some(&self.admin.clone()), body).await
+        self.call(method, path, Some(&self.admin.clone()), body)
+            .await
     }
 
     async fn job_count(&self) -> usize {
@@ -66,13 +76,22 @@ impl Harness {
         serde_json::from_value::<JobList>(body).unwrap().jobs.len()
     }
 
-    async fn grpc(&self) -> v1::agent_service_client::AgentServiceClient<tonic::transport::Channel> {
-        v1::agent_service_client::AgentServiceClient::connect(format!("http://{}", self.server.grpc_addr()))
-            .await
-            .unwrap()
+    async fn grpc(
+        &self,
+    ) -> v1::agent_service_client::AgentServiceClient<tonic::transport::Channel> {
+        v1::agent_service_client::AgentServiceClient::connect(format!(
+            "http://{}",
+            self.server.grpc_addr()
+        ))
+        .await
+        .unwrap()
     }
 
-    async fn register(&self, pool: &str, capacity: v1::Resources) -> Result<v1::RegisterResponse, tonic::Status> {
+    async fn register(
+        &self,
+        pool: &str,
+        capacity: v1::Resources,
+    ) -> Result<v1::RegisterResponse, tonic::Status> {
         self.grpc()
             .await
             .register(v1::RegisterRequest {
@@ -93,7 +112,8 @@ impl Harness {
 }
 
 fn error_of(body: &Value) -> ApiErrorBody {
-    serde_json::from_value(body.clone()).unwrap_or_else(|e| panic!("not an error body ({e}): {body}"))
+    serde_json::from_value(body.clone())
+        .unwrap_or_else(|e| panic!("not an error body ({e}): {body}"))
 }
 
 /// Asserts a 4xx naming `field`, and that no job was written.
@@ -104,7 +124,11 @@ async fn assert_rejected(h: &Harness, body: Value, field: &str) {
     let error = error_of(&answer).error;
     assert_eq!(error.field.as_deref(), Some(field), "{answer}");
     assert!(!error.message.is_empty());
-    assert_eq!(h.job_count().await, before, "a rejected submit wrote nothing");
+    assert_eq!(
+        h.job_count().await,
+        before,
+        "a rejected submit wrote nothing"
+    );
 }
 
 #[tokio::test]
@@ -126,8 +150,14 @@ async fn no_request_with_a_bad_token_succeeds() {
     ];
     for (method, path) in routes {
         for token in [None, Some("wrong-token-0123456789")] {
-            let (status, body) = h.call(method, path, token, Some(json!({"command": ["true"]}))).await;
-            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path} with {token:?}: {body}");
+            let (status, body) = h
+                .call(method, path, token, Some(json!({"command": ["true"]})))
+                .await;
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} with {token:?}: {body}"
+            );
         }
     }
     // A read token cannot submit, cancel or administer.
@@ -137,7 +167,14 @@ async fn no_request_with_a_bad_token_succeeds() {
         ("POST", "/v1/agents/a/drain"),
         ("POST", "/v1/pools/default/pause"),
     ] {
-        let (status, _) = h.call(method, path, Some(READ_TOKEN), Some(json!({"command": ["true"]}))).await;
+        let (status, _) = h
+            .call(
+                method,
+                path,
+                Some(READ_TOKEN),
+                Some(json!({"command": ["true"]})),
+            )
+            .await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}");
     }
     assert_eq!(h.job_count().await, 0);
@@ -145,30 +182,78 @@ async fn no_request_with_a_bad_token_succeeds() {
     assert_eq!(status, StatusCode::OK);
     // Unauthenticated endpoints.
     assert_eq!(h.call("GET", "/health", None, None).await.0, StatusCode::OK);
-    assert_eq!(h.call("GET", "/metrics", None, None).await.0, StatusCode::OK);
+    assert_eq!(
+        h.call("GET", "/metrics", None, None).await.0,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
 async fn bad_submits_name_the_field_and_write_nothing() {
     let h = Harness::start(|_| {}).await;
     assert_rejected(&h, json!({"command": []}), "command").await;
-    assert_rejected(&h, json!({"command": ["true"], "priority": 10_000_000}), "priority").await;
-    assert_rejected(&h, json!({"command": ["true"], "env": {"BIG": "x".repeat(70_000)}}), "env").await;
-    assert_rejected(&h, json!({"command": ["true"], "env": {"1X": "y"}}), "env.1X").await;
+    assert_rejected(
+        &h,
+        json!({"command": ["true"], "priority": 10_000_000}),
+        "priority",
+    )
+    .await;
+    assert_rejected(
+        &h,
+        json!({"command": ["true"], "env": {"BIG": "x".repeat(70_000)}}),
+        "env",
+    )
+    .await;
+    assert_rejected(
+        &h,
+        json!({"command": ["true"], "env": {"1X": "y"}}),
+        "env.1X",
+    )
+    .await;
     assert_rejected(&h, json!({"command": ["true"], "pool": "no/slash"}), "pool").await;
-    assert_rejected(&h, json!({"command": ["true"], "retry": {"max_attempts": 0}}), "retry.max_attempts").await;
-    assert_rejected(&h, json!({"command": ["true"], "resources": {"cpu_millis": 0}}), "resources.cpu_millis").await;
-    assert_rejected(&h, json!({"command": ["true"], "workdir": "relative"}), "workdir").await;
+    assert_rejected(
+        &h,
+        json!({"command": ["true"], "retry": {"max_attempts": 0}}),
+        "retry.max_attempts",
+    )
+    .await;
+    assert_rejected(
+        &h,
+        json!({"command": ["true"], "resources": {"cpu_millis": 0}}),
+        "resources.cpu_millis",
+    )
+    .await;
+    assert_rejected(
+        &h,
+        json!({"command": ["true"], "workdir": "relative"}),
+        "workdir",
+    )
+    .await;
     // Unknown fields and wrong types are body errors that quote the field.
-    let (status, body) = h.admin("POST", "/v1/jobs", Some(json!({"command": ["true"], "comand": 1}))).await;
+    let (status, body) = h
+        .admin(
+            "POST",
+            "/v1/jobs",
+            Some(json!({"command": ["true"], "comand": 1})),
+        )
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(error_of(&body).error.field.as_deref(), Some("body"));
     // One bad job in a batch rejects the whole batch.
-    assert_rejected(&h, json!({"jobs": [{"command": ["true"]}, {"command": [""]}]}), "jobs[1].command").await;
+    assert_rejected(
+        &h,
+        json!({"jobs": [{"command": ["true"]}, {"command": [""]}]}),
+        "jobs[1].command",
+    )
+    .await;
     assert_rejected(&h, json!({"jobs": []}), "jobs").await;
     // An oversized body.
-    let huge: Vec<Value> = (0..1000).map(|_| json!({"command": ["x".repeat(9000)]})).collect();
-    let (status, body) = h.admin("POST", "/v1/jobs", Some(json!({ "jobs": huge }))).await;
+    let huge: Vec<Value> = (0..1000)
+        .map(|_| json!({"command": ["x".repeat(9000)]}))
+        .collect();
+    let (status, body) = h
+        .admin("POST", "/v1/jobs", Some(json!({ "jobs": huge })))
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(h.job_count().await, 0);
 }
@@ -177,32 +262,76 @@ async fn bad_submits_name_the_field_and_write_nothing() {
 async fn submit_checks_declared_pools_and_the_largest_agent() {
     let h = Harness::start(|c| {
         c.pools = vec![
-            PoolConfig { name: "default".into(), session_ttl_ms: None },
-            PoolConfig { name: "gpu".into(), session_ttl_ms: Some(600_000) },
+            PoolConfig {
+                name: "default".into(),
+                session_ttl_ms: None,
+            },
+            PoolConfig {
+                name: "gpu".into(),
+                session_ttl_ms: Some(600_000),
+            },
         ];
     })
     .await;
     assert_rejected(&h, json!({"command": ["true"], "pool": "nope"}), "pool").await;
     // Before any agent joined, nothing is known about sizes: accepted.
-    let (status, _) = h.admin("POST", "/v1/jobs", Some(json!({"command": ["true"], "resources": {"memory_mib": 9000}}))).await;
+    let (status, _) = h
+        .admin(
+            "POST",
+            "/v1/jobs",
+            Some(json!({"command": ["true"], "resources": {"memory_mib": 9000}})),
+        )
+        .await;
     assert_eq!(status, StatusCode::CREATED);
     let resp = h
-        .register("default", v1::Resources { cpu_millis: 2000, memory_mib: 4096, ..Default::default() })
+        .register(
+            "default",
+            v1::Resources {
+                cpu_millis: 2000,
+                memory_mib: 4096,
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     assert_eq!(resp.session_ttl_ms, 60_000);
     let before = h.job_count().await;
-    let (status, body) = h.admin("POST", "/v1/jobs", Some(json!({"command": ["true"], "resources": {"memory_mib": 8192}}))).await;
+    let (status, body) = h
+        .admin(
+            "POST",
+            "/v1/jobs",
+            Some(json!({"command": ["true"], "resources": {"memory_mib": 8192}})),
+        )
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let error = error_of(&body).error;
     assert_eq!(error.field.as_deref(), Some("resources"));
-    assert!(error.message.contains("largest agent has 2000m CPU, 4096 MiB"), "{}", error.message);
+    assert!(
+        error
+            .message
+            .contains("largest agent has 2000m CPU, 4096 MiB"),
+        "{}",
+        error.message
+    );
     assert_eq!(h.job_count().await, before);
     // Per-pool TTL reaches the agent.
-    let gpu = h.register("gpu", v1::Resources { cpu_millis: 1000, memory_mib: 1024, ..Default::default() }).await.unwrap();
+    let gpu = h
+        .register(
+            "gpu",
+            v1::Resources {
+                cpu_millis: 1000,
+                memory_mib: 1024,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
     assert_eq!(gpu.session_ttl_ms, 600_000);
     // Registering into an undeclared pool is refused.
-    let err = h.register("other", v1::Resources::default()).await.unwrap_err();
+    let err = h
+        .register("other", v1::Resources::default())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 }
 
@@ -213,24 +342,48 @@ async fn job_routes_answer_404_409_and_400_clearly() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(error_of(&body).error.message.contains("01NOSUCHJOB"));
     for path in ["/v1/jobs/01NOSUCHJOB/events", "/v1/jobs/01NOSUCHJOB/logs"] {
-        assert_eq!(h.admin("GET", path, None).await.0, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(
+            h.admin("GET", path, None).await.0,
+            StatusCode::NOT_FOUND,
+            "{path}"
+        );
     }
     for path in ["/v1/jobs/01NOSUCHJOB/cancel", "/v1/jobs/01NOSUCHJOB/retry"] {
-        assert_eq!(h.admin("POST", path, None).await.0, StatusCode::NOT_FOUND, "{path}");
+        assert_eq!(
+            h.admin("POST", path, None).await.0,
+            StatusCode::NOT_FOUND,
+            "{path}"
+        );
     }
-    let (status, body) = h.admin("POST", "/v1/jobs", Some(json!({"command": ["true"], "name": "x"}))).await;
+    let (status, body) = h
+        .admin(
+            "POST",
+            "/v1/jobs",
+            Some(json!({"command": ["true"], "name": "x"})),
+        )
+        .await;
     assert_eq!(status, StatusCode::CREATED);
-    let id = serde_json::from_value::<SubmitResponse>(body).unwrap().jobs[0].id.clone();
+    let id = serde_json::from_value::<SubmitResponse>(body).unwrap().jobs[0]
+        .id
+        .clone();
     // Retry of a queued job: 409 with the fix.
     let (status, body) = h.admin("POST", &format!("/v1/jobs/{id}/retry"), None).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert!(error_of(&body).error.message.contains("only finished jobs"));
-    let (status, body) = h.admin("POST", &format!("/v1/jobs/{id}/cancel"), None).await;
+    let (status, body) = h
+        .admin("POST", &format!("/v1/jobs/{id}/cancel"), None)
+        .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(serde_json::from_value::<Job>(body).unwrap().state, JobState::Cancelled);
+    assert_eq!(
+        serde_json::from_value::<Job>(body).unwrap().state,
+        JobState::Cancelled
+    );
     let (status, body) = h.admin("POST", &format!("/v1/jobs/{id}/retry"), None).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(serde_json::from_value::<Job>(body).unwrap().state, JobState::Queued);
+    assert_eq!(
+        serde_json::from_value::<Job>(body).unwrap().state,
+        JobState::Queued
+    );
     // Query errors name the parameter.
     for (query, field) in [
         ("state=BOGUS", "state"),
@@ -241,16 +394,27 @@ async fn job_routes_answer_404_409_and_400_clearly() {
     ] {
         let (status, body) = h.admin("GET", &format!("/v1/jobs?{query}"), None).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
-        assert_eq!(error_of(&body).error.field.as_deref(), Some(field), "{query}");
+        assert_eq!(
+            error_of(&body).error.field.as_deref(),
+            Some(field),
+            "{query}"
+        );
     }
-    let (status, body) = h.admin("GET", &format!("/v1/jobs/{id}/logs?attempt=3"), None).await;
+    let (status, body) = h
+        .admin("GET", &format!("/v1/jobs/{id}/logs?attempt=3"), None)
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(error_of(&body).error.field.as_deref(), Some("attempt"));
-    let (status, _) = h.admin("GET", &format!("/v1/jobs/{id}/logs?follow=maybe"), None).await;
+    let (status, _) = h
+        .admin("GET", &format!("/v1/jobs/{id}/logs?follow=maybe"), None)
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     // Filters work.
     let (_, body) = h.admin("GET", "/v1/jobs?state=queued&name=x", None).await;
-    assert_eq!(serde_json::from_value::<JobList>(body).unwrap().jobs.len(), 1);
+    assert_eq!(
+        serde_json::from_value::<JobList>(body).unwrap().jobs.len(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -267,7 +431,12 @@ async fn agent_and_pool_routes_answer_404_for_unknown_names() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     error_of(&body);
     // A pool known from a job can be paused and resumed.
-    h.admin("POST", "/v1/jobs", Some(json!({"command": ["true"], "pool": "batch"}))).await;
+    h.admin(
+        "POST",
+        "/v1/jobs",
+        Some(json!({"command": ["true"], "pool": "batch"})),
+    )
+    .await;
     let (status, body) = h.admin("POST", "/v1/pools/batch/pause", None).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["paused"], json!(true));
@@ -285,9 +454,15 @@ async fn openapi_document_describes_every_route() {
     let paths = doc["paths"].as_object().unwrap();
     let source = include_str!("../src/http/mod.rs");
     let mut routes = 0;
-    for line in source.lines().filter(|l| l.trim_start().starts_with(".route(\"")) {
+    for line in source
+        .lines()
+        .filter(|l| l.trim_start().starts_with(".route(\""))
+    {
         let path = line.split('"').nth(1).unwrap();
-        assert!(paths.contains_key(path), "route {path} is missing from the OpenAPI document");
+        assert!(
+            paths.contains_key(path),
+            "route {path} is missing from the OpenAPI document"
+        );
         routes += 1;
     }
     assert!(routes >= 14);
@@ -295,12 +470,22 @@ async fn openapi_document_describes_every_route() {
 
 #[tokio::test]
 async fn agent_calls_need_the_right_tokens() {
-    let h = Harness::start(|c| c.join_tokens.push(drover_coordinator::JoinTokenConfig { token: "gpu-only-join-token-123".into(), pool: Some("gpu".into()) })).await;
+    let h = Harness::start(|c| {
+        c.join_tokens.push(drover_coordinator::JoinTokenConfig {
+            token: "gpu-only-join-token-123".into(),
+            pool: Some("gpu".into()),
+        })
+    })
+    .await;
     let mut client = h.grpc().await;
     let bad_join = client
         .register(v1::RegisterRequest {
             join_token: "not-the-token".into(),
-            agent: Some(v1::AgentInfo { agent_id: "a".into(), pool: "default".into(), ..Default::default() }),
+            agent: Some(v1::AgentInfo {
+                agent_id: "a".into(),
+                pool: "default".into(),
+                ..Default::default()
+            }),
             ..Default::default()
         })
         .await
@@ -309,33 +494,71 @@ async fn agent_calls_need_the_right_tokens() {
     let wrong_pool = client
         .register(v1::RegisterRequest {
             join_token: "gpu-only-join-token-123".into(),
-            agent: Some(v1::AgentInfo { agent_id: "a".into(), pool: "cpu".into(), ..Default::default() }),
+            agent: Some(v1::AgentInfo {
+                agent_id: "a".into(),
+                pool: "cpu".into(),
+                ..Default::default()
+            }),
             ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(wrong_pool.code(), tonic::Code::PermissionDenied);
-    let session = h.register("default", v1::Resources { cpu_millis: 1000, memory_mib: 1024, ..Default::default() }).await.unwrap();
+    let session = h
+        .register(
+            "default",
+            v1::Resources {
+                cpu_millis: 1000,
+                memory_mib: 1024,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
     let heartbeat = |token: Option<String>| {
-        let mut req = tonic::Request::new(v1::HeartbeatRequest { session_id: session.session_id.clone(), ..Default::default() });
+        let mut req = tonic::Request::new(v1::HeartbeatRequest {
+            session_id: session.session_id.clone(),
+            ..Default::default()
+        });
         if let Some(token) = token {
-            req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
         }
         req
     };
-    assert_eq!(client.heartbeat(heartbeat(None)).await.unwrap_err().code(), tonic::Code::Unauthenticated);
     assert_eq!(
-        client.heartbeat(heartbeat(Some("ds_wrong".into()))).await.unwrap_err().code(),
+        client.heartbeat(heartbeat(None)).await.unwrap_err().code(),
         tonic::Code::Unauthenticated
     );
-    let ok = client.heartbeat(heartbeat(Some(session.session_token.clone()))).await.unwrap().into_inner();
+    assert_eq!(
+        client
+            .heartbeat(heartbeat(Some("ds_wrong".into())))
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::Unauthenticated
+    );
+    let ok = client
+        .heartbeat(heartbeat(Some(session.session_token.clone())))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(ok.session_remaining_ms, session.session_ttl_ms);
     // After Leave the token is worthless.
-    let mut leave = tonic::Request::new(v1::LeaveRequest { session_id: session.session_id.clone() });
-    leave.metadata_mut().insert("authorization", format!("Bearer {}", session.session_token).parse().unwrap());
+    let mut leave = tonic::Request::new(v1::LeaveRequest {
+        session_id: session.session_id.clone(),
+    });
+    leave.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", session.session_token).parse().unwrap(),
+    );
     client.leave(leave).await.unwrap();
     assert_eq!(
-        client.heartbeat(heartbeat(Some(session.session_token.clone()))).await.unwrap_err().code(),
+        client
+            .heartbeat(heartbeat(Some(session.session_token.clone())))
+            .await
+            .unwrap_err()
+            .code(),
         tonic::Code::Unauthenticated
     );
 }

@@ -29,11 +29,22 @@ fn fixture() -> Fixture {
         Arc::new(clock.clone()),
         config,
     );
-    Fixture { service, clock, join, _dir: dir }
+    Fixture {
+        service,
+        clock,
+        join,
+        _dir: dir,
+    }
 }
 
 fn free() -> Resources {
-    Resources { cpu_millis: 4000, memory_mib: 4096, gpus: 0, disk_gib: 0, gpu_model: None }
+    Resources {
+        cpu_millis: 4000,
+        memory_mib: 4096,
+        gpus: 0,
+        disk_gib: 0,
+        gpu_model: None,
+    }
 }
 
 async fn agent(f: &Fixture, name: &str) -> SessionAuth {
@@ -44,7 +55,11 @@ async fn agent(f: &Fixture, name: &str) -> SessionAuth {
             agent: Some(v1::AgentInfo {
                 agent_id: name.into(),
                 pool: "default".into(),
-                capacity: Some(v1::Resources { cpu_millis: 4000, memory_mib: 4096, ..Default::default() }),
+                capacity: Some(v1::Resources {
+                    cpu_millis: 4000,
+                    memory_mib: 4096,
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -62,7 +77,14 @@ async fn reaper_requeues_the_jobs_of_an_expired_session() {
     let f = fixture();
     let dead = agent(&f, "dead").await;
     let alive = agent(&f, "alive").await;
-    let id = f.service.submit(vec![JobSpec::command(["true"])]).await.unwrap().jobs[0].id.clone();
+    let id = f
+        .service
+        .submit(vec![JobSpec::command(["true"])])
+        .await
+        .unwrap()
+        .jobs[0]
+        .id
+        .clone();
     let leases = f.service.claim(&dead, free(), 1, 0).await.unwrap();
     assert_eq!(leases.len(), 1);
     // Only "alive" keeps heartbeating while time passes beyond the TTL + skew.
@@ -109,7 +131,10 @@ async fn a_waiting_claim_is_woken_by_a_submit() {
     // Let the claim reach its wait before submitting.
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!waiter.is_finished());
-    f.service.submit(vec![JobSpec::command(["true"])]).await.unwrap();
+    f.service
+        .submit(vec![JobSpec::command(["true"])])
+        .await
+        .unwrap();
     let leases = tokio::time::timeout(Duration::from_secs(10), waiter)
         .await
         .expect("the claim returned well before its 20 s wait")

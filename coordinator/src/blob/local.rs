@@ -24,8 +24,14 @@ impl LocalBlobStore {
 
     fn log_path(&self, job_id: &str, attempt: u64) -> PathBuf {
         // Job ids are ULIDs checked by the service; keep paths safe regardless.
-        let safe: String = job_id.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
-        self.root.join("logs").join(safe).join(format!("{attempt}.log"))
+        let safe: String = job_id
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect();
+        self.root
+            .join("logs")
+            .join(safe)
+            .join(format!("{attempt}.log"))
     }
 }
 
@@ -103,9 +109,15 @@ mod tests {
         assert_eq!(blobs.append_log("J1", 1, 3, b"lo world").await.unwrap(), 11);
         assert!(matches!(
             blobs.append_log("J1", 1, 20, b"x").await,
-            Err(BlobError::Gap { offset: 20, stored: 11 })
+            Err(BlobError::Gap {
+                offset: 20,
+                stored: 11
+            })
         ));
-        assert_eq!(blobs.read_log("J1", 1, 0, 100).await.unwrap(), b"hello world");
+        assert_eq!(
+            blobs.read_log("J1", 1, 0, 100).await.unwrap(),
+            b"hello world"
+        );
         assert_eq!(blobs.read_log("J1", 1, 6, 100).await.unwrap(), b"world");
         assert!(blobs.read_log("J1", 2, 0, 100).await.unwrap().is_empty());
     }

@@ -9,7 +9,9 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::error::ServiceError;
-use crate::service::{lease_from_wire, lease_to_wire, resources_from_wire, resources_to_wire, Service};
+use crate::service::{
+    lease_from_wire, lease_to_wire, resources_from_wire, resources_to_wire, Service,
+};
 use crate::store::{Completion, OutcomeKind, SessionAuth};
 
 pub struct AgentGrpc {
@@ -55,10 +57,15 @@ impl AgentService for AgentGrpc {
         &self,
         req: Request<v1::RegisterRequest>,
     ) -> Result<Response<v1::RegisterResponse>, Status> {
-        Ok(Response::new(self.service.register(req.into_inner()).await?))
+        Ok(Response::new(
+            self.service.register(req.into_inner()).await?,
+        ))
     }
 
-    async fn claim(&self, req: Request<v1::ClaimRequest>) -> Result<Response<v1::ClaimResponse>, Status> {
+    async fn claim(
+        &self,
+        req: Request<v1::ClaimRequest>,
+    ) -> Result<Response<v1::ClaimResponse>, Status> {
         let session = self.session(&req, &req.get_ref().session_id).await?;
         let body = req.into_inner();
         let free = resources_from_wire(body.free.unwrap_or_default());
@@ -111,7 +118,10 @@ impl AgentService for AgentGrpc {
             .into_iter()
             .map(|l| lease_from_wire(Some(l)))
             .collect::<Result<Vec<_>, _>>()?;
-        let answer = self.service.heartbeat(&session, running, body.draining).await?;
+        let answer = self
+            .service
+            .heartbeat(&session, running, body.draining)
+            .await?;
         Ok(Response::new(v1::HeartbeatResponse {
             session_remaining_ms: answer.remaining_ms,
             cancel: answer.cancel.iter().map(lease_to_wire).collect(),
@@ -134,9 +144,11 @@ impl AgentService for AgentGrpc {
     ) -> Result<Response<Self::CommandsStream>, Status> {
         let session = self.session(&req, &req.get_ref().session_id).await?;
         let rx = self.service.subscribe_commands(&session.session_id)?;
-        let stream = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|c| (Ok(c), rx))
-        });
+        let stream =
+            futures::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|c| (Ok(c), rx)) },
+            );
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -205,7 +217,10 @@ impl AgentService for AgentGrpc {
         }))
     }
 
-    async fn leave(&self, req: Request<v1::LeaveRequest>) -> Result<Response<v1::LeaveResponse>, Status> {
+    async fn leave(
+        &self,
+        req: Request<v1::LeaveRequest>,
+    ) -> Result<Response<v1::LeaveResponse>, Status> {
         let session = self.session(&req, &req.get_ref().session_id).await?;
         let requeued = self.service.leave(&session).await?;
         Ok(Response::new(v1::LeaveResponse { requeued }))

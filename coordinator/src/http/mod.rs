@@ -29,7 +29,10 @@ pub fn router(service: Arc<Service>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .route("/v1/openapi.json", get(|| async { Json(openapi_document()) }))
+        .route(
+            "/v1/openapi.json",
+            get(|| async { Json(openapi_document()) }),
+        )
         .route("/v1/jobs", post(submit).get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/v1/jobs/{id}/cancel", post(cancel))
@@ -62,7 +65,8 @@ impl From<ServiceError> for ApiFailure {
 impl IntoResponse for ApiFailure {
     fn into_response(self) -> Response {
         let code = self.0.code();
-        let status = StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = ApiErrorBody {
             error: ApiError {
                 code,
@@ -92,7 +96,10 @@ fn json_rejection(rejection: JsonRejection) -> ApiFailure {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
         return ApiFailure(ServiceError::invalid(
             "body",
-            format!("is larger than {} MiB; submit fewer jobs per batch", MAX_BODY_BYTES >> 20),
+            format!(
+                "is larger than {} MiB; submit fewer jobs per batch",
+                MAX_BODY_BYTES >> 20
+            ),
         ));
     }
     ApiFailure(ServiceError::invalid("body", rejection.body_text()))
@@ -118,11 +125,16 @@ async fn submit(
     Ok((StatusCode::CREATED, Json(response)).into_response())
 }
 
-fn query_param<T: std::str::FromStr>(q: &HashMap<String, String>, name: &str, what: &str) -> ApiResult<Option<T>> {
+fn query_param<T: std::str::FromStr>(
+    q: &HashMap<String, String>,
+    name: &str,
+    what: &str,
+) -> ApiResult<Option<T>> {
     q.get(name)
         .map(|v| {
-            v.parse()
-                .map_err(|_| ApiFailure(ServiceError::invalid(name, format!("{v:?} is not {what}"))))
+            v.parse().map_err(|_| {
+                ApiFailure(ServiceError::invalid(name, format!("{v:?} is not {what}")))
+            })
         })
         .transpose()
 }
@@ -212,15 +224,24 @@ async fn logs(
     let stream = service.log_stream(id, attempt, follow);
     Ok((
         [
-            (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_string()),
-            (header::HeaderName::from_static("x-drover-attempt"), attempt.to_string()),
+            (
+                header::CONTENT_TYPE,
+                "text/plain; charset=utf-8".to_string(),
+            ),
+            (
+                header::HeaderName::from_static("x-drover-attempt"),
+                attempt.to_string(),
+            ),
         ],
         Body::from_stream(stream),
     )
         .into_response())
 }
 
-async fn agents(State(service): State<Arc<Service>>, headers: HeaderMap) -> ApiResult<Json<AgentList>> {
+async fn agents(
+    State(service): State<Arc<Service>>,
+    headers: HeaderMap,
+) -> ApiResult<Json<AgentList>> {
     authorize(&service, &headers, Scope::Read)?;
     Ok(Json(AgentList {
         agents: service.agents().await?,
@@ -236,7 +257,10 @@ async fn drain(
     Ok(Json(service.drain_agent(&id).await?).into_response())
 }
 
-async fn pools(State(service): State<Arc<Service>>, headers: HeaderMap) -> ApiResult<Json<PoolList>> {
+async fn pools(
+    State(service): State<Arc<Service>>,
+    headers: HeaderMap,
+) -> ApiResult<Json<PoolList>> {
     authorize(&service, &headers, Scope::Read)?;
     Ok(Json(PoolList {
         pools: service.pools().await?,

@@ -31,7 +31,11 @@ fn id_param(name: &str) -> Value {
 
 pub fn openapi_document() -> Value {
     let mut paths = serde_json::Map::new();
-    let mut submit = op("Submit one job (a JobSpec) or a batch ({\"jobs\": [...]})", Some("submit"), "201: SubmitResponse");
+    let mut submit = op(
+        "Submit one job (a JobSpec) or a batch ({\"jobs\": [...]})",
+        Some("submit"),
+        "201: SubmitResponse",
+    );
     submit["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/SubmitRequest" } } } });
     let mut list = op("List jobs, newest first", Some("read"), "JobList");
     list["parameters"] = json!([
@@ -46,11 +50,27 @@ pub fn openapi_document() -> Value {
         v["parameters"] = id_param(name);
         v
     };
-    paths.insert("/v1/jobs/{id}".into(), json!({ "get": with_id(op("Get a job", Some("read"), "Job"), "id") }));
-    paths.insert("/v1/jobs/{id}/cancel".into(), json!({ "post": with_id(op("Cancel a job in any state", Some("submit"), "Job"), "id") }));
-    paths.insert("/v1/jobs/{id}/retry".into(), json!({ "post": with_id(op("Run a finished job again", Some("submit"), "Job"), "id") }));
-    paths.insert("/v1/jobs/{id}/events".into(), json!({ "get": with_id(op("A job's timeline", Some("read"), "EventList"), "id") }));
-    let mut logs = op("An attempt's output (text/plain); follow=true streams until the attempt ends", Some("read"), "text/plain; header x-drover-attempt");
+    paths.insert(
+        "/v1/jobs/{id}".into(),
+        json!({ "get": with_id(op("Get a job", Some("read"), "Job"), "id") }),
+    );
+    paths.insert(
+        "/v1/jobs/{id}/cancel".into(),
+        json!({ "post": with_id(op("Cancel a job in any state", Some("submit"), "Job"), "id") }),
+    );
+    paths.insert(
+        "/v1/jobs/{id}/retry".into(),
+        json!({ "post": with_id(op("Run a finished job again", Some("submit"), "Job"), "id") }),
+    );
+    paths.insert(
+        "/v1/jobs/{id}/events".into(),
+        json!({ "get": with_id(op("A job's timeline", Some("read"), "EventList"), "id") }),
+    );
+    let mut logs = op(
+        "An attempt's output (text/plain); follow=true streams until the attempt ends",
+        Some("read"),
+        "text/plain; header x-drover-attempt",
+    );
     logs["parameters"] = json!([
         { "name": "id", "in": "path", "required": true, "schema": { "type": "string" } },
         { "name": "attempt", "in": "query", "schema": { "type": "integer", "minimum": 1 } },
@@ -58,13 +78,25 @@ pub fn openapi_document() -> Value {
     ]);
     paths.insert("/v1/jobs/{id}/logs".into(), json!({ "get": logs }));
     paths.insert("/v1/agents".into(), json!({ "get": op("Agents with live sessions and recently gone ones", Some("read"), "AgentList") }));
-    paths.insert("/v1/agents/{id}/drain".into(), json!({ "post": with_id(op("Ask an agent to drain", Some("admin"), "Agent"), "id") }));
+    paths.insert(
+        "/v1/agents/{id}/drain".into(),
+        json!({ "post": with_id(op("Ask an agent to drain", Some("admin"), "Agent"), "id") }),
+    );
     paths.insert("/v1/pools".into(), json!({ "get": op("Queue depth, running jobs and agents per pool", Some("read"), "PoolList") }));
     paths.insert("/v1/pools/{pool}/pause".into(), json!({ "post": with_id(op("Stop dispatching the pool's jobs", Some("admin"), "Pool"), "pool") }));
     paths.insert("/v1/pools/{pool}/resume".into(), json!({ "post": with_id(op("Dispatch the pool's jobs again", Some("admin"), "Pool"), "pool") }));
-    paths.insert("/health".into(), json!({ "get": op("Liveness of the coordinator", None, "{\"status\":\"ok\"}") }));
-    paths.insert("/metrics".into(), json!({ "get": op("Prometheus metrics", None, "text/plain") }));
-    paths.insert("/v1/openapi.json".into(), json!({ "get": op("This document", None, "OpenAPI 3") }));
+    paths.insert(
+        "/health".into(),
+        json!({ "get": op("Liveness of the coordinator", None, "{\"status\":\"ok\"}") }),
+    );
+    paths.insert(
+        "/metrics".into(),
+        json!({ "get": op("Prometheus metrics", None, "text/plain") }),
+    );
+    paths.insert(
+        "/v1/openapi.json".into(),
+        json!({ "get": op("This document", None, "OpenAPI 3") }),
+    );
     json!({
         "openapi": "3.0.3",
         "info": { "title": "Drover coordinator API", "version": env!("CARGO_PKG_VERSION"),

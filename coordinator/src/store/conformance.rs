@@ -92,12 +92,22 @@ fn done(outcome: OutcomeKind, exit_code: Option<i32>) -> Completion {
 }
 
 async fn claim_one<S: Store>(store: &S, offer: &ClaimOffer, now: i64) -> Option<ClaimedJob> {
-    store.claim(offer, 64, now).await.unwrap().into_iter().next()
+    store
+        .claim(offer, 64, now)
+        .await
+        .unwrap()
+        .into_iter()
+        .next()
 }
 
 pub async fn claim_is_exclusive_under_concurrency<S: Store>(store: S) {
     let store = Arc::new(store);
-    let ids = submit(&*store, (0..300).map(|i| spec(&format!("j{i}"))).collect(), T0).await;
+    let ids = submit(
+        &*store,
+        (0..300).map(|i| spec(&format!("j{i}"))).collect(),
+        T0,
+    )
+    .await;
     let mut claimers = Vec::new();
     for c in 0..16 {
         let store = store.clone();
@@ -128,13 +138,27 @@ pub async fn stale_attempt_and_foreign_session_are_fenced<S: Store>(store: S) {
     let offer = session(&store, "s1", T0).await;
     session(&store, "s2", T0).await;
     let lease = claim_one(&store, &offer, T0).await.unwrap().lease;
-    let stale = LeaseRef { attempt: lease.attempt + 1, ..lease.clone() };
-    let foreign = LeaseRef { session_id: "s2".into(), ..lease.clone() };
+    let stale = LeaseRef {
+        attempt: lease.attempt + 1,
+        ..lease.clone()
+    };
+    let foreign = LeaseRef {
+        session_id: "s2".into(),
+        ..lease.clone()
+    };
     for bad in [&stale, &foreign] {
-        assert!(matches!(store.start(bad, T0).await, Err(StoreError::LeaseLost { .. })));
-        assert!(matches!(store.check_lease(bad).await, Err(StoreError::LeaseLost { .. })));
         assert!(matches!(
-            store.complete(bad, &done(OutcomeKind::Succeeded, Some(0)), T0).await,
+            store.start(bad, T0).await,
+            Err(StoreError::LeaseLost { .. })
+        ));
+        assert!(matches!(
+            store.check_lease(bad).await,
+            Err(StoreError::LeaseLost { .. })
+        ));
+        assert!(matches!(
+            store
+                .complete(bad, &done(OutcomeKind::Succeeded, Some(0)), T0)
+                .await,
             Err(StoreError::LeaseLost { .. })
         ));
     }
@@ -146,15 +170,26 @@ pub async fn stale_attempt_and_foreign_session_are_fenced<S: Store>(store: S) {
     assert_eq!(second.attempt, lease.attempt + 1);
     // A late complete from the first attempt is rejected and changes nothing.
     assert!(matches!(
-        store.complete(&lease, &done(OutcomeKind::Succeeded, Some(0)), T0 + 3).await,
+        store
+            .complete(&lease, &done(OutcomeKind::Succeeded, Some(0)), T0 + 3)
+            .await,
         Err(StoreError::LeaseLost { .. })
     ));
-    assert_eq!(store.get_job(&lease.job_id).await.unwrap().state, JobState::Leased);
+    assert_eq!(
+        store.get_job(&lease.job_id).await.unwrap().state,
+        JobState::Leased
+    );
 }
 
 pub async fn claims_in_priority_then_fifo_order<S: Store>(store: S) {
     let mut specs = Vec::new();
-    for (name, priority) in [("low1", 0), ("high1", 10), ("low2", 0), ("high2", 10), ("mid", 5)] {
+    for (name, priority) in [
+        ("low1", 0),
+        ("high1", 10),
+        ("low2", 0),
+        ("high2", 10),
+        ("mid", 5),
+    ] {
         let mut s = spec(name);
         s.priority = priority;
         specs.push(s);
@@ -177,13 +212,30 @@ pub async fn claim_skips_jobs_that_do_not_fit<S: Store>(store: S) {
     large.priority = 10;
     submit(&store, vec![large, spec("small")], T0).await;
     let mut offer = session(&store, "s1", T0).await;
-    offer.free = Resources { cpu_millis: 1000, memory_mib: 1024, gpus: 0, disk_gib: 10, gpu_model: None };
+    offer.free = Resources {
+        cpu_millis: 1000,
+        memory_mib: 1024,
+        gpus: 0,
+        disk_gib: 10,
+        gpu_model: None,
+    };
     offer.max_jobs = 5;
     let claimed = store.claim(&offer, 64, T0).await.unwrap();
     let names: Vec<_> = claimed.iter().map(|c| c.spec.name.as_str()).collect();
-    assert_eq!(names, ["small"], "the small job behind the large one is claimed");
+    assert_eq!(
+        names,
+        ["small"],
+        "the small job behind the large one is claimed"
+    );
     let queued = store
-        .list_jobs(&JobFilter { state: Some(JobState::Queued), ..Default::default() }, None, 10)
+        .list_jobs(
+            &JobFilter {
+                state: Some(JobState::Queued),
+                ..Default::default()
+            },
+            None,
+            10,
+        )
         .await
         .unwrap();
     assert_eq!(queued.items.len(), 1);
@@ -200,25 +252,44 @@ pub async fn claim_respects_free_resources_across_jobs<S: Store>(store: S) {
         .collect();
     submit(&store, jobs, T0).await;
     let mut offer = session(&store, "s1", T0).await;
-    offer.free = Resources { cpu_millis: 2000, memory_mib: 10_000, gpus: 0, disk_gib: 0, gpu_model: None };
+    offer.free = Resources {
+        cpu_millis: 2000,
+        memory_mib: 10_000,
+        gpus: 0,
+        disk_gib: 0,
+        gpu_model: None,
+    };
     offer.max_jobs = 10;
-    assert_eq!(store.claim(&offer, 64, T0).await.unwrap().len(), 3, "3 × 600m fit in 2000m");
+    assert_eq!(
+        store.claim(&offer, 64, T0).await.unwrap().len(),
+        3,
+        "3 × 600m fit in 2000m"
+    );
 }
 
 pub async fn claim_matches_constraints_to_labels<S: Store>(store: S) {
     let mut gpu_only = spec("needs-a10g");
-    gpu_only.constraints.insert("instance_type".into(), "g5.xlarge".into());
+    gpu_only
+        .constraints
+        .insert("instance_type".into(), "g5.xlarge".into());
     submit(&store, vec![gpu_only], T0).await;
     let plain = session(&store, "plain", T0).await;
     assert!(claim_one(&store, &plain, T0).await.is_none());
     let labels = BTreeMap::from([("instance_type".to_string(), "g5.xlarge".to_string())]);
     let gpu = session_with(&store, "gpu", labels, T0).await;
-    assert_eq!(claim_one(&store, &gpu, T0).await.unwrap().spec.name, "needs-a10g");
+    assert_eq!(
+        claim_one(&store, &gpu, T0).await.unwrap().spec.name,
+        "needs-a10g"
+    );
 }
 
 pub async fn ended_session_requeues_on_the_infra_budget<S: Store>(store: S) {
     let mut s = spec("a");
-    s.retry = RetryPolicy { max_attempts: 1, max_infra_retries: 1, ..RetryPolicy::default() };
+    s.retry = RetryPolicy {
+        max_attempts: 1,
+        max_infra_retries: 1,
+        ..RetryPolicy::default()
+    };
     let id = submit(&store, vec![s], T0).await.remove(0);
     let offer = session(&store, "s1", T0).await;
     let lease = claim_one(&store, &offer, T0).await.unwrap().lease;
@@ -226,7 +297,10 @@ pub async fn ended_session_requeues_on_the_infra_budget<S: Store>(store: S) {
     let ended = store.end_session("s1", "agent lost", T0 + 1).await.unwrap();
     assert_eq!(ended.requeued, vec![id.clone()]);
     let job = store.get_job(&id).await.unwrap();
-    assert_eq!((job.state, job.failures, job.infra_retries), (JobState::Queued, 0, 1));
+    assert_eq!(
+        (job.state, job.failures, job.infra_retries),
+        (JobState::Queued, 0, 1)
+    );
     // Ending again is harmless.
     store.end_session("s1", "agent lost", T0 + 2).await.unwrap();
     // The second loss exhausts max_infra_retries = 1.
@@ -237,21 +311,34 @@ pub async fn ended_session_requeues_on_the_infra_budget<S: Store>(store: S) {
     assert_eq!(ended.finished, vec![id.clone()]);
     let job = store.get_job(&id).await.unwrap();
     assert_eq!(job.state, JobState::Failed);
-    assert!(job.reason.unwrap().contains("infrastructure retries exhausted"));
+    assert!(job
+        .reason
+        .unwrap()
+        .contains("infrastructure retries exhausted"));
 }
 
 pub async fn failures_retry_with_backoff_until_max_attempts<S: Store>(store: S) {
     let mut s = spec("flaky");
-    s.retry = RetryPolicy { max_attempts: 2, backoff_secs: 10, ..RetryPolicy::default() };
+    s.retry = RetryPolicy {
+        max_attempts: 2,
+        backoff_secs: 10,
+        ..RetryPolicy::default()
+    };
     let id = submit(&store, vec![s], T0).await.remove(0);
     let offer = session(&store, "s1", T0).await;
     let lease = claim_one(&store, &offer, T0).await.unwrap().lease;
-    let state = store.complete(&lease, &done(OutcomeKind::Failed, Some(1)), T0).await.unwrap();
+    let state = store
+        .complete(&lease, &done(OutcomeKind::Failed, Some(1)), T0)
+        .await
+        .unwrap();
     assert_eq!(state, JobState::Queued);
     let job = store.get_job(&id).await.unwrap();
     assert_eq!(job.failures, 1);
     assert_eq!(job.not_before_ms, Some(T0 + 10_000));
-    assert!(claim_one(&store, &offer, T0 + 9_999).await.is_none(), "backoff holds the job");
+    assert!(
+        claim_one(&store, &offer, T0 + 9_999).await.is_none(),
+        "backoff holds the job"
+    );
     let lease = claim_one(&store, &offer, T0 + 10_000).await.unwrap().lease;
     assert_eq!(lease.attempt, 2);
     let state = store
@@ -265,17 +352,28 @@ pub async fn failures_retry_with_backoff_until_max_attempts<S: Store>(store: S) 
 
 pub async fn only_listed_exit_codes_are_retried<S: Store>(store: S) {
     let mut s = spec("picky");
-    s.retry = RetryPolicy { max_attempts: 5, retry_on_exit_codes: vec![75], backoff_secs: 0, ..RetryPolicy::default() };
+    s.retry = RetryPolicy {
+        max_attempts: 5,
+        retry_on_exit_codes: vec![75],
+        backoff_secs: 0,
+        ..RetryPolicy::default()
+    };
     let id = submit(&store, vec![s], T0).await.remove(0);
     let offer = session(&store, "s1", T0).await;
     let lease = claim_one(&store, &offer, T0).await.unwrap().lease;
     assert_eq!(
-        store.complete(&lease, &done(OutcomeKind::Failed, Some(75)), T0).await.unwrap(),
+        store
+            .complete(&lease, &done(OutcomeKind::Failed, Some(75)), T0)
+            .await
+            .unwrap(),
         JobState::Queued
     );
     let lease = claim_one(&store, &offer, T0).await.unwrap().lease;
     assert_eq!(
-        store.complete(&lease, &done(OutcomeKind::Failed, Some(2)), T0).await.unwrap(),
+        store
+            .complete(&lease, &done(OutcomeKind::Failed, Some(2)), T0)
+            .await
+            .unwrap(),
         JobState::Failed
     );
     assert_eq!(store.get_job(&id).await.unwrap().failures, 2);
@@ -283,7 +381,10 @@ pub async fn only_listed_exit_codes_are_retried<S: Store>(store: S) {
 
 pub async fn interruptions_do_not_spend_attempts<S: Store>(store: S) {
     let mut s = spec("spot");
-    s.retry = RetryPolicy { max_attempts: 1, ..RetryPolicy::default() };
+    s.retry = RetryPolicy {
+        max_attempts: 1,
+        ..RetryPolicy::default()
+    };
     let id = submit(&store, vec![s], T0).await.remove(0);
     let offer = session(&store, "s1", T0).await;
     let lease = claim_one(&store, &offer, T0).await.unwrap().lease;
@@ -295,7 +396,10 @@ pub async fn interruptions_do_not_spend_attempts<S: Store>(store: S) {
     let job = store.get_job(&id).await.unwrap();
     assert_eq!((job.failures, job.infra_retries), (0, 1));
     let lease = claim_one(&store, &offer, T0).await.unwrap().lease;
-    store.complete(&lease, &done(OutcomeKind::Succeeded, Some(0)), T0).await.unwrap();
+    store
+        .complete(&lease, &done(OutcomeKind::Succeeded, Some(0)), T0)
+        .await
+        .unwrap();
     assert_eq!(store.get_job(&id).await.unwrap().state, JobState::Succeeded);
 }
 
@@ -303,40 +407,81 @@ pub async fn idempotency_key_returns_the_existing_job<S: Store>(store: S) {
     let mut s = spec("once");
     s.idempotency_key = Some("deploy-42".into());
     let first = store
-        .submit(vec![NewJob { id: ulid::Ulid::new().to_string(), spec: s.clone() }], T0)
+        .submit(
+            vec![NewJob {
+                id: ulid::Ulid::new().to_string(),
+                spec: s.clone(),
+            }],
+            T0,
+        )
         .await
         .unwrap();
     let second = store
-        .submit(vec![NewJob { id: ulid::Ulid::new().to_string(), spec: s }], T0)
+        .submit(
+            vec![NewJob {
+                id: ulid::Ulid::new().to_string(),
+                spec: s,
+            }],
+            T0,
+        )
         .await
         .unwrap();
     assert!(first[0].created);
     assert!(!second[0].created);
     assert_eq!(first[0].id, second[0].id);
-    let all = store.list_jobs(&JobFilter::default(), None, 10).await.unwrap();
+    let all = store
+        .list_jobs(&JobFilter::default(), None, 10)
+        .await
+        .unwrap();
     assert_eq!(all.items.len(), 1);
 }
 
 pub async fn cancel_works_in_every_state<S: Store>(store: S) {
-    let ids = submit(&store, vec![spec("queued"), spec("leased"), spec("running"), spec("done")], T0).await;
+    let ids = submit(
+        &store,
+        vec![
+            spec("queued"),
+            spec("leased"),
+            spec("running"),
+            spec("done"),
+        ],
+        T0,
+    )
+    .await;
     // QUEUED → CANCELLED at once.
     let job = store.cancel(&ids[0], T0).await.unwrap();
     assert_eq!(job.state, JobState::Cancelled);
-    assert_eq!(store.cancel(&ids[0], T0).await.unwrap().state, JobState::Cancelled, "cancel twice is fine");
+    assert_eq!(
+        store.cancel(&ids[0], T0).await.unwrap().state,
+        JobState::Cancelled,
+        "cancel twice is fine"
+    );
     let mut offer = session(&store, "s1", T0).await;
     offer.max_jobs = 3;
-    let leases: Vec<_> = store.claim(&offer, 64, T0).await.unwrap().into_iter().map(|c| c.lease).collect();
+    let leases: Vec<_> = store
+        .claim(&offer, 64, T0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.lease)
+        .collect();
     let by_job = |id: &str| leases.iter().find(|l| l.job_id == id).unwrap().clone();
     let (leased, running, finished) = (by_job(&ids[1]), by_job(&ids[2]), by_job(&ids[3]));
     store.start(&running, T0).await.unwrap();
-    store.complete(&finished, &done(OutcomeKind::Succeeded, Some(0)), T0).await.unwrap();
+    store
+        .complete(&finished, &done(OutcomeKind::Succeeded, Some(0)), T0)
+        .await
+        .unwrap();
     // LEASED and RUNNING: recorded, and the heartbeat tells the agent.
     for lease in [&leased, &running] {
         let job = store.cancel(&lease.job_id, T0).await.unwrap();
         assert!(job.cancel_requested);
         assert!(!job.state.is_terminal());
     }
-    let answer = store.heartbeat("s1", &[leased.clone(), running.clone()], false, T0).await.unwrap();
+    let answer = store
+        .heartbeat("s1", &[leased.clone(), running.clone()], false, T0)
+        .await
+        .unwrap();
     let mut told: Vec<_> = answer.cancel.iter().map(|l| l.job_id.clone()).collect();
     told.sort();
     let mut expected = vec![leased.job_id.clone(), running.job_id.clone()];
@@ -345,16 +490,28 @@ pub async fn cancel_works_in_every_state<S: Store>(store: S) {
     // The agent stops one; the other is interrupted by a drain: a requeue
     // must not resurrect a cancelled job.
     assert_eq!(
-        store.complete(&running, &done(OutcomeKind::Cancelled, Some(143)), T0).await.unwrap(),
+        store
+            .complete(&running, &done(OutcomeKind::Cancelled, Some(143)), T0)
+            .await
+            .unwrap(),
         JobState::Cancelled
     );
     assert_eq!(
-        store.complete(&leased, &done(OutcomeKind::Interrupted, None), T0).await.unwrap(),
+        store
+            .complete(&leased, &done(OutcomeKind::Interrupted, None), T0)
+            .await
+            .unwrap(),
         JobState::Cancelled
     );
     // Finished jobs cannot be cancelled.
-    assert!(matches!(store.cancel(&ids[3], T0).await, Err(StoreError::Conflict(_))));
-    assert!(matches!(store.cancel("01NOSUCHJOB", T0).await, Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        store.cancel(&ids[3], T0).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store.cancel("01NOSUCHJOB", T0).await,
+        Err(StoreError::NotFound(_))
+    ));
 }
 
 pub async fn cancelled_job_held_by_a_dead_session_stays_cancelled<S: Store>(store: S) {
@@ -374,10 +531,16 @@ pub async fn every_transition_appends_an_event<S: Store>(store: S) {
     let offer = session(&store, "s1", T0).await;
     let lease = claim_one(&store, &offer, T0).await.unwrap().lease;
     store.start(&lease, T0 + 1).await.unwrap();
-    store.complete(&lease, &done(OutcomeKind::Failed, Some(3)), T0 + 2).await.unwrap();
+    store
+        .complete(&lease, &done(OutcomeKind::Failed, Some(3)), T0 + 2)
+        .await
+        .unwrap();
     let lease = claim_one(&store, &offer, T0 + 3).await.unwrap().lease;
     store.start(&lease, T0 + 4).await.unwrap();
-    store.complete(&lease, &done(OutcomeKind::Succeeded, Some(0)), T0 + 5).await.unwrap();
+    store
+        .complete(&lease, &done(OutcomeKind::Succeeded, Some(0)), T0 + 5)
+        .await
+        .unwrap();
     let events = store.events(&id).await.unwrap();
     let states: Vec<_> = events.iter().map(|e| (e.state, e.attempt)).collect();
     assert_eq!(
@@ -392,7 +555,9 @@ pub async fn every_transition_appends_an_event<S: Store>(store: S) {
             (JobState::Succeeded, 2),
         ]
     );
-    assert!(events.windows(2).all(|w| w[0].seq < w[1].seq && w[0].at_ms <= w[1].at_ms));
+    assert!(events
+        .windows(2)
+        .all(|w| w[0].seq < w[1].seq && w[0].at_ms <= w[1].at_ms));
     assert_eq!(events[1].agent_id.as_deref(), Some("agent-s1"));
 }
 
@@ -400,7 +565,11 @@ pub async fn list_filters_and_pages_with_a_cursor<S: Store>(store: S) {
     let mut specs = Vec::new();
     for i in 0..7 {
         let mut s = spec(if i % 2 == 0 { "even" } else { "odd" });
-        s.pool = if i < 5 { "default".into() } else { "gpu".into() };
+        s.pool = if i < 5 {
+            "default".into()
+        } else {
+            "gpu".into()
+        };
         specs.push(s);
     }
     for s in specs {
@@ -409,7 +578,10 @@ pub async fn list_filters_and_pages_with_a_cursor<S: Store>(store: S) {
     let mut seen = Vec::new();
     let mut cursor = None;
     loop {
-        let page = store.list_jobs(&JobFilter::default(), cursor.as_deref(), 3).await.unwrap();
+        let page = store
+            .list_jobs(&JobFilter::default(), cursor.as_deref(), 3)
+            .await
+            .unwrap();
         assert!(page.items.len() <= 3);
         seen.extend(page.items.into_iter().map(|j| j.id));
         match page.next_cursor {
@@ -421,14 +593,36 @@ pub async fn list_filters_and_pages_with_a_cursor<S: Store>(store: S) {
     let mut sorted = seen.clone();
     sorted.sort_by(|a, b| b.cmp(a));
     assert_eq!(seen, sorted, "newest first, no repeats across pages");
-    let gpu = JobFilter { pool: Some("gpu".into()), ..Default::default() };
-    assert_eq!(store.list_jobs(&gpu, None, 10).await.unwrap().items.len(), 2);
-    let odd = JobFilter { name: Some("odd".into()), ..Default::default() };
-    assert_eq!(store.list_jobs(&odd, None, 10).await.unwrap().items.len(), 3);
-    let running = JobFilter { state: Some(JobState::Running), ..Default::default() };
-    assert!(store.list_jobs(&running, None, 10).await.unwrap().items.is_empty());
+    let gpu = JobFilter {
+        pool: Some("gpu".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        store.list_jobs(&gpu, None, 10).await.unwrap().items.len(),
+        2
+    );
+    let odd = JobFilter {
+        name: Some("odd".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        store.list_jobs(&odd, None, 10).await.unwrap().items.len(),
+        3
+    );
+    let running = JobFilter {
+        state: Some(JobState::Running),
+        ..Default::default()
+    };
+    assert!(store
+        .list_jobs(&running, None, 10)
+        .await
+        .unwrap()
+        .items
+        .is_empty());
     assert!(matches!(
-        store.list_jobs(&JobFilter::default(), Some("!!not-a-cursor"), 10).await,
+        store
+            .list_jobs(&JobFilter::default(), Some("!!not-a-cursor"), 10)
+            .await,
         Err(StoreError::Invalid(_))
     ));
 }
@@ -438,14 +632,28 @@ pub async fn complete_is_idempotent_and_recorded_once<S: Store>(store: S) {
     let offer = session(&store, "s1", T0).await;
     let lease = claim_one(&store, &offer, T0).await.unwrap().lease;
     let ok = done(OutcomeKind::Succeeded, Some(0));
-    assert_eq!(store.complete(&lease, &ok, T0).await.unwrap(), JobState::Succeeded);
-    assert_eq!(store.complete(&lease, &ok, T0 + 5).await.unwrap(), JobState::Succeeded);
+    assert_eq!(
+        store.complete(&lease, &ok, T0).await.unwrap(),
+        JobState::Succeeded
+    );
+    assert_eq!(
+        store.complete(&lease, &ok, T0 + 5).await.unwrap(),
+        JobState::Succeeded
+    );
     assert!(matches!(
-        store.complete(&lease, &done(OutcomeKind::Failed, Some(1)), T0).await,
+        store
+            .complete(&lease, &done(OutcomeKind::Failed, Some(1)), T0)
+            .await,
         Err(StoreError::LeaseLost { .. })
     ));
     let events = store.events(&id).await.unwrap();
-    assert_eq!(events.iter().filter(|e| e.state == JobState::Succeeded).count(), 1);
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.state == JobState::Succeeded)
+            .count(),
+        1
+    );
     let job = store.get_job(&id).await.unwrap();
     assert_eq!(job.finished_at_ms, Some(T0));
 }
@@ -454,29 +662,60 @@ pub async fn heartbeat_reports_lost_leases_and_requeues_unreported_ones<S: Store
     let ids = submit(&store, vec![spec("reported"), spec("unreported")], T0).await;
     let mut offer = session(&store, "s1", T0).await;
     offer.max_jobs = 2;
-    let leases: Vec<_> = store.claim(&offer, 64, T0).await.unwrap().into_iter().map(|c| c.lease).collect();
+    let leases: Vec<_> = store
+        .claim(&offer, 64, T0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.lease)
+        .collect();
     let reported = leases.iter().find(|l| l.job_id == ids[0]).unwrap().clone();
-    let phantom = LeaseRef { job_id: "01PHANTOM".into(), attempt: 1, session_id: "s1".into() };
-    let first = store.heartbeat("s1", &[reported.clone(), phantom.clone()], false, T0 + 1).await.unwrap();
+    let phantom = LeaseRef {
+        job_id: "01PHANTOM".into(),
+        attempt: 1,
+        session_id: "s1".into(),
+    };
+    let first = store
+        .heartbeat("s1", &[reported.clone(), phantom.clone()], false, T0 + 1)
+        .await
+        .unwrap();
     assert_eq!(first.lost, vec![phantom]);
-    assert!(first.requeued_unreported.is_empty(), "one missed report is tolerated");
+    assert!(
+        first.requeued_unreported.is_empty(),
+        "one missed report is tolerated"
+    );
     assert_eq!(first.remaining_ms, TTL);
-    let second = store.heartbeat("s1", &[reported.clone()], false, T0 + 2).await.unwrap();
+    let second = store
+        .heartbeat("s1", std::slice::from_ref(&reported), false, T0 + 2)
+        .await
+        .unwrap();
     assert_eq!(second.requeued_unreported.len(), 1);
     assert_eq!(second.requeued_unreported[0].job_id, ids[1]);
     let job = store.get_job(&ids[1]).await.unwrap();
     assert_eq!((job.state, job.infra_retries), (JobState::Queued, 1));
-    assert_eq!(store.get_job(&ids[0]).await.unwrap().state, JobState::Leased);
+    assert_eq!(
+        store.get_job(&ids[0]).await.unwrap().state,
+        JobState::Leased
+    );
 }
 
 pub async fn expired_session_can_neither_claim_nor_heartbeat<S: Store>(store: S) {
     submit(&store, vec![spec("a")], T0).await;
     let offer = session(&store, "s1", T0).await;
     let late = T0 + TTL as i64 + 1;
-    assert_eq!(store.expired_sessions(late).await.unwrap(), vec!["s1".to_string()]);
+    assert_eq!(
+        store.expired_sessions(late).await.unwrap(),
+        vec!["s1".to_string()]
+    );
     assert!(store.claim(&offer, 64, late).await.is_err());
-    assert!(matches!(store.heartbeat("s1", &[], false, late).await, Err(StoreError::Conflict(_))));
-    assert!(matches!(store.resume_session("s1", late).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(
+        store.heartbeat("s1", &[], false, late).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store.resume_session("s1", late).await,
+        Err(StoreError::Conflict(_))
+    ));
 }
 
 pub async fn resume_renews_the_session_and_returns_its_leases<S: Store>(store: S) {
@@ -495,7 +734,13 @@ pub async fn reaper_times_out_running_jobs_and_requeues_unstarted_ones<S: Store>
     let ids = submit(&store, vec![slow, spec("stuck")], T0).await;
     let mut offer = session(&store, "s1", T0).await;
     offer.max_jobs = 2;
-    let leases: Vec<_> = store.claim(&offer, 64, T0).await.unwrap().into_iter().map(|c| c.lease).collect();
+    let leases: Vec<_> = store
+        .claim(&offer, 64, T0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.lease)
+        .collect();
     let slow_lease = leases.iter().find(|l| l.job_id == ids[0]).unwrap().clone();
     store.start(&slow_lease, T0).await.unwrap();
     let nothing = store.reap_jobs(500, 10_000, T0 + 1_400).await.unwrap();
@@ -503,11 +748,21 @@ pub async fn reaper_times_out_running_jobs_and_requeues_unstarted_ones<S: Store>
     let reaped = store.reap_jobs(500, 10_000, T0 + 10_001).await.unwrap();
     assert_eq!(reaped.timed_out, vec![slow_lease.clone()]);
     assert_eq!(reaped.not_started.len(), 1);
-    assert_eq!(store.get_job(&ids[0]).await.unwrap().state, JobState::TimedOut);
+    assert_eq!(
+        store.get_job(&ids[0]).await.unwrap().state,
+        JobState::TimedOut
+    );
     let stuck = store.get_job(&ids[1]).await.unwrap();
     assert_eq!((stuck.state, stuck.infra_retries), (JobState::Queued, 1));
     // The agent's own late report of the timed-out attempt is fenced off.
-    assert!(store.complete(&slow_lease, &done(OutcomeKind::Succeeded, Some(0)), T0 + 10_002).await.is_err());
+    assert!(store
+        .complete(
+            &slow_lease,
+            &done(OutcomeKind::Succeeded, Some(0)),
+            T0 + 10_002
+        )
+        .await
+        .is_err());
 }
 
 pub async fn paused_pool_dispatches_nothing<S: Store>(store: S) {
@@ -535,18 +790,40 @@ pub async fn pools_count_queued_running_and_agents<S: Store>(store: S) {
     assert_eq!(agents[0].running, 1);
     let drained = store.request_drain("agent-s1", T0 + 1000).await.unwrap();
     assert_eq!(drained.state, drover_proto::model::AgentState::Draining);
-    assert!(store.heartbeat("s1", &[], false, T0 + 1001).await.unwrap().drain);
+    assert!(
+        store
+            .heartbeat("s1", &[], false, T0 + 1001)
+            .await
+            .unwrap()
+            .drain
+    );
 }
 
 pub async fn retry_requeues_a_finished_job_as_a_fresh_run<S: Store>(store: S) {
     let id = submit(&store, vec![spec("a")], T0).await.remove(0);
     let offer = session(&store, "s1", T0).await;
     let lease = claim_one(&store, &offer, T0).await.unwrap().lease;
-    assert!(matches!(store.retry(&id, T0).await, Err(StoreError::Conflict(_))), "not while leased");
-    store.complete(&lease, &done(OutcomeKind::Failed, Some(1)), T0).await.unwrap();
+    assert!(
+        matches!(store.retry(&id, T0).await, Err(StoreError::Conflict(_))),
+        "not while leased"
+    );
+    store
+        .complete(&lease, &done(OutcomeKind::Failed, Some(1)), T0)
+        .await
+        .unwrap();
     let job = store.retry(&id, T0 + 1).await.unwrap();
-    assert_eq!((job.state, job.failures, job.exit_code), (JobState::Queued, 0, None));
-    assert_eq!(claim_one(&store, &offer, T0 + 2).await.unwrap().lease.attempt, 2);
+    assert_eq!(
+        (job.state, job.failures, job.exit_code),
+        (JobState::Queued, 0, None)
+    );
+    assert_eq!(
+        claim_one(&store, &offer, T0 + 2)
+            .await
+            .unwrap()
+            .lease
+            .attempt,
+        2
+    );
 }
 
 /// Expands every conformance test for one backend.

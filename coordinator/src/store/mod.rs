@@ -26,7 +26,9 @@ pub enum StoreError {
     NotFound(String),
     /// The named lease is no longer held: the attempt moved on, the session
     /// died, or the job finished.
-    #[error("lease lost: job {job_id} attempt {attempt} is no longer held by session {session_id}")]
+    #[error(
+        "lease lost: job {job_id} attempt {attempt} is no longer held by session {session_id}"
+    )]
     LeaseLost {
         job_id: String,
         attempt: u64,

@@ -16,9 +16,9 @@ use drover_proto::model::{
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 
 use super::{
-    ClaimOffer, ClaimedJob, Completion, EndedSession, HeartbeatAnswer, JobFilter, LeaseRef,
-    NewJob, NewSession, OutcomeKind, Page, PoolCapacity, ReapedJobs, SessionAuth, Store,
-    StoreError, StoreResult,
+    ClaimOffer, ClaimedJob, Completion, EndedSession, HeartbeatAnswer, JobFilter, LeaseRef, NewJob,
+    NewSession, OutcomeKind, Page, PoolCapacity, ReapedJobs, SessionAuth, Store, StoreError,
+    StoreResult,
 };
 
 const SCHEMA: &str = r#"
@@ -232,7 +232,9 @@ fn load_job(tx: &Transaction<'_>, job_id: &str) -> StoreResult<Job> {
 
 fn load_spec(tx: &Transaction<'_>, job_id: &str) -> StoreResult<JobSpec> {
     let json: String = tx
-        .query_row("SELECT spec FROM jobs WHERE id = ?1", [job_id], |r| r.get(0))
+        .query_row("SELECT spec FROM jobs WHERE id = ?1", [job_id], |r| {
+            r.get(0)
+        })
         .map_err(backend)?;
     serde_json::from_str(&json).map_err(json_err)
 }
@@ -257,7 +259,15 @@ fn append_event(
     tx.execute(
         "INSERT INTO events (job_id, seq, at_ms, attempt, state, agent_id, reason) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![job_id, seq, now_ms, attempt as i64, state.as_str(), agent_id, reason],
+        params![
+            job_id,
+            seq,
+            now_ms,
+            attempt as i64,
+            state.as_str(),
+            agent_id,
+            reason
+        ],
     )
     .map_err(backend)?;
     Ok(())
@@ -325,7 +335,15 @@ fn requeue_infra(
         params![job_id, state.as_str(), infra, now_ms, why, terminal],
     )
     .map_err(backend)?;
-    append_event(tx, job_id, now_ms, attempt as u64, state, agent.as_deref(), &why)?;
+    append_event(
+        tx,
+        job_id,
+        now_ms,
+        attempt as u64,
+        state,
+        agent.as_deref(),
+        &why,
+    )?;
     Ok(state)
 }
 
@@ -337,95 +355,99 @@ fn apply_completion(
     now_ms: i64,
 ) -> StoreResult<JobState> {
     let agent: Option<String> = tx
-        .query_row("SELECT agent_id FROM jobs WHERE id = ?1", [&lease.job_id], |r| r.get(0))
-        .map_err(backend)?;
-        tx.execute(
-            "INSERT INTO attempts (job_id, attempt, session_id, outcome, exit_code, reason, \
-             finished_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                lease.job_id,
-                lease.attempt as i64,
-                lease.session_id,
-                completion.outcome.as_str(),
-                completion.exit_code,
-                completion.reason,
-                now_ms
-            ],
+        .query_row(
+            "SELECT agent_id FROM jobs WHERE id = ?1",
+            [&lease.job_id],
+            |r| r.get(0),
         )
         .map_err(backend)?;
-        let spec = load_spec(tx, &lease.job_id)?;
-        let (failures, cancel): (i64, i64) = tx
-            .query_row(
-                "SELECT failures, cancel_requested FROM jobs WHERE id = ?1",
-                [&lease.job_id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .map_err(backend)?;
-        if completion.outcome == OutcomeKind::Interrupted && cancel == 0 {
-            return requeue_infra(tx, &lease.job_id, &completion.reason, now_ms);
+    tx.execute(
+        "INSERT INTO attempts (job_id, attempt, session_id, outcome, exit_code, reason, \
+             finished_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            lease.job_id,
+            lease.attempt as i64,
+            lease.session_id,
+            completion.outcome.as_str(),
+            completion.exit_code,
+            completion.reason,
+            now_ms
+        ],
+    )
+    .map_err(backend)?;
+    let spec = load_spec(tx, &lease.job_id)?;
+    let (failures, cancel): (i64, i64) = tx
+        .query_row(
+            "SELECT failures, cancel_requested FROM jobs WHERE id = ?1",
+            [&lease.job_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(backend)?;
+    if completion.outcome == OutcomeKind::Interrupted && cancel == 0 {
+        return requeue_infra(tx, &lease.job_id, &completion.reason, now_ms);
+    }
+    let mut failures = failures;
+    let mut not_before = 0;
+    let (state, reason) = match completion.outcome {
+        OutcomeKind::Succeeded => (JobState::Succeeded, completion.reason.clone()),
+        _ if cancel != 0 => (
+            JobState::Cancelled,
+            format!("cancelled ({})", completion.reason),
+        ),
+        OutcomeKind::Cancelled | OutcomeKind::Interrupted => {
+            (JobState::Cancelled, completion.reason.clone())
         }
-        let mut failures = failures;
-        let mut not_before = 0;
-        let (state, reason) = match completion.outcome {
-            OutcomeKind::Succeeded => (JobState::Succeeded, completion.reason.clone()),
-            _ if cancel != 0 => (
-                JobState::Cancelled,
-                format!("cancelled ({})", completion.reason),
-            ),
-            OutcomeKind::Cancelled | OutcomeKind::Interrupted => {
-                (JobState::Cancelled, completion.reason.clone())
+        OutcomeKind::Failed | OutcomeKind::TimedOut => {
+            failures += 1;
+            let terminal = if completion.outcome == OutcomeKind::TimedOut {
+                JobState::TimedOut
+            } else {
+                JobState::Failed
+            };
+            if failures < spec.retry.max_attempts as i64
+                && spec.retry.retries_exit_code(completion.exit_code)
+            {
+                not_before = now_ms + spec.retry.backoff_ms(failures as u32) as i64;
+                (
+                    JobState::Queued,
+                    format!(
+                        "{}; retrying (failure {failures} of {} allowed)",
+                        completion.reason, spec.retry.max_attempts
+                    ),
+                )
+            } else {
+                (terminal, completion.reason.clone())
             }
-            OutcomeKind::Failed | OutcomeKind::TimedOut => {
-                failures += 1;
-                let terminal = if completion.outcome == OutcomeKind::TimedOut {
-                    JobState::TimedOut
-                } else {
-                    JobState::Failed
-                };
-                if failures < spec.retry.max_attempts as i64
-                    && spec.retry.retries_exit_code(completion.exit_code)
-                {
-                    not_before = now_ms + spec.retry.backoff_ms(failures as u32) as i64;
-                    (
-                        JobState::Queued,
-                        format!(
-                            "{}; retrying (failure {failures} of {} allowed)",
-                            completion.reason, spec.retry.max_attempts
-                        ),
-                    )
-                } else {
-                    (terminal, completion.reason.clone())
-                }
-            }
-        };
-        let terminal = state.is_terminal();
-        tx.execute(
-            "UPDATE jobs SET state = ?2, failures = ?3, updated_at_ms = ?4, not_before_ms = ?5, \
+        }
+    };
+    let terminal = state.is_terminal();
+    tx.execute(
+        "UPDATE jobs SET state = ?2, failures = ?3, updated_at_ms = ?4, not_before_ms = ?5, \
              exit_code = ?6, reason = ?7, \
              session_id = CASE WHEN ?8 THEN session_id ELSE NULL END, \
              finished_at_ms = CASE WHEN ?8 THEN ?4 ELSE NULL END WHERE id = ?1",
-            params![
-                lease.job_id,
-                state.as_str(),
-                failures,
-                now_ms,
-                not_before,
-                completion.exit_code,
-                reason,
-                terminal
-            ],
-        )
-        .map_err(backend)?;
-        append_event(
-            tx,
-            &lease.job_id,
+        params![
+            lease.job_id,
+            state.as_str(),
+            failures,
             now_ms,
-            lease.attempt,
-            state,
-            agent.as_deref(),
-            &reason,
-        )?;
-        Ok(state)
+            not_before,
+            completion.exit_code,
+            reason,
+            terminal
+        ],
+    )
+    .map_err(backend)?;
+    append_event(
+        tx,
+        &lease.job_id,
+        now_ms,
+        lease.attempt,
+        state,
+        agent.as_deref(),
+        &reason,
+    )?;
+    Ok(state)
 }
 
 fn largest_of(a: Option<Resources>, b: &Resources) -> Resources {
@@ -852,8 +874,12 @@ impl Store for SqliteStore {
 
     async fn check_lease(&self, lease: &LeaseRef) -> StoreResult<()> {
         let lease = lease.clone();
-        self.tx(move |tx| held(tx, &lease)?.map(|_| ()).ok_or_else(|| lease_lost(&lease)))
-            .await
+        self.tx(move |tx| {
+            held(tx, &lease)?
+                .map(|_| ())
+                .ok_or_else(|| lease_lost(&lease))
+        })
+        .await
     }
 
     async fn complete(
@@ -1119,7 +1145,9 @@ impl Store for SqliteStore {
                     )
                     .map_err(backend)?;
                 let rows = stmt
-                    .query_map([&session_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                    .query_map([&session_id], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })
                     .map_err(backend)?;
                 rows.collect::<Result<_, _>>().map_err(backend)?
             };
@@ -1131,14 +1159,22 @@ impl Store for SqliteStore {
                 };
                 if running.contains(&lease) {
                     if missed != 0 {
-                        tx.execute("UPDATE jobs SET missed_reports = 0 WHERE id = ?1", [&lease.job_id])
-                            .map_err(backend)?;
+                        tx.execute(
+                            "UPDATE jobs SET missed_reports = 0 WHERE id = ?1",
+                            [&lease.job_id],
+                        )
+                        .map_err(backend)?;
                     }
                     if cancel != 0 {
                         answer.cancel.push(lease);
                     }
                 } else if missed + 1 >= 2 {
-                    requeue_infra(tx, &lease.job_id, "lease never reported by its agent", now_ms)?;
+                    requeue_infra(
+                        tx,
+                        &lease.job_id,
+                        "lease never reported by its agent",
+                        now_ms,
+                    )?;
                     answer.requeued_unreported.push(lease);
                 } else {
                     tx.execute(
@@ -1300,7 +1336,9 @@ impl Store for SqliteStore {
         self.tx(move |tx| {
             let mut pools: BTreeMap<String, Pool> = BTreeMap::new();
             {
-                let mut stmt = tx.prepare("SELECT name, paused FROM pools").map_err(backend)?;
+                let mut stmt = tx
+                    .prepare("SELECT name, paused FROM pools")
+                    .map_err(backend)?;
                 let rows = stmt
                     .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
                     .map_err(backend)?;
@@ -1345,7 +1383,9 @@ impl Store for SqliteStore {
                     )
                     .map_err(backend)?;
                 let rows = stmt
-                    .query_map([now_ms], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                    .query_map([now_ms], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                    })
                     .map_err(backend)?;
                 for row in rows {
                     let (name, agents) = row.map_err(backend)?;
@@ -1375,9 +1415,11 @@ impl Store for SqliteStore {
         let pool = pool.to_string();
         self.tx(move |tx| {
             let row: Option<(i64, Option<String>)> = tx
-                .query_row("SELECT paused, largest FROM pools WHERE name = ?1", [&pool], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
+                .query_row(
+                    "SELECT paused, largest FROM pools WHERE name = ?1",
+                    [&pool],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
                 .optional()
                 .map_err(backend)?;
             Ok(match row {

@@ -1,0 +1,127 @@
+//! `drover agents`, `drover drain`.
+
+use drover_proto::model::{Agent, Resources};
+
+use crate::client::Client;
+use crate::commands::print_json;
+use crate::human;
+use crate::table::Table;
+
+pub async fn list(client: &Client, json: bool) -> anyhow::Result<()> {
+    let list = client.list_agents().await?;
+    if json {
+        return print_json(&list);
+    }
+    print!("{}", agents_table(&list.agents, human::now_ms()));
+    Ok(())
+}
+
+pub fn agents_table(agents: &[Agent], now_ms: i64) -> Table {
+    let mut table = Table::new([
+        "AGENT",
+        "POOL",
+        "STATE",
+        "RUNNING",
+        "CAPACITY",
+        "RUNTIME",
+        "LAST HEARTBEAT",
+        "LABELS",
+    ]);
+    for agent in agents {
+        table.row([
+            agent.agent_id.clone(),
+            agent.pool.clone(),
+            agent.state.as_str().to_string(),
+            agent.running.to_string(),
+            capacity(&agent.capacity),
+            agent.runtime.clone(),
+            format!("{} ago", human::age(now_ms, agent.last_heartbeat_ms)),
+            agent
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        ]);
+    }
+    table
+}
+
+/// Compact capacity for a table cell: `4000m/8192Mi/1gpu`.
+pub fn capacity(resources: &Resources) -> String {
+    let mut out = format!("{}m/{}Mi", resources.cpu_millis, resources.memory_mib);
+    if resources.gpus > 0 {
+        out.push_str(&format!("/{}gpu", resources.gpus));
+        if let Some(model) = &resources.gpu_model {
+            out.push_str(&format!("({model})"));
+        }
+    }
+    out
+}
+
+pub async fn drain(client: &Client, agent_id: &str, json: bool) -> anyhow::Result<()> {
+    let agent = client.drain_agent(agent_id).await?;
+    if json {
+        return print_json(&agent);
+    }
+    println!(
+        "agent {}: {} ({} running job(s) will finish, then it leaves)",
+        agent.agent_id,
+        agent.state.as_str(),
+        agent.running
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use drover_proto::model::AgentState;
+
+    use super::*;
+
+    #[test]
+    fn agents_table_shows_capacity_heartbeat_and_labels() {
+        let agent = Agent {
+            agent_id: "dev-1".into(),
+            session_id: "s".into(),
+            pool: "default".into(),
+            hostname: "h".into(),
+            labels: BTreeMap::from([
+                ("arch".into(), "x86_64".into()),
+                ("spot".into(), "false".into()),
+            ]),
+            capacity: Resources {
+                cpu_millis: 4000,
+                memory_mib: 8192,
+                gpus: 1,
+                disk_gib: 0,
+                gpu_model: Some("T4".into()),
+            },
+            runtime: "process".into(),
+            version: "0.1.0".into(),
+            state: AgentState::Active,
+            registered_at_ms: 0,
+            last_heartbeat_ms: 97_000,
+            running: 2,
+            health_addr: String::new(),
+        };
+        let out = agents_table(&[agent], 100_000).render();
+        let row: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(
+            row,
+            [
+                "dev-1",
+                "default",
+                "active",
+                "2",
+                "4000m/8192Mi/1gpu(T4)",
+                "process",
+                "3s",
+                "ago",
+                "arch=x86_64,spot=false"
+            ]
+        );
+    }
+}
