@@ -86,7 +86,11 @@ impl JobSpec {
 
     /// The full argv: `command` followed by `args`.
     pub fn argv(&self) -> Vec<String> {
-        self.command.iter().chain(self.args.iter()).cloned().collect()
+        self.command
+            .iter()
+            .chain(self.args.iter())
+            .cloned()
+            .collect()
     }
 
     /// The spec as it may be shown: secret env values masked.
@@ -116,7 +120,9 @@ impl JobSpec {
         if argv_bytes > MAX_COMMAND_BYTES {
             return Err(FieldError::new(
                 "command",
-                format!("command and args are {argv_bytes} bytes; the limit is {MAX_COMMAND_BYTES}"),
+                format!(
+                    "command and args are {argv_bytes} bytes; the limit is {MAX_COMMAND_BYTES}"
+                ),
             ));
         }
         if self.argv().iter().any(|a| a.contains('\0')) {
@@ -131,7 +137,10 @@ impl JobSpec {
                 ));
             }
             if value.value().contains('\0') {
-                return Err(FieldError::new(format!("env.{key}"), "must not contain NUL bytes"));
+                return Err(FieldError::new(
+                    format!("env.{key}"),
+                    "must not contain NUL bytes",
+                ));
             }
             env_bytes += key.len() + value.value().len();
         }
@@ -149,7 +158,10 @@ impl JobSpec {
             validate_name(&format!("constraints.{key}"), key)?;
         }
         if self.timeout_secs > 30 * 24 * 3600 {
-            return Err(FieldError::new("timeout_secs", "must be at most 30 days (2592000)"));
+            return Err(FieldError::new(
+                "timeout_secs",
+                "must be at most 30 days (2592000)",
+            ));
         }
         self.retry.validate()?;
         if !(-MAX_PRIORITY..=MAX_PRIORITY).contains(&self.priority) {
@@ -254,10 +266,16 @@ impl Default for Resources {
 impl Resources {
     pub fn validate(&self) -> Result<(), FieldError> {
         if self.cpu_millis == 0 {
-            return Err(FieldError::new("resources.cpu_millis", "must be at least 1 (millicores)"));
+            return Err(FieldError::new(
+                "resources.cpu_millis",
+                "must be at least 1 (millicores)",
+            ));
         }
         if self.memory_mib == 0 {
-            return Err(FieldError::new("resources.memory_mib", "must be at least 1 (MiB)"));
+            return Err(FieldError::new(
+                "resources.memory_mib",
+                "must be at least 1 (MiB)",
+            ));
         }
         if self.gpus > 64 {
             return Err(FieldError::new("resources.gpus", "must be at most 64"));
@@ -342,10 +360,16 @@ impl RetryPolicy {
             ));
         }
         if self.backoff_secs > 3600 {
-            return Err(FieldError::new("retry.backoff_secs", "must be at most 3600"));
+            return Err(FieldError::new(
+                "retry.backoff_secs",
+                "must be at most 3600",
+            ));
         }
         if self.max_infra_retries > 100 {
-            return Err(FieldError::new("retry.max_infra_retries", "must be at most 100"));
+            return Err(FieldError::new(
+                "retry.max_infra_retries",
+                "must be at most 100",
+            ));
         }
         Ok(())
     }
@@ -631,7 +655,9 @@ mod tests {
 
     #[test]
     fn empty_command_is_rejected_naming_the_field() {
-        let err = JobSpec::command(Vec::<String>::new()).validate().unwrap_err();
+        let err = JobSpec::command(Vec::<String>::new())
+            .validate()
+            .unwrap_err();
         assert_eq!(err.field, "command");
     }
 
@@ -640,9 +666,13 @@ mod tests {
         let mut spec = JobSpec::command(["true"]);
         spec.env.insert(
             "TOKEN".into(),
-            EnvValue::Secret { value: "hunter2".into(), secret: true },
+            EnvValue::Secret {
+                value: "hunter2".into(),
+                secret: true,
+            },
         );
-        spec.env.insert("PLAIN".into(), EnvValue::Plain("visible".into()));
+        spec.env
+            .insert("PLAIN".into(), EnvValue::Plain("visible".into()));
         let shown = serde_json::to_string(&spec.redacted()).unwrap();
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("visible"));
@@ -678,13 +708,17 @@ mod tests {
         spec.env.insert("1BAD".into(), EnvValue::Plain("x".into()));
         assert_eq!(spec.validate().unwrap_err().field, "env.1BAD");
         let mut spec = JobSpec::command(["true"]);
-        spec.env.insert("BIG".into(), EnvValue::Plain("x".repeat(MAX_ENV_BYTES + 1)));
+        spec.env
+            .insert("BIG".into(), EnvValue::Plain("x".repeat(MAX_ENV_BYTES + 1)));
         assert_eq!(spec.validate().unwrap_err().field, "env");
     }
 
     #[test]
     fn backoff_doubles_and_is_capped() {
-        let retry = RetryPolicy { backoff_secs: 2, ..RetryPolicy::default() };
+        let retry = RetryPolicy {
+            backoff_secs: 2,
+            ..RetryPolicy::default()
+        };
         assert_eq!(retry.backoff_ms(1), 2_000);
         assert_eq!(retry.backoff_ms(2), 4_000);
         assert_eq!(retry.backoff_ms(3), 8_000);
@@ -693,7 +727,10 @@ mod tests {
 
     #[test]
     fn retry_on_exit_codes_limits_which_failures_retry() {
-        let retry = RetryPolicy { retry_on_exit_codes: vec![75], ..RetryPolicy::default() };
+        let retry = RetryPolicy {
+            retry_on_exit_codes: vec![75],
+            ..RetryPolicy::default()
+        };
         assert!(retry.retries_exit_code(Some(75)));
         assert!(!retry.retries_exit_code(Some(1)));
         assert!(RetryPolicy::default().retries_exit_code(Some(1)));
@@ -701,8 +738,18 @@ mod tests {
 
     #[test]
     fn fit_respects_gpu_model() {
-        let want = Resources { gpus: 1, gpu_model: Some("A10G".into()), ..Resources::default() };
-        let mut free = Resources { cpu_millis: 4000, memory_mib: 8192, gpus: 1, disk_gib: 10, gpu_model: Some("T4".into()) };
+        let want = Resources {
+            gpus: 1,
+            gpu_model: Some("A10G".into()),
+            ..Resources::default()
+        };
+        let mut free = Resources {
+            cpu_millis: 4000,
+            memory_mib: 8192,
+            gpus: 1,
+            disk_gib: 10,
+            gpu_model: Some("T4".into()),
+        };
         assert!(!want.fits_in(&free));
         free.gpu_model = Some("A10G".into());
         assert!(want.fits_in(&free));
