@@ -99,6 +99,22 @@ impl Server {
                 .context("HTTP server")
         }));
 
+        // One poller per coordinator: wakes one waiting claim per pool, so
+        // backoffs that ended and other coordinators' jobs are noticed
+        // without every idle agent querying the store.
+        let stop = shutdown.clone();
+        let poller_service = service.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(service::CLAIM_POLL_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = tick.tick() => poller_service.poll_tick(),
+                }
+            }
+        }));
+
         let stop = shutdown.clone();
         let reaper_service = service.clone();
         tasks.push(tokio::spawn(async move {

@@ -27,9 +27,12 @@ use crate::store::{
     OutcomeKind, Page, SessionAuth, Store, StoreError,
 };
 
-/// How often a waiting `Claim` re-checks the store even without a wake-up
-/// (jobs whose backoff ended, jobs submitted through another coordinator).
-const CLAIM_RECHECK: Duration = Duration::from_millis(500);
+/// How often the per-pool poller wakes one waiting `Claim` to re-check the
+/// store without a wake-up (jobs whose backoff ended, jobs submitted through
+/// another coordinator).
+pub const CLAIM_POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Most waiting claims one event wakes.
+const MAX_WAKES: usize = 256;
 const LOG_READ_CHUNK: usize = 64 * 1024;
 /// Agents that left are still listed this long.
 const RECENT_AGENTS_MS: i64 = 10 * 60_000;
@@ -40,8 +43,10 @@ pub struct Service {
     clock: Arc<dyn Clock>,
     config: Arc<Config>,
     tokens: Tokens,
-    /// Woken whenever a job may have become claimable.
-    work: Notify,
+    /// Waiting `Claim` calls, one queue per pool. Work wakes as many waiters
+    /// as it has jobs (never the whole fleet), and a claim that filled its
+    /// slots wakes the next waiter, so idle agents cost no store queries.
+    waiters: Mutex<HashMap<String, Arc<Notify>>>,
     /// Bumped on every log append and completion, for log followers.
     log_events: watch::Sender<u64>,
     /// Connected command streams, by session id.
@@ -70,7 +75,7 @@ impl Service {
             clock,
             config: Arc::new(config),
             tokens,
-            work: Notify::new(),
+            waiters: Mutex::new(HashMap::new()),
             log_events: watch::channel(0).0,
             commands: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
@@ -87,8 +92,40 @@ impl Service {
         self.clock.now_ms()
     }
 
+    fn pool_waiters(&self, pool: &str) -> Arc<Notify> {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        waiters.entry(pool.to_string()).or_default().clone()
+    }
+
+    /// Wakes up to `jobs` waiting claims of `pool`.
+    fn wake_pool(&self, pool: &str, jobs: usize) {
+        let notify = self.pool_waiters(pool);
+        for _ in 0..jobs.min(MAX_WAKES) {
+            notify.notify_one();
+        }
+    }
+
+    /// Wakes up to `jobs` waiting claims in every pool (work appeared and its
+    /// pool is not at hand; a claim that finds work wakes the next one).
+    fn wake_claimers_n(&self, jobs: usize) {
+        let pools: Vec<Arc<Notify>> = {
+            let waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            waiters.values().cloned().collect()
+        };
+        for notify in pools {
+            for _ in 0..jobs.clamp(1, MAX_WAKES) {
+                notify.notify_one();
+            }
+        }
+    }
+
     fn wake_claimers(&self) {
-        self.work.notify_waiters();
+        self.wake_claimers_n(1);
+    }
+
+    /// The poller's tick: one waiting claim per pool looks at the store.
+    pub fn poll_tick(&self) {
+        self.wake_claimers();
     }
 
     fn bump_logs(&self) {
@@ -184,12 +221,18 @@ impl Service {
                 spec,
             })
             .collect();
+        let mut per_pool: HashMap<String, usize> = HashMap::new();
+        for job in &jobs {
+            *per_pool.entry(job.spec.pool.clone()).or_default() += 1;
+        }
         let submitted = self.store.submit(jobs, self.now()).await?;
         let created = submitted.iter().filter(|j| j.created).count() as u64;
         self.metrics
             .jobs_submitted
             .fetch_add(created, std::sync::atomic::Ordering::Relaxed);
-        self.wake_claimers();
+        for (pool, count) in per_pool {
+            self.wake_pool(&pool, count);
+        }
         Ok(SubmitResponse { jobs: submitted })
     }
 
@@ -234,7 +277,7 @@ impl Service {
 
     pub async fn retry(&self, job_id: &str) -> ServiceResult<Job> {
         let job = self.store.retry(job_id, self.now()).await?;
-        self.wake_claimers();
+        self.wake_pool(&job.spec.pool, 1);
         Ok(job)
     }
 
@@ -559,8 +602,9 @@ impl Service {
             max_jobs: max_jobs.min(256),
         };
         Metrics::inc(&self.metrics.claims);
+        let waiters = self.pool_waiters(&offer.pool);
         loop {
-            let notified = self.work.notified();
+            let notified = waiters.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let now = self.now();
@@ -573,6 +617,8 @@ impl Service {
                     e => e.into(),
                 })?;
             if !claimed.is_empty() {
+                // There may be more work: let the next waiting agent look.
+                waiters.notify_one();
                 self.metrics
                     .leases_granted
                     .fetch_add(claimed.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -593,7 +639,7 @@ impl Service {
             }
             tokio::select! {
                 _ = &mut notified => {}
-                _ = tokio::time::sleep(left.min(CLAIM_RECHECK)) => {}
+                _ = tokio::time::sleep(left) => {}
             }
         }
     }
@@ -618,7 +664,7 @@ impl Service {
                 answer.requeued_unreported.len() as u64,
                 std::sync::atomic::Ordering::Relaxed,
             );
-            self.wake_claimers();
+            self.wake_pool(&session.pool, answer.requeued_unreported.len());
         }
         Ok(answer)
     }
@@ -714,7 +760,7 @@ impl Service {
             .requeues_session_lost
             .fetch_add(requeued, std::sync::atomic::Ordering::Relaxed);
         if requeued > 0 {
-            self.wake_claimers();
+            self.wake_claimers_n(requeued as usize);
         }
         if !ended.finished.is_empty() || requeued > 0 {
             self.bump_logs();
@@ -794,7 +840,7 @@ impl Service {
             );
         }
         if !reaped.timed_out.is_empty() || !reaped.not_started.is_empty() {
-            self.wake_claimers();
+            self.wake_claimers_n(reaped.timed_out.len() + reaped.not_started.len());
             self.bump_logs();
         }
         report.timed_out = reaped.timed_out.len() as u32;
