@@ -2,6 +2,9 @@
 //! agents started from the workspace's built binaries, plus the CLI's HTTP
 //! client to drive them. Tests wait on conditions, never on sleeps.
 
+pub mod bench;
+pub mod timed_store;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -18,11 +21,11 @@ pub const ADMIN_TOKEN: &str = "e2e-admin-token-0123456789";
 /// Where the workspace's binaries are: next to this test's `deps/` folder.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir")
-        .to_path_buf();
+    let mut dir = exe.parent().expect("target dir").to_path_buf();
+    // Test executables live in `deps/`; binaries one level up.
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -135,6 +138,10 @@ impl CoordinatorProcess {
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
     }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or_default()
+    }
 }
 
 pub struct AgentProcess {
@@ -217,6 +224,8 @@ impl Sandbox {
             .env("DROVER_MEMORY_MIB", "4096")
             .env("DROVER_KILL_GRACE_MS", "2000")
             .env("DROVER_CLAIM_WAIT_MS", "5000")
+            // Scenarios run shell commands on the host, not container images.
+            .env("DROVER_RUNTIME", "process")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
