@@ -19,7 +19,6 @@ use crate::client::{Auth, Backoff, CallError, Client, CALL_TIMEOUT};
 use crate::config::AgentConfig;
 use crate::job;
 use crate::metrics::Metrics;
-use crate::runtime::process::ProcessRuntime;
 use crate::runtime::{Runtime, StopOrder};
 use crate::{health, resources, session};
 
@@ -221,7 +220,10 @@ impl Agent {
                 config.data_dir.display()
             )
         })?;
-        let runtime: Arc<dyn Runtime> = Arc::new(ProcessRuntime::new(&config.data_dir));
+        let runtime = crate::runtime::select(config.runtime, &config.data_dir, &config.agent_id)
+            .await
+            .context("cannot use the configured runtime (DROVER_RUNTIME)")?;
+        tracing::info!(runtime = %runtime.description(), "runtime ready");
         match runtime.kill_leftovers().await {
             Ok(0) => {}
             Ok(n) => tracing::warn!("killed {n} job(s) left running by an earlier agent"),
@@ -413,7 +415,7 @@ async fn register(
         hostname: crate::config::hostname(),
         labels: labels.into_iter().collect(),
         capacity: Some(shared.capacity.clone()),
-        runtime: shared.runtime.name().to_string(),
+        runtime: shared.runtime.description(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         health_addr: shared.health_addr.to_string(),
     };
@@ -502,9 +504,10 @@ fn adopt_session(
     drop(st);
     if resp.resumed {
         tracing::info!(session = %resp.session_id, leases = resp.leases.len(), "resumed session");
-        // The process runtime cannot adopt processes of an earlier agent
-        // (their output pipes died with it), and kill_leftovers killed them:
-        // hand those leases back for an infra retry.
+        // No runtime adopts jobs of an earlier agent yet (the process
+        // runtime cannot: their output pipes died with it; docker adoption is
+        // a follow-up), and kill_leftovers killed them: hand those leases
+        // back for an infra retry.
         for lease in resp.leases {
             let shared = shared.clone();
             let auth = auth.clone();
@@ -515,7 +518,10 @@ fn adopt_session(
                     &lease,
                     v1::Outcome::Interrupted,
                     None,
-                    "agent restarted; the process runtime cannot adopt running jobs".into(),
+                    format!(
+                        "agent restarted; the {} runtime cannot adopt running jobs",
+                        shared.runtime.name()
+                    ),
                     None,
                 )
                 .await;

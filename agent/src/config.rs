@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+pub use crate::runtime::RuntimeChoice;
+
 /// Agent configuration: TOML file + DROVER_* env + flags; every field has a default
 /// that works for `drover dev` except `join_token`.
 #[derive(Debug, Clone, Deserialize)]
@@ -43,6 +45,9 @@ pub struct AgentConfig {
     pub health_token: Option<String>,
     /// Long-poll length of `Claim`.
     pub claim_wait_ms: u64,
+    /// `auto` (docker when the Engine answers, else process), `docker` or
+    /// `process`.
+    pub runtime: RuntimeChoice,
 }
 
 impl Default for AgentConfig {
@@ -68,6 +73,7 @@ impl Default for AgentConfig {
             idle_timeout_ms: 300_000,
             health_token: None,
             claim_wait_ms: 20_000,
+            runtime: RuntimeChoice::Auto,
         }
     }
 }
@@ -234,5 +240,9 @@ mod tests {
         assert_eq!(cfg.max_jobs, 3);
         assert_eq!(cfg.kill_grace_ms, 10_000);
         assert!(toml::from_str::<AgentConfig>("max_job = 3").is_err());
+        assert_eq!(cfg.runtime, RuntimeChoice::Auto);
+        let cfg: AgentConfig = toml::from_str("runtime = \"process\"").unwrap();
+        assert_eq!(cfg.runtime, RuntimeChoice::Process);
+        assert!(toml::from_str::<AgentConfig>("runtime = \"podman\"").is_err());
     }
 }

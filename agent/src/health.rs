@@ -37,6 +37,8 @@ pub struct HealthJson {
     /// Milliseconds since the last successful heartbeat (or registration).
     pub last_heartbeat_ms: Option<u64>,
     pub runtime_ok: bool,
+    /// The runtime and what it runs on (`docker 20.10.24`, `process`).
+    pub runtime: String,
 }
 
 impl HealthJson {
@@ -85,6 +87,7 @@ async fn snapshot(shared: &Shared) -> HealthJson {
         },
         last_heartbeat_ms: since.map(|d| d.as_millis() as u64),
         runtime_ok: runtime_error.is_none(),
+        runtime: shared.runtime.description(),
     }
 }
 

@@ -37,6 +37,9 @@ fn spec_from(lease: &v1::LeaseRef, payload: v1::JobPayload) -> RunSpec {
         workdir: (!payload.workdir.is_empty()).then(|| payload.workdir.into()),
         user: (!payload.user.is_empty()).then_some(payload.user),
         resources: payload.resources.unwrap_or_default(),
+        session: lease.session_id.clone(),
+        // The job spec has no pull_policy yet: the image reference decides.
+        pull_policy: None,
     }
 }
 

@@ -63,6 +63,9 @@ struct Args {
     idle_timeout_ms: Option<u64>,
     #[arg(long, env = "DROVER_CLAIM_WAIT_MS")]
     claim_wait_ms: Option<u64>,
+    /// auto (docker when the Engine answers, else process), docker or process.
+    #[arg(long, env = "DROVER_RUNTIME", value_enum)]
+    runtime: Option<drover_agent::config::RuntimeChoice>,
 }
 
 impl Args {
@@ -89,7 +92,7 @@ impl Args {
             kill_grace_ms,
             drain_timeout_ms
         );
-        set!(exit_when_idle, idle_timeout_ms, claim_wait_ms);
+        set!(exit_when_idle, idle_timeout_ms, claim_wait_ms, runtime);
         c.cpu_millis = self.cpu_millis.or(c.cpu_millis);
         c.memory_mib = self.memory_mib.or(c.memory_mib);
         c.health_token = self.health_token.or(c.health_token);

@@ -185,6 +185,10 @@ pub struct DevArgs {
     /// Agent gRPC port (default: any free port)
     #[arg(long)]
     pub grpc_port: Option<u16>,
+    /// How the local agents run jobs: `process` (host shell commands, the
+    /// default here), `docker` (every job needs an `image`), or `auto`
+    #[arg(long, value_enum, default_value = "process")]
+    pub runtime: drover_agent::config::RuntimeChoice,
 }
 
 fn parse_state(s: &str) -> Result<JobState, String> {

@@ -76,6 +76,7 @@ pub async fn run(
             health_addr: "127.0.0.1:0".parse().expect("valid literal"),
             agent_id: format!("dev-{n}"),
             drain_timeout_ms: DEV_DRAIN_TIMEOUT_MS,
+            runtime: args.runtime,
             ..AgentConfig::default()
         };
         match Agent::start(agent_config).await {

@@ -1,19 +1,21 @@
 //! The seam between the agent and whatever runs a job: child processes
-//! ([`process`], for Fargate and hosts without Docker) or, later, Docker
-//! containers. Every runtime passes the same behavioural suite (`suite.rs`).
+//! ([`process`], for Fargate and hosts without Docker) or Docker containers
+//! ([`docker`]). Every runtime passes the same behavioural suite (`suite.rs`).
 //!
 //! Timeouts, grace periods and stop escalation are not the runtime's business:
 //! [`supervise`] implements them once on top of [`RunningJob`], so every
 //! runtime stops jobs the same way.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
+pub mod docker;
 pub mod process;
 #[cfg(test)]
 pub(crate) mod suite;
@@ -37,6 +39,11 @@ pub struct RunSpec {
     /// User to run as (name or uid); `None` runs as the agent's user.
     pub user: Option<String>,
     pub resources: drover_proto::v1::Resources,
+    /// The agent session holding the lease; labels the container.
+    pub session: String,
+    /// `None`: the default for the image reference (see
+    /// [`docker::PullPolicy::default_for`]).
+    pub pull_policy: Option<docker::PullPolicy>,
 }
 
 impl std::fmt::Debug for RunSpec {
@@ -69,6 +76,8 @@ impl RunSpec {
             workdir: None,
             user: None,
             resources: Default::default(),
+            session: String::new(),
+            pull_policy: None,
         }
     }
 }
@@ -87,13 +96,20 @@ pub struct OutputChunk {
     pub data: Bytes,
 }
 
+/// Completion reason prefix of a job the kernel killed for exceeding its
+/// memory limit.
+pub const OOM_KILLED: &str = "oom_killed";
+
 /// How a job's main process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ExitStatus {
     /// Exit code when it exited normally.
     pub code: Option<i32>,
     /// Signal number when a signal killed it.
     pub signal: Option<i32>,
+    /// The kernel's OOM killer killed a process of the job (its memory limit
+    /// was exceeded). A job whose main process still exits 0 succeeds.
+    pub oom_killed: bool,
 }
 
 impl ExitStatus {
@@ -101,8 +117,19 @@ impl ExitStatus {
         self.code == Some(0)
     }
 
-    /// "exit code 3" or "killed by signal 9": for completion reasons.
+    /// "exit code 3", "killed by signal 9" or "oom_killed: …": for
+    /// completion reasons.
     pub fn describe(&self) -> String {
+        if self.oom_killed && !self.success() {
+            let how = ExitStatus {
+                oom_killed: false,
+                ..*self
+            }
+            .describe();
+            return format!(
+                "{OOM_KILLED}: the job ran out of memory and the kernel killed it ({how}); raise memory_mib"
+            );
+        }
         match (self.code, self.signal) {
             (Some(code), _) => format!("exit code {code}"),
             (None, Some(sig)) => format!("killed by signal {sig}"),
@@ -146,6 +173,12 @@ pub trait Runtime: Send + Sync + 'static {
     /// The name advertised at Register (`process`, `docker`).
     fn name(&self) -> &'static str;
 
+    /// The name with what it runs on, for `AgentInfo.runtime` and `/health`
+    /// (`docker 20.10.24`).
+    fn description(&self) -> String {
+        self.name().to_string()
+    }
+
     /// Starts one attempt. Returns once the job is running, so that
     /// `ReportStarted` is true when sent. Errors are classified (see
     /// [`RuntimeError`]); a program that does not exist is a job failure.
@@ -175,6 +208,41 @@ pub trait RunningJob: Send + Sync {
     /// Releases what the attempt used (work dir, container). Kills the job
     /// first if it is still running.
     async fn cleanup(self: Box<Self>);
+}
+
+/// Which runtime the agent uses (`runtime` in agent.toml, `DROVER_RUNTIME`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeChoice {
+    /// `docker` when the Docker Engine answers a ping, else `process`.
+    #[default]
+    Auto,
+    Docker,
+    Process,
+}
+
+/// Builds the configured runtime. `Auto` falls back to `process` (with one
+/// info line) when no Docker Engine answers; a forced `docker` that cannot
+/// reach the Engine is an error.
+pub async fn select(
+    choice: RuntimeChoice,
+    data_dir: &Path,
+    agent_id: &str,
+) -> Result<Arc<dyn Runtime>, RuntimeError> {
+    let process = || Arc::new(process::ProcessRuntime::new(data_dir)) as Arc<dyn Runtime>;
+    match choice {
+        RuntimeChoice::Process => Ok(process()),
+        RuntimeChoice::Docker => Ok(Arc::new(
+            docker::DockerRuntime::connect(data_dir, agent_id).await?,
+        )),
+        RuntimeChoice::Auto => match docker::DockerRuntime::connect(data_dir, agent_id).await {
+            Ok(rt) => Ok(Arc::new(rt)),
+            Err(e) => {
+                tracing::info!("using the process runtime: {e}");
+                Ok(process())
+            }
+        },
+    }
 }
 
 /// Why the agent stops a job before it ends on its own. Ordered by severity: a
@@ -255,5 +323,30 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_oom_kill_is_described_as_oom_killed_unless_the_job_succeeded() {
+        let oom = ExitStatus {
+            code: None,
+            signal: Some(9),
+            oom_killed: true,
+        };
+        assert!(!oom.success());
+        let reason = oom.describe();
+        assert!(reason.starts_with("oom_killed: "), "{reason}");
+        assert!(reason.contains("killed by signal 9"), "{reason}");
+        let survived = ExitStatus {
+            code: Some(0),
+            oom_killed: true,
+            ..ExitStatus::default()
+        };
+        assert!(survived.success());
+        assert_eq!(survived.describe(), "exit code 0");
     }
 }

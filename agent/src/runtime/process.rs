@@ -278,6 +278,7 @@ impl RunningJob for ProcessJob {
         let status = ExitStatus {
             code: status.code(),
             signal: status.signal(),
+            oom_killed: false,
         };
         self.status = Some(status);
         // Whatever the job left running in its group would keep the output
@@ -326,8 +327,19 @@ impl Drop for ProcessJob {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::suite::{collect, wait_until};
+    use crate::runtime::suite::{collect, wait_until, SuiteRuntime};
     use std::time::Duration;
+
+    #[async_trait]
+    impl SuiteRuntime for ProcessRuntime {
+        async fn assert_nothing_left(&self) {
+            let left: Vec<_> = match std::fs::read_dir(&self.work_root) {
+                Ok(entries) => entries.map(|e| e.unwrap().path()).collect(),
+                Err(_) => Vec::new(),
+            };
+            assert!(left.is_empty(), "work dirs left behind: {left:?}");
+        }
+    }
 
     crate::runtime_suite!(process_suite, |dir: &std::path::Path| ProcessRuntime::new(
         dir

@@ -1,6 +1,8 @@
 //! The behavioural suite every [`Runtime`] must pass. Each test is a generic
-//! function taking a factory `FnOnce(&Path) -> R` (the path is a fresh data
-//! dir); [`runtime_suite!`](crate::runtime_suite) expands them for one runtime:
+//! function taking a [`Ctx`]: a runtime built by a factory `FnOnce(&Path) ->
+//! R` on a fresh data dir, and the image its jobs run in.
+//! [`runtime_suite!`](crate::runtime_suite) expands them for one runtime and
+//! checks afterwards that nothing was left behind:
 //!
 //! ```ignore
 //! crate::runtime_suite!(process_suite, |dir: &std::path::Path| ProcessRuntime::new(dir));
@@ -9,9 +11,10 @@
 //! No sleeps as assertions and no timing assertions: waits poll with generous
 //! timeouts.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use tokio::sync::watch;
 
 use super::{supervise, ExitStatus, RunSpec, RunningJob, Runtime, Started, StopOrder, Stream};
@@ -57,6 +60,51 @@ pub async fn collect(started: Started) -> (ExitStatus, String, String, Box<dyn R
     )
 }
 
+/// What the suite needs to know about a runtime beyond [`Runtime`].
+#[async_trait]
+pub trait SuiteRuntime: Runtime + Sized {
+    /// The image the suite's jobs run in, built once per test process; empty
+    /// for runtimes that ignore images.
+    async fn suite_image(&self) -> String {
+        String::new()
+    }
+    /// Whether jobs see the host's filesystem, so that a given workdir is a
+    /// host path.
+    fn shares_host_fs(&self) -> bool {
+        true
+    }
+    /// Panics if anything (a container, a work dir) outlived the cleanup of
+    /// every job.
+    async fn assert_nothing_left(&self) {}
+}
+
+/// One suite test's world: a runtime on a fresh data dir.
+pub struct Ctx<R> {
+    pub rt: R,
+    pub dir: tempfile::TempDir,
+    pub image: String,
+}
+
+impl<R: SuiteRuntime> Ctx<R> {
+    pub async fn new(make: impl FnOnce(&Path) -> R) -> Ctx<R> {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = make(dir.path());
+        let image = rt.suite_image().await;
+        Ctx { rt, dir, image }
+    }
+
+    /// `sh -c script` in the suite's image.
+    pub fn sh(&self, script: &str) -> RunSpec {
+        self.command(["sh", "-c", script])
+    }
+
+    pub fn command<I: IntoIterator<Item = S>, S: Into<String>>(&self, argv: I) -> RunSpec {
+        let mut spec = RunSpec::command("suite-job", argv);
+        spec.image = self.image.clone();
+        spec
+    }
+}
+
 async fn run<R: Runtime>(rt: &R, spec: RunSpec) -> (ExitStatus, String, String) {
     let started = rt.start(spec).await.expect("start failed");
     let (status, out, err, job) = collect(started).await;
@@ -64,36 +112,29 @@ async fn run<R: Runtime>(rt: &R, spec: RunSpec) -> (ExitStatus, String, String) 
     (status, out, err)
 }
 
-fn sh(script: &str) -> RunSpec {
-    RunSpec::command("suite-job", ["sh", "-c", script])
-}
-
-pub async fn exit_code_zero_is_success<R: Runtime>(make: impl FnOnce(&Path) -> R) {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = make(dir.path());
-    let (status, out, _) = run(&rt, sh("echo hello")).await;
+pub async fn exit_code_zero_is_success<R: SuiteRuntime>(cx: &Ctx<R>) {
+    let rt = &cx.rt;
+    let (status, out, _) = run(rt, cx.sh("echo hello")).await;
     assert!(status.success(), "{status:?}");
     assert_eq!(out, "hello\n");
 }
 
-pub async fn nonzero_exit_code_is_reported<R: Runtime>(make: impl FnOnce(&Path) -> R) {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = make(dir.path());
-    let (status, _, _) = run(&rt, sh("exit 3")).await;
+pub async fn nonzero_exit_code_is_reported<R: SuiteRuntime>(cx: &Ctx<R>) {
+    let rt = &cx.rt;
+    let (status, _, _) = run(rt, cx.sh("exit 3")).await;
     assert_eq!(status.code, Some(3));
     assert_eq!(status.describe(), "exit code 3");
 }
 
-pub async fn env_is_passed_with_drover_variables<R: Runtime>(make: impl FnOnce(&Path) -> R) {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = make(dir.path());
-    let mut spec = sh(
+pub async fn env_is_passed_with_drover_variables<R: SuiteRuntime>(cx: &Ctx<R>) {
+    let rt = &cx.rt;
+    let mut spec = cx.sh(
         "echo \"$GREETING|$DROVER_JOB_ID|$DROVER_ATTEMPT|$HOME\"; echo \"${AGENT_ONLY:-unset}\"",
     );
     spec.attempt = 7;
     spec.env.insert("GREETING".into(), "hi there".into());
     std::env::set_var("AGENT_ONLY", "leaked");
-    let (status, out, _) = run(&rt, spec).await;
+    let (status, out, _) = run(rt, spec).await;
     assert!(status.success());
     let mut lines = out.lines();
     let fields: Vec<&str> = lines.next().unwrap().split('|').collect();
@@ -106,43 +147,46 @@ pub async fn env_is_passed_with_drover_variables<R: Runtime>(make: impl FnOnce(&
     );
 }
 
-pub async fn secret_env_reaches_the_job<R: Runtime>(make: impl FnOnce(&Path) -> R) {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = make(dir.path());
-    let mut spec = sh("echo \"$API_KEY\"");
+pub async fn secret_env_reaches_the_job<R: SuiteRuntime>(cx: &Ctx<R>) {
+    let rt = &cx.rt;
+    let mut spec = cx.sh("echo \"$API_KEY\"");
     spec.env.insert("API_KEY".into(), "s3cr3t".into());
     spec.secret_env.insert("API_KEY".into());
     assert!(
         !format!("{spec:?}").contains("s3cr3t"),
         "Debug never shows values"
     );
-    let (status, out, _) = run(&rt, spec).await;
+    let (status, out, _) = run(rt, spec).await;
     assert!(status.success());
     assert_eq!(out.trim(), "s3cr3t");
 }
 
-pub async fn job_runs_in_the_given_workdir<R: Runtime>(make: impl FnOnce(&Path) -> R) {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = make(dir.path());
-    let workdir = dir.path().join("given");
-    let mut spec = sh("pwd; echo data > file.txt");
+pub async fn job_runs_in_the_given_workdir<R: SuiteRuntime>(cx: &Ctx<R>) {
+    let rt = &cx.rt;
+    let workdir = if rt.shares_host_fs() {
+        cx.dir.path().join("given")
+    } else {
+        PathBuf::from("/drover-suite/given")
+    };
+    let mut spec = cx.sh("pwd; echo data > file.txt; cat file.txt");
     spec.workdir = Some(workdir.clone());
-    let (status, out, _) = run(&rt, spec).await;
-    assert!(status.success());
-    assert_eq!(
-        Path::new(out.trim()).canonicalize().unwrap(),
-        workdir.canonicalize().unwrap()
-    );
-    assert!(workdir.join("file.txt").exists(), "a given workdir is kept");
+    let (status, out, _) = run(rt, spec).await;
+    assert!(status.success(), "{status:?}");
+    let mut lines = out.lines();
+    let pwd = Path::new(lines.next().unwrap());
+    assert_eq!(lines.next(), Some("data"), "{out}");
+    if rt.shares_host_fs() {
+        assert_eq!(pwd.canonicalize().unwrap(), workdir.canonicalize().unwrap());
+        assert!(workdir.join("file.txt").exists(), "a given workdir is kept");
+    } else {
+        assert_eq!(pwd, workdir);
+    }
 }
 
-pub async fn stdout_and_stderr_are_both_captured_in_order<R: Runtime>(
-    make: impl FnOnce(&Path) -> R,
-) {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = make(dir.path());
+pub async fn stdout_and_stderr_are_both_captured_in_order<R: SuiteRuntime>(cx: &Ctx<R>) {
+    let rt = &cx.rt;
     let script = "i=1; while [ $i -le 300 ]; do echo out-$i; echo err-$i >&2; i=$((i+1)); done";
-    let (status, out, err) = run(&rt, sh(script)).await;
+    let (status, out, err) = run(rt, cx.sh(script)).await;
     assert!(status.success());
     let expect = |prefix: &str| {
         (1..=300)
@@ -153,10 +197,9 @@ pub async fn stdout_and_stderr_are_both_captured_in_order<R: Runtime>(
     assert_eq!(err, expect("err"));
 }
 
-pub async fn timeout_stops_the_job<R: Runtime>(make: impl FnOnce(&Path) -> R) {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = make(dir.path());
-    let Started { mut job, output } = rt.start(sh("sleep 1000")).await.unwrap();
+pub async fn timeout_stops_the_job<R: SuiteRuntime>(cx: &Ctx<R>) {
+    let rt = &cx.rt;
+    let Started { mut job, output } = rt.start(cx.sh("sleep 1000")).await.unwrap();
     let (_tx, orders) = watch::channel(None);
     let ended = tokio::time::timeout(
         PATIENCE,
@@ -177,11 +220,11 @@ pub async fn timeout_stops_the_job<R: Runtime>(make: impl FnOnce(&Path) -> R) {
 }
 
 /// Starts a job that prints `ready` once its TERM trap is set up.
-async fn start_ready<R: Runtime>(
-    rt: &R,
+pub async fn start_ready<R: SuiteRuntime>(
+    cx: &Ctx<R>,
     script: &str,
 ) -> (Box<dyn RunningJob>, tokio::task::JoinHandle<String>) {
-    let Started { job, mut output } = rt.start(sh(script)).await.unwrap();
+    let Started { job, mut output } = cx.rt.start(cx.sh(script)).await.unwrap();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let reader = tokio::spawn(async move {
         let mut out = String::new();
@@ -205,11 +248,9 @@ async fn start_ready<R: Runtime>(
     (job, reader)
 }
 
-pub async fn stop_sends_sigterm_first<R: Runtime>(make: impl FnOnce(&Path) -> R) {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = make(dir.path());
+pub async fn stop_sends_sigterm_first<R: SuiteRuntime>(cx: &Ctx<R>) {
     let (mut job, reader) = start_ready(
-        &rt,
+        cx,
         "trap 'echo got-term; exit 143' TERM; echo ready; while true; do sleep 0.05; done",
     )
     .await;
@@ -229,10 +270,8 @@ pub async fn stop_sends_sigterm_first<R: Runtime>(make: impl FnOnce(&Path) -> R)
     job.cleanup().await;
 }
 
-pub async fn sigkill_follows_when_sigterm_is_ignored<R: Runtime>(make: impl FnOnce(&Path) -> R) {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = make(dir.path());
-    let (mut job, reader) = start_ready(&rt, "trap '' TERM; echo ready; sleep 1000").await;
+pub async fn sigkill_follows_when_sigterm_is_ignored<R: SuiteRuntime>(cx: &Ctx<R>) {
+    let (mut job, reader) = start_ready(cx, "trap '' TERM; echo ready; sleep 1000").await;
     let (tx, orders) = watch::channel(None);
     tx.send_replace(Some(StopOrder::Interrupt));
     let ended = tokio::time::timeout(
@@ -250,10 +289,8 @@ pub async fn sigkill_follows_when_sigterm_is_ignored<R: Runtime>(make: impl FnOn
     job.cleanup().await;
 }
 
-pub async fn kill_order_skips_the_grace_period<R: Runtime>(make: impl FnOnce(&Path) -> R) {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = make(dir.path());
-    let (mut job, _reader) = start_ready(&rt, "trap '' TERM; echo ready; sleep 1000").await;
+pub async fn kill_order_skips_the_grace_period<R: SuiteRuntime>(cx: &Ctx<R>) {
+    let (mut job, _reader) = start_ready(cx, "trap '' TERM; echo ready; sleep 1000").await;
     let (tx, orders) = watch::channel(None);
     tx.send_replace(Some(StopOrder::Cancel));
     // The cancel's grace is an hour: only the escalation can end it in time.
@@ -276,23 +313,16 @@ pub async fn kill_order_skips_the_grace_period<R: Runtime>(make: impl FnOnce(&Pa
     job.cleanup().await;
 }
 
-pub async fn background_children_do_not_hold_the_output_open<R: Runtime>(
-    make: impl FnOnce(&Path) -> R,
-) {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = make(dir.path());
-    let (status, out, _) = run(&rt, sh("sleep 1000 & echo started")).await;
+pub async fn background_children_do_not_hold_the_output_open<R: SuiteRuntime>(cx: &Ctx<R>) {
+    let rt = &cx.rt;
+    let (status, out, _) = run(rt, cx.sh("sleep 1000 & echo started")).await;
     assert!(status.success());
     assert_eq!(out, "started\n");
 }
 
-pub async fn missing_program_is_a_job_failure<R: Runtime>(make: impl FnOnce(&Path) -> R) {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = make(dir.path());
-    let err = match rt
-        .start(RunSpec::command("suite-job", ["drover-no-such-program"]))
-        .await
-    {
+pub async fn missing_program_is_a_job_failure<R: SuiteRuntime>(cx: &Ctx<R>) {
+    let rt = &cx.rt;
+    let err = match rt.start(cx.command(["drover-no-such-program"])).await {
         Ok(_) => panic!("a missing program started"),
         Err(e) => e,
     };
@@ -302,23 +332,21 @@ pub async fn missing_program_is_a_job_failure<R: Runtime>(make: impl FnOnce(&Pat
             .contains("command not found: drover-no-such-program"),
         "{err}"
     );
-    let err = match rt
-        .start(RunSpec::command("suite-job", Vec::<String>::new()))
-        .await
-    {
+    let err = match rt.start(cx.command(Vec::<String>::new())).await {
         Ok(_) => panic!("an empty command started"),
         Err(e) => e,
     };
     assert!(err.is_job_failure(), "{err}");
 }
 
-pub async fn runtime_reports_ok<R: Runtime>(make: impl FnOnce(&Path) -> R) {
-    let dir = tempfile::tempdir().unwrap();
-    make(dir.path()).check().await.unwrap();
+pub async fn runtime_reports_ok<R: SuiteRuntime>(cx: &Ctx<R>) {
+    let rt = &cx.rt;
+    rt.check().await.unwrap();
 }
 
 /// Expands the behavioural suite for one runtime:
-/// `runtime_suite!(module_name, |data_dir: &Path| MyRuntime::new(data_dir))`.
+/// `runtime_suite!(module_name, |data_dir: &Path| MyRuntime::new(data_dir))`;
+/// the runtime implements [`SuiteRuntime`].
 #[macro_export]
 #[doc(hidden)]
 macro_rules! runtime_suite {
@@ -347,7 +375,9 @@ macro_rules! runtime_suite {
         $(
             #[tokio::test]
             async fn $test() {
-                $crate::runtime::suite::$test($make).await;
+                let cx = $crate::runtime::suite::Ctx::new($make).await;
+                $crate::runtime::suite::$test(&cx).await;
+                $crate::runtime::suite::SuiteRuntime::assert_nothing_left(&cx.rt).await;
             }
         )*
     };

@@ -94,6 +94,7 @@ async fn dispatch(opts: &Options) -> anyhow::Result<Report> {
                 max_jobs: 8,
                 cpu_millis: Some(8_000),
                 memory_mib: Some(8_192),
+                runtime: drover_agent::config::RuntimeChoice::Process,
                 ..AgentConfig::default()
             })
             .await?,
