@@ -349,9 +349,6 @@ async fn main_loop(
     health_task: JoinHandle<()>,
 ) -> anyhow::Result<()> {
     let mut first = Some(first);
-    if shared.config.exit_when_idle {
-        tokio::spawn(idle_watch(shared.clone()));
-    }
     let mut resume = session::load(&shared.config.data_dir);
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
@@ -379,6 +376,10 @@ async fn main_loop(
         backoff.reset();
         if let Some(tx) = first.take() {
             let _ = tx.send(Ok(()));
+            // The idle clock starts once the agent can actually get work.
+            if shared.config.exit_when_idle {
+                tokio::spawn(idle_watch(shared.clone()));
+            }
         }
         tokio::spawn(claim_loop(shared.clone(), session.clone()));
         tokio::spawn(heartbeat_loop(shared.clone(), session.clone()));

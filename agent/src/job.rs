@@ -209,16 +209,9 @@ pub(crate) async fn complete(
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut warned = false;
     loop {
-        let result = match orders.as_mut() {
-            Some(o) => tokio::select! {
-                r = shared.client.complete(auth, req.clone()) => r,
-                () = kill_ordered(o) => {
-                    shared.metrics.job_finished("lost");
-                    return;
-                }
-            },
-            None => shared.client.complete(auth, req.clone()).await,
-        };
+        // A call in flight always finishes: the coordinator may already
+        // have recorded it. A kill order only stops further retries.
+        let result = shared.client.complete(auth, req.clone()).await;
         match result {
             Ok(state) => {
                 tracing::info!(job = %name(lease), outcome = outcome_label(outcome), %reason, %state, "completed");

@@ -308,17 +308,22 @@ async fn job_outcomes_exit_codes_and_output_reach_the_coordinator() {
         "{reason}"
     );
 
-    // The agent counts every attempt it ran. Only a lower bound on the total
-    // is checked: when a heartbeat is answered between a Complete's commit
-    // and its answer, the coordinator reports the completed lease as lost
-    // and the agent counts it under "lost" instead of its outcome.
+    // The agent counts every attempt it ran, under its outcome.
     let addr = agent.health_addr();
-    wait_for("three finished jobs in the agent's metrics", || async {
+    let metrics = wait_for("three finished jobs in the agent's metrics", || async {
         let (code, body) = agent_http(addr, reqwest::Method::GET, "/metrics").await;
         assert_eq!(code, StatusCode::OK);
-        (finished_jobs(&body) >= 3).then_some(())
+        (finished_jobs(&body) >= 3).then_some(body)
     })
     .await;
+    assert!(
+        metrics.contains("drover_agent_jobs_finished_total{outcome=\"failed\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("drover_agent_jobs_finished_total{outcome=\"succeeded\"} 1"),
+        "{metrics}"
+    );
     agent.drain("test");
     agent.wait().await.unwrap();
     coordinator

@@ -146,6 +146,7 @@ impl Server {
 
     /// Stops accepting, lets in-flight requests finish, stops the reaper.
     pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.service.close_command_streams();
         self.shutdown.cancel();
         for task in self.tasks {
             // Long-polls and log follows end when their connections close.

@@ -682,6 +682,15 @@ impl Service {
         Ok(rx)
     }
 
+    /// Ends every open command stream (shutdown): agents reconnect to
+    /// whichever coordinator serves them next.
+    pub fn close_command_streams(&self) {
+        self.commands
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     fn push(&self, session_id: &str, command: v1::command::Command) {
         let sender = self
             .commands

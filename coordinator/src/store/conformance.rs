@@ -659,9 +659,9 @@ pub async fn complete_is_idempotent_and_recorded_once<S: Store>(store: S) {
 }
 
 pub async fn heartbeat_reports_lost_leases_and_requeues_unreported_ones<S: Store>(store: S) {
-    let ids = submit(&store, vec![spec("reported"), spec("unreported")], T0).await;
+    let ids = submit(&store, vec![spec("reported"), spec("unreported"), spec("done")], T0).await;
     let mut offer = session(&store, "s1", T0).await;
-    offer.max_jobs = 2;
+    offer.max_jobs = 3;
     let leases: Vec<_> = store
         .claim(&offer, 64, T0)
         .await
@@ -669,34 +669,42 @@ pub async fn heartbeat_reports_lost_leases_and_requeues_unreported_ones<S: Store
         .into_iter()
         .map(|c| c.lease)
         .collect();
-    let reported = leases.iter().find(|l| l.job_id == ids[0]).unwrap().clone();
+    let by_job = |id: &str| leases.iter().find(|l| l.job_id == id).unwrap().clone();
+    let (reported, finished) = (by_job(&ids[0]), by_job(&ids[2]));
+    // Heartbeats that may have left before the Claim answer arrived do not
+    // count against a fresh lease.
+    for t in [T0 + 1, T0 + 2, T0 + 3] {
+        let early = store.heartbeat("s1", &[], false, t).await.unwrap();
+        assert!(early.requeued_unreported.is_empty(), "a fresh lease is not yet expected in reports");
+    }
+    // A lease the agent has just completed is not "lost" while it is still listed.
+    store
+        .complete(&finished, &done(OutcomeKind::Succeeded, Some(0)), T0 + 4)
+        .await
+        .unwrap();
     let phantom = LeaseRef {
         job_id: "01PHANTOM".into(),
         attempt: 1,
         session_id: "s1".into(),
     };
+    let later = T0 + TTL as i64 / 6 + 1;
     let first = store
-        .heartbeat("s1", &[reported.clone(), phantom.clone()], false, T0 + 1)
+        .heartbeat("s1", &[reported.clone(), finished.clone(), phantom.clone()], false, later)
         .await
         .unwrap();
     assert_eq!(first.lost, vec![phantom]);
-    assert!(
-        first.requeued_unreported.is_empty(),
-        "one missed report is tolerated"
-    );
+    assert!(first.requeued_unreported.is_empty(), "one missed report is tolerated");
     assert_eq!(first.remaining_ms, TTL);
     let second = store
-        .heartbeat("s1", std::slice::from_ref(&reported), false, T0 + 2)
+        .heartbeat("s1", std::slice::from_ref(&reported), false, later + 1)
         .await
         .unwrap();
     assert_eq!(second.requeued_unreported.len(), 1);
     assert_eq!(second.requeued_unreported[0].job_id, ids[1]);
     let job = store.get_job(&ids[1]).await.unwrap();
     assert_eq!((job.state, job.infra_retries), (JobState::Queued, 1));
-    assert_eq!(
-        store.get_job(&ids[0]).await.unwrap().state,
-        JobState::Leased
-    );
+    assert_eq!(store.get_job(&ids[0]).await.unwrap().state, JobState::Leased);
+    assert_eq!(store.get_job(&ids[2]).await.unwrap().state, JobState::Succeeded);
 }
 
 pub async fn expired_session_can_neither_claim_nor_heartbeat<S: Store>(store: S) {

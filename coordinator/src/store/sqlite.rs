@@ -1122,7 +1122,7 @@ impl Store for SqliteStore {
                 )
                 .optional()
                 .map_err(backend)?;
-            let Some((expires_at_ms, drain_requested, _)) = row else {
+            let Some((expires_at_ms, drain_requested, ttl_ms)) = row else {
                 return Err(StoreError::Conflict(format!(
                     "session {session_id} has expired or ended; register again"
                 )));
@@ -1133,25 +1133,43 @@ impl Store for SqliteStore {
                 ..HeartbeatAnswer::default()
             };
             for lease in &running {
-                if lease.session_id != session_id || held(tx, lease)?.is_none() {
+                if lease.session_id != session_id {
                     answer.lost.push(lease.clone());
+                } else if held(tx, lease)?.is_none() {
+                    // A lease this session has just completed is not lost:
+                    // the agent simply has not dropped it from its list yet.
+                    let completed_here: Option<i64> = tx
+                        .query_row(
+                            "SELECT 1 FROM attempts WHERE job_id = ?1 AND attempt = ?2 AND session_id = ?3",
+                            params![lease.job_id, lease.attempt as i64, session_id],
+                            |r| r.get(0),
+                        )
+                        .optional()
+                        .map_err(backend)?;
+                    if completed_here.is_none() {
+                        answer.lost.push(lease.clone());
+                    }
                 }
             }
-            let held_jobs: Vec<(String, i64, i64, i64)> = {
+            // A heartbeat sent before the agent saw a Claim answer cannot list
+            // that lease: only leases older than about one heartbeat interval
+            // (TTL/6 with the defaults) count as missing from a report.
+            let expected_before = now_ms - ttl_ms / 6;
+            let held_jobs: Vec<(String, i64, i64, i64, Option<i64>)> = {
                 let mut stmt = tx
                     .prepare_cached(
-                        "SELECT id, attempt, cancel_requested, missed_reports FROM jobs \
+                        "SELECT id, attempt, cancel_requested, missed_reports, leased_at_ms FROM jobs \
                          WHERE session_id = ?1 AND state IN ('LEASED', 'RUNNING')",
                     )
                     .map_err(backend)?;
                 let rows = stmt
                     .query_map([&session_id], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
                     })
                     .map_err(backend)?;
                 rows.collect::<Result<_, _>>().map_err(backend)?
             };
-            for (job_id, attempt, cancel, missed) in held_jobs {
+            for (job_id, attempt, cancel, missed, leased_at) in held_jobs {
                 let lease = LeaseRef {
                     job_id,
                     attempt: attempt as u64,
@@ -1168,6 +1186,8 @@ impl Store for SqliteStore {
                     if cancel != 0 {
                         answer.cancel.push(lease);
                     }
+                } else if leased_at.unwrap_or(0) > expected_before {
+                    continue;
                 } else if missed + 1 >= 2 {
                     requeue_infra(
                         tx,
