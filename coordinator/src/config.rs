@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Holds `drover.db` (SQLite) and `blobs/` (logs).
     pub data_dir: PathBuf,
+    /// Where state lives: `sqlite` (one file in `data_dir`) or `dynamodb`.
+    pub store: StoreKind,
+    /// The DynamoDB table, when `store = "dynamodb"`.
+    pub dynamodb: DynamoDbConfig,
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     /// Agents present one of these to `Register`.
@@ -36,6 +40,56 @@ pub struct Config {
     pub max_claim_wait_ms: u64,
     /// Time between SIGTERM and SIGKILL given to agents.
     pub kill_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    #[default]
+    Sqlite,
+    Dynamodb,
+}
+
+impl std::str::FromStr for StoreKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "sqlite" => Ok(StoreKind::Sqlite),
+            "dynamodb" => Ok(StoreKind::Dynamodb),
+            other => Err(format!("unknown store {other:?}; use sqlite or dynamodb")),
+        }
+    }
+}
+
+/// `[dynamodb]`: credentials and region come from the standard AWS chain.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DynamoDbConfig {
+    pub table: String,
+    /// Another endpoint than AWS's (a local emulator).
+    pub endpoint: Option<String>,
+    /// Overrides the region of the AWS chain.
+    pub region: Option<String>,
+    /// How long finished jobs are kept (DynamoDB TTL).
+    pub retention_days: u32,
+    /// Create the table at start when missing (dev and test setups; in
+    /// production `drover-coordinator init-table` or infra/ creates it).
+    pub create_table: bool,
+    /// Queue partitions per pool; raise for a very hot pool.
+    pub queue_shards: u32,
+}
+
+impl Default for DynamoDbConfig {
+    fn default() -> Self {
+        DynamoDbConfig {
+            table: "drover".into(),
+            endpoint: None,
+            region: None,
+            retention_days: 7,
+            create_table: false,
+            queue_shards: 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -102,6 +156,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             data_dir: PathBuf::from(".drover/coordinator"),
+            store: StoreKind::Sqlite,
+            dynamodb: DynamoDbConfig::default(),
             grpc_addr: "127.0.0.1:7070".parse().expect("valid literal"),
             http_addr: "127.0.0.1:7080".parse().expect("valid literal"),
             join_tokens: Vec::new(),
@@ -196,6 +252,29 @@ impl Config {
                         3 * self.heartbeat_interval_ms
                     ),
                 ));
+            }
+        }
+        if self.store == StoreKind::Dynamodb {
+            let table = &self.dynamodb.table;
+            if table.len() < 3
+                || table.len() > 255
+                || !table
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+            {
+                return Err(config_error(
+                    "dynamodb.table",
+                    format!("{table:?} is not a DynamoDB table name (3-255 of a-z A-Z 0-9 _ - .)"),
+                ));
+            }
+            if self.dynamodb.retention_days == 0 {
+                return Err(config_error(
+                    "dynamodb.retention_days",
+                    "must be at least 1",
+                ));
+            }
+            if !(1..=64).contains(&self.dynamodb.queue_shards) {
+                return Err(config_error("dynamodb.queue_shards", "must be 1 to 64"));
             }
         }
         if self.claim_scan_limit == 0 {

@@ -24,7 +24,10 @@ use anyhow::Context;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{ApiTokenConfig, Config, ConfigError, JoinTokenConfig, PoolConfig, Scope};
+pub use config::{
+    ApiTokenConfig, Config, ConfigError, DynamoDbConfig, JoinTokenConfig, PoolConfig, Scope,
+    StoreKind,
+};
 pub use service::Service;
 
 /// A running coordinator (gRPC + HTTP + reaper).
@@ -40,11 +43,10 @@ impl Server {
     /// Opens the store, binds both listeners and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
         config.validate()?;
-        let store = store::SqliteStore::open(&config.data_dir.join("drover.db"))
-            .context("opening the SQLite store")?;
+        let store = open_store(&config).await?;
         let blobs = blob::LocalBlobStore::new(config.data_dir.join("blobs"));
         let service = Service::new(
-            Arc::new(store),
+            store,
             Arc::new(blobs),
             Arc::new(clock::SystemClock),
             config.clone(),
@@ -157,6 +159,35 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// The configured store backend.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn store::Store>> {
+    Ok(match config.store {
+        StoreKind::Sqlite => Arc::new(
+            store::SqliteStore::open(&config.data_dir.join("drover.db"))
+                .context("opening the SQLite store")?,
+        ),
+        StoreKind::Dynamodb => Arc::new(
+            store::DynamoStore::connect(&config.dynamodb)
+                .await
+                .with_context(|| {
+                    format!(
+                        "connecting to the DynamoDB table {:?} (dynamodb.table / DROVER_DYNAMODB_TABLE)",
+                        config.dynamodb.table
+                    )
+                })?,
+        ),
+    })
+}
+
+/// Creates the DynamoDB table, its indexes and TTL (`init-table`).
+pub async fn init_table(config: &DynamoDbConfig) -> anyhow::Result<()> {
+    let client = store::dynamodb::client_from_config(config).await;
+    store::dynamodb::create_table(&client, &config.table)
+        .await
+        .with_context(|| format!("creating the DynamoDB table {:?}", config.table))?;
+    Ok(())
 }
 
 /// The binary's entry point: serve until `shutdown` resolves.

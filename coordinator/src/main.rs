@@ -2,8 +2,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
-use drover_coordinator::{ApiTokenConfig, Config, JoinTokenConfig, Scope};
+use clap::{Parser, Subcommand};
+use drover_coordinator::{ApiTokenConfig, Config, JoinTokenConfig, Scope, StoreKind};
 
 /// Drover's coordinator: leases jobs to agents over gRPC, serves the HTTP API.
 #[derive(Parser, Debug)]
@@ -33,6 +33,23 @@ struct Args {
     /// with port 0).
     #[arg(long, env = "DROVER_READY_FILE")]
     ready_file: Option<PathBuf>,
+    /// Store backend: sqlite (default) or dynamodb.
+    #[arg(long, env = "DROVER_STORE")]
+    store: Option<StoreKind>,
+    /// DynamoDB table name (store = dynamodb).
+    #[arg(long, env = "DROVER_DYNAMODB_TABLE")]
+    dynamodb_table: Option<String>,
+    /// DynamoDB endpoint other than AWS's (a local emulator).
+    #[arg(long, env = "DROVER_DYNAMODB_ENDPOINT")]
+    dynamodb_endpoint: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create the DynamoDB table, its indexes and TTL, then exit.
+    InitTable,
 }
 
 fn load(args: &Args) -> anyhow::Result<Config> {
@@ -71,7 +88,15 @@ fn load(args: &Args) -> anyhow::Result<Config> {
     if let Some(v) = args.session_ttl_ms {
         config.session_ttl_ms = v;
     }
-    config.validate()?;
+    if let Some(v) = args.store {
+        config.store = v;
+    }
+    if let Some(v) = &args.dynamodb_table {
+        config.dynamodb.table = v.clone();
+    }
+    if let Some(v) = &args.dynamodb_endpoint {
+        config.dynamodb.endpoint = Some(v.clone());
+    }
     Ok(config)
 }
 
@@ -93,6 +118,10 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let config = load(&args)?;
+    if let Some(Command::InitTable) = args.command {
+        return drover_coordinator::init_table(&config.dynamodb).await;
+    }
+    config.validate()?;
     let server = drover_coordinator::Server::start(config).await?;
     if let Some(path) = &args.ready_file {
         let ready = serde_json::json!({

@@ -659,7 +659,12 @@ pub async fn complete_is_idempotent_and_recorded_once<S: Store>(store: S) {
 }
 
 pub async fn heartbeat_reports_lost_leases_and_requeues_unreported_ones<S: Store>(store: S) {
-    let ids = submit(&store, vec![spec("reported"), spec("unreported"), spec("done")], T0).await;
+    let ids = submit(
+        &store,
+        vec![spec("reported"), spec("unreported"), spec("done")],
+        T0,
+    )
+    .await;
     let mut offer = session(&store, "s1", T0).await;
     offer.max_jobs = 3;
     let leases: Vec<_> = store
@@ -675,7 +680,10 @@ pub async fn heartbeat_reports_lost_leases_and_requeues_unreported_ones<S: Store
     // count against a fresh lease.
     for t in [T0 + 1, T0 + 2, T0 + 3] {
         let early = store.heartbeat("s1", &[], false, t).await.unwrap();
-        assert!(early.requeued_unreported.is_empty(), "a fresh lease is not yet expected in reports");
+        assert!(
+            early.requeued_unreported.is_empty(),
+            "a fresh lease is not yet expected in reports"
+        );
     }
     // A lease the agent has just completed is not "lost" while it is still listed.
     store
@@ -689,11 +697,19 @@ pub async fn heartbeat_reports_lost_leases_and_requeues_unreported_ones<S: Store
     };
     let later = T0 + TTL as i64 / 6 + 1;
     let first = store
-        .heartbeat("s1", &[reported.clone(), finished.clone(), phantom.clone()], false, later)
+        .heartbeat(
+            "s1",
+            &[reported.clone(), finished.clone(), phantom.clone()],
+            false,
+            later,
+        )
         .await
         .unwrap();
     assert_eq!(first.lost, vec![phantom]);
-    assert!(first.requeued_unreported.is_empty(), "one missed report is tolerated");
+    assert!(
+        first.requeued_unreported.is_empty(),
+        "one missed report is tolerated"
+    );
     assert_eq!(first.remaining_ms, TTL);
     let second = store
         .heartbeat("s1", std::slice::from_ref(&reported), false, later + 1)
@@ -703,8 +719,14 @@ pub async fn heartbeat_reports_lost_leases_and_requeues_unreported_ones<S: Store
     assert_eq!(second.requeued_unreported[0].job_id, ids[1]);
     let job = store.get_job(&ids[1]).await.unwrap();
     assert_eq!((job.state, job.infra_retries), (JobState::Queued, 1));
-    assert_eq!(store.get_job(&ids[0]).await.unwrap().state, JobState::Leased);
-    assert_eq!(store.get_job(&ids[2]).await.unwrap().state, JobState::Succeeded);
+    assert_eq!(
+        store.get_job(&ids[0]).await.unwrap().state,
+        JobState::Leased
+    );
+    assert_eq!(
+        store.get_job(&ids[2]).await.unwrap().state,
+        JobState::Succeeded
+    );
 }
 
 pub async fn expired_session_can_neither_claim_nor_heartbeat<S: Store>(store: S) {
@@ -838,6 +860,7 @@ pub async fn retry_requeues_a_finished_job_as_a_fresh_run<S: Store>(store: S) {
 macro_rules! store_conformance {
     ($backend:ident, $make:expr) => {
         mod $backend {
+            #[allow(unused_imports)]
             use super::*;
             store_conformance!(@tests $make;
                 claim_is_exclusive_under_concurrency,
@@ -870,10 +893,11 @@ macro_rules! store_conformance {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $test() {
-                super::$test($make).await;
+                super::$test($make.await).await;
             }
         )*
     };
 }
 
-store_conformance!(sqlite, SqliteStore::in_memory().unwrap());
+store_conformance!(sqlite, async { SqliteStore::in_memory().unwrap() });
+store_conformance!(dynamodb, crate::store::dynamodb::tests::fresh_store());

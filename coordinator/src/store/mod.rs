@@ -16,8 +16,10 @@ use drover_proto::model::{
 
 #[cfg(test)]
 mod conformance;
+pub mod dynamodb;
 pub mod sqlite;
 
+pub use dynamodb::DynamoStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]

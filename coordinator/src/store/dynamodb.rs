@@ -1,0 +1,2382 @@
+//! The production store: one DynamoDB table (on-demand, TTL on `ttl`), shared
+//! by any number of coordinators.
+//!
+//! # Layout
+//!
+//! | item | `pk` | `sk` | indexes |
+//! |---|---|---|---|
+//! | job state (small; every transition rewrites it) | `JOB#<id>` | `STATE` | gsi1 while QUEUED, gsi2 while LEASED/RUNNING, gsi3 always |
+//! | job spec (immutable, may be large) | `JOB#<id>` | `SPEC` | |
+//! | event | `JOB#<id>` | `EV#<attempt:010>#<n:06>` | |
+//! | idempotency key | `IDEM#<key>` | `IDEM` | |
+//! | session | `SESSION#<id>` | `SESSION` | gsi2 `SESSIONS` while live, `GONE#<day>` after |
+//! | pool (paused, largest agent) | `POOL#<name>` | `POOL` | gsi2 `POOLS` |
+//! | listing horizon | `META` | `LISTING` | |
+//!
+//! - **gsi1 (queue)**, projection INCLUDE of the claim attributes: ready jobs
+//!   under `Q#<pool>#<shard>` / `<1e6 - priority:07>#<enqueued ms:013>#<id>`
+//!   (priority, then FIFO); jobs waiting out a retry backoff under
+//!   `D#<pool>#<shard>` / `<not_before ms:013>#<id>`, off the queue head.
+//!   Claims promote due delayed jobs to `Q#` first.
+//! - **gsi2 (owner)**, keys only: `S#<session>` / `<job id>` on leased jobs
+//!   (heartbeats, reaper, end of session; always confirmed by consistent
+//!   reads), `SESSIONS` / `<session id>` on live sessions, `POOLS` / `<name>`.
+//! - **gsi3 (listing)**, keys only: `L#<ULID day:06>` / `<job id>`.
+//!
+//! # Writes and their cost
+//!
+//! A claim is one `TransactWriteItems`: a conditional update of the job's
+//! state item (`state = QUEUED AND attempt = :seen AND gsi1pk = :queue`)
+//! that removes the queue keys and writes the lease, plus the `LEASED` event.
+//! A lost condition (another claimer won) moves on to the next candidate.
+//! Every other transition reads the state item consistently, decides, and
+//! writes it back conditioned on its version (`ver`) together with its event;
+//! a lost race re-reads and decides again. So a job's lifecycle costs four
+//! write requests — submit (state + spec + event [+ idempotency key]), claim,
+//! start, complete (state + event each) — and events are never lost or
+//! doubled. Event numbers are per attempt: a claim always writes event 0 of
+//! the new attempt, so it needs no read of the job.
+//!
+//! Heartbeats write only the session item (plus a job only when the agent's
+//! report disagrees with the store), and read the session's leases through
+//! gsi2 confirmed by one consistent `BatchGetItem`: O(agents) writes.
+//!
+//! Reads that grow with the fleet: `expired_sessions`, `live_sessions`,
+//! `reap_jobs`, `list_agents` and `pools` query gsi2 for live sessions (and
+//! one gsi2 query per session); `pools` counts the queue partitions of gsi1.
+//! These are admin and reaper paths, not per-job paths.
+//!
+//! # Retention
+//!
+//! A finished job's state item expires `retention` after it finished. Spec,
+//! event and idempotency items are written with an expiry of `retention +
+//! JOB_HORIZON` from their write: a job unfinished that long loses its
+//! history (and a get of it fails loudly).
+
+mod item;
+mod table;
+#[cfg(test)]
+pub(crate) mod tests;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
+use aws_sdk_dynamodb::types::{
+    AttributeValue, KeysAndAttributes, Put, ReturnValue, Select, TransactWriteItem,
+};
+use aws_sdk_dynamodb::Client;
+use base64::Engine;
+use drover_proto::model::{
+    Agent, AgentState, FieldError, Job, JobEvent, JobSpec, JobState, Pool, Resources, RetryPolicy,
+    SubmittedJob,
+};
+
+use self::item::{b, get_b, get_n, get_s, key, n, req_n, req_s, s, Expr, Item};
+pub use self::table::create_table;
+use self::table::{LIST_INDEX, OWNER_INDEX, QUEUE_INDEX, TTL_ATTRIBUTE};
+use super::{
+    ClaimOffer, ClaimedJob, Completion, EndedSession, HeartbeatAnswer, JobFilter, LeaseRef, NewJob,
+    NewSession, OutcomeKind, Page, PoolCapacity, ReapedJobs, SessionAuth, Store, StoreError,
+    StoreResult,
+};
+use crate::config::DynamoDbConfig;
+
+const DAY_MS: i64 = 86_400_000;
+/// How long spec, event and idempotency items outlive their write beyond the
+/// retention period.
+const JOB_HORIZON_MS: i64 = 90 * DAY_MS;
+/// Optimistic-concurrency rounds before a transition gives up.
+const MAX_RACES: usize = 32;
+/// Items per `TransactWriteItems`.
+const MAX_TX_ITEMS: usize = 100;
+/// Queue-head reads per claim when every race of a round was lost.
+const CLAIM_ROUNDS: usize = 8;
+/// Gone sessions the reaper still re-scans for stragglers (index lag).
+const GONE_RESCAN_MS: i64 = 10 * 60_000;
+
+pub(crate) fn aws_err<E>(op: &str, e: SdkError<E>) -> StoreError
+where
+    E: std::error::Error + 'static,
+{
+    StoreError::Backend(format!("DynamoDB {op}: {}", DisplayErrorContext(&e)))
+}
+
+fn built<T, E: std::fmt::Display>(r: Result<T, E>) -> StoreResult<T> {
+    r.map_err(|e| StoreError::Backend(format!("building a DynamoDB request: {e}")))
+}
+
+fn json_err(e: serde_json::Error) -> StoreError {
+    StoreError::Backend(format!("corrupt stored JSON: {e}"))
+}
+
+fn job_pk(id: &str) -> String {
+    format!("JOB#{id}")
+}
+
+fn event_sk(attempt: u64, n: u64) -> String {
+    format!("EV#{attempt:010}#{n:06}")
+}
+
+fn session_pk(id: &str) -> String {
+    format!("SESSION#{id}")
+}
+
+fn pool_pk(name: &str) -> String {
+    format!("POOL#{name}")
+}
+
+fn ttl_secs(at_ms: i64) -> AttributeValue {
+    n(at_ms.div_euclid(1000))
+}
+
+fn lease_lost(lease: &LeaseRef) -> StoreError {
+    StoreError::LeaseLost {
+        job_id: lease.job_id.clone(),
+        attempt: lease.attempt,
+        session_id: lease.session_id.clone(),
+    }
+}
+
+fn parse_state(v: &str) -> StoreResult<JobState> {
+    v.parse()
+        .map_err(|_| StoreError::Backend(format!("unknown stored state {v:?}")))
+}
+
+/// The day (since the epoch) a ULID was minted: the listing partition.
+fn id_day(id: &str, fallback_ms: i64) -> i64 {
+    let ms = ulid::Ulid::from_string(id)
+        .map(|u| u.timestamp_ms() as i64)
+        .unwrap_or(fallback_ms);
+    ms.div_euclid(DAY_MS)
+}
+
+fn shard_of(id: &str, shards: u32) -> u32 {
+    // FNV-1a: stable across processes and versions.
+    let mut h: u32 = 0x811c_9dc5;
+    for byte in id.bytes() {
+        h ^= byte as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % shards.max(1)
+}
+
+/// The job state item, decoded.
+#[derive(Debug, Clone)]
+struct JobRow {
+    id: String,
+    pool: String,
+    name: String,
+    priority: i32,
+    state: JobState,
+    attempt: u64,
+    failures: u32,
+    infra_retries: u32,
+    created_at_ms: i64,
+    updated_at_ms: i64,
+    /// 0 when none.
+    not_before_ms: i64,
+    /// When the job last entered the queue (FIFO key).
+    enqueued_at_ms: i64,
+    session_id: Option<String>,
+    agent_id: Option<String>,
+    leased_at_ms: Option<i64>,
+    started_at_ms: Option<i64>,
+    finished_at_ms: Option<i64>,
+    exit_code: Option<i32>,
+    reason: Option<String>,
+    cancel_requested: bool,
+    missed_reports: u32,
+    /// Next event number within the current attempt.
+    next_event: u64,
+    /// Bumped by every write: the optimistic lock.
+    version: u64,
+    /// The claim wrote no event; the next transition writes its `LEASED`
+    /// event (number 0 of the attempt) in the same transaction.
+    lease_event_pending: bool,
+    resources: Resources,
+    constraints: BTreeMap<String, String>,
+    retry: RetryPolicy,
+    timeout_secs: u64,
+    shard: u32,
+    /// The recorded outcome of the last completed attempt:
+    /// (attempt, session, outcome, exit code).
+    done: Option<(u64, String, String, Option<i32>)>,
+}
+
+impl JobRow {
+    fn holds(&self, lease: &LeaseRef) -> bool {
+        self.attempt == lease.attempt
+            && self.session_id.as_deref() == Some(lease.session_id.as_str())
+            && matches!(self.state, JobState::Leased | JobState::Running)
+    }
+
+    fn from_item(item: &Item) -> StoreResult<JobRow> {
+        let resources = Resources {
+            cpu_millis: req_n(item, "cpu")?,
+            memory_mib: req_n(item, "mem")?,
+            gpus: req_n(item, "gpus")?,
+            disk_gib: req_n(item, "disk")?,
+            gpu_model: get_s(item, "gmodel").map(str::to_string),
+        };
+        let done = match get_n::<u64>(item, "done_attempt") {
+            Some(attempt) => Some((
+                attempt,
+                req_s(item, "done_session")?,
+                req_s(item, "done_outcome")?,
+                get_n(item, "done_exit"),
+            )),
+            None => None,
+        };
+        Ok(JobRow {
+            id: req_s(item, "id")?,
+            pool: req_s(item, "pool")?,
+            name: get_s(item, "name").unwrap_or_default().to_string(),
+            priority: req_n(item, "prio")?,
+            state: parse_state(&req_s(item, "state")?)?,
+            attempt: req_n(item, "attempt")?,
+            failures: req_n(item, "failures")?,
+            infra_retries: req_n(item, "infra")?,
+            created_at_ms: req_n(item, "created")?,
+            updated_at_ms: req_n(item, "updated")?,
+            not_before_ms: get_n(item, "nb").unwrap_or(0),
+            enqueued_at_ms: get_n(item, "enq").unwrap_or(0),
+            session_id: get_s(item, "sid").map(str::to_string),
+            agent_id: get_s(item, "agent").map(str::to_string),
+            leased_at_ms: get_n(item, "leased_at"),
+            started_at_ms: get_n(item, "started"),
+            finished_at_ms: get_n(item, "finished"),
+            exit_code: get_n(item, "exit"),
+            reason: get_s(item, "reason").map(str::to_string),
+            cancel_requested: get_b(item, "cancel"),
+            missed_reports: get_n(item, "missed").unwrap_or(0),
+            next_event: req_n(item, "evn")?,
+            version: req_n(item, "ver")?,
+            lease_event_pending: get_b(item, "lev"),
+            resources,
+            constraints: constraints_of(item),
+            retry: serde_json::from_str(&req_s(item, "retry")?).map_err(json_err)?,
+            timeout_secs: get_n(item, "timeout").unwrap_or(0),
+            shard: get_n(item, "shard").unwrap_or(0),
+            done,
+        })
+    }
+
+    fn to_item(&self, retention_ms: i64) -> StoreResult<Item> {
+        let mut item = key(job_pk(&self.id), "STATE");
+        let mut put = |k: &str, v: AttributeValue| {
+            item.insert(k.to_string(), v);
+        };
+        put("id", s(&self.id));
+        put("pool", s(&self.pool));
+        put("name", s(&self.name));
+        put("prio", n(self.priority));
+        put("state", s(self.state.as_str()));
+        put("attempt", n(self.attempt));
+        put("failures", n(self.failures));
+        put("infra", n(self.infra_retries));
+        put("created", n(self.created_at_ms));
+        put("updated", n(self.updated_at_ms));
+        put("nb", n(self.not_before_ms));
+        put("enq", n(self.enqueued_at_ms));
+        if let Some(v) = &self.session_id {
+            put("sid", s(v));
+        }
+        if let Some(v) = &self.agent_id {
+            put("agent", s(v));
+        }
+        if let Some(v) = self.leased_at_ms {
+            put("leased_at", n(v));
+        }
+        if let Some(v) = self.started_at_ms {
+            put("started", n(v));
+        }
+        if let Some(v) = self.finished_at_ms {
+            put("finished", n(v));
+        }
+        if let Some(v) = self.exit_code {
+            put("exit", n(v));
+        }
+        if let Some(v) = &self.reason {
+            put("reason", s(v));
+        }
+        put("cancel", b(self.cancel_requested));
+        put("missed", n(self.missed_reports));
+        put("evn", n(self.next_event));
+        put("ver", n(self.version));
+        if self.lease_event_pending {
+            put("lev", b(true));
+        }
+        put("cpu", n(self.resources.cpu_millis));
+        put("mem", n(self.resources.memory_mib));
+        put("gpus", n(self.resources.gpus));
+        put("disk", n(self.resources.disk_gib));
+        if let Some(v) = &self.resources.gpu_model {
+            put("gmodel", s(v));
+        }
+        if !self.constraints.is_empty() {
+            put(
+                "cons",
+                AttributeValue::M(
+                    self.constraints
+                        .iter()
+                        .map(|(k, v)| (k.clone(), s(v)))
+                        .collect(),
+                ),
+            );
+        }
+        put(
+            "retry",
+            s(serde_json::to_string(&self.retry).map_err(json_err)?),
+        );
+        put("timeout", n(self.timeout_secs));
+        put("shard", n(self.shard));
+        if let Some((attempt, session, outcome, exit)) = &self.done {
+            put("done_attempt", n(attempt));
+            put("done_session", s(session));
+            put("done_outcome", s(outcome));
+            if let Some(exit) = exit {
+                put("done_exit", n(exit));
+            }
+        }
+        match self.state {
+            JobState::Queued if self.not_before_ms > self.enqueued_at_ms => {
+                put("gsi1pk", s(self.delayed_partition()));
+                put(
+                    "gsi1sk",
+                    s(format!("{:013}#{}", self.not_before_ms, self.id)),
+                );
+            }
+            JobState::Queued => {
+                put("gsi1pk", s(self.queue_partition()));
+                put(
+                    "gsi1sk",
+                    s(queue_sort_key(self.priority, self.enqueued_at_ms, &self.id)),
+                );
+            }
+            JobState::Leased | JobState::Running => {
+                if let Some(sid) = &self.session_id {
+                    put("gsi2pk", s(format!("S#{sid}")));
+                    put("gsi2sk", s(&self.id));
+                }
+            }
+            _ => {}
+        }
+        put(
+            "gsi3pk",
+            s(format!("L#{:06}", id_day(&self.id, self.created_at_ms))),
+        );
+        put("gsi3sk", s(&self.id));
+        if let (true, Some(finished)) = (self.state.is_terminal(), self.finished_at_ms) {
+            put(TTL_ATTRIBUTE, ttl_secs(finished + retention_ms));
+        }
+        Ok(item)
+    }
+
+    /// The `LEASED` event a claim deferred, rebuilt from the row.
+    fn pending_lease_event(&self) -> Option<JobEvent> {
+        if !self.lease_event_pending {
+            return None;
+        }
+        Some(JobEvent {
+            seq: 0,
+            at_ms: self.leased_at_ms.unwrap_or(self.updated_at_ms),
+            attempt: self.attempt,
+            state: JobState::Leased,
+            agent_id: self.agent_id.clone(),
+            reason: format!(
+                "leased to session {}",
+                self.session_id.as_deref().unwrap_or("?")
+            ),
+        })
+    }
+
+    fn queue_partition(&self) -> String {
+        format!("Q#{}#{}", self.pool, self.shard)
+    }
+
+    fn delayed_partition(&self) -> String {
+        format!("D#{}#{}", self.pool, self.shard)
+    }
+
+    fn to_job(&self, spec: JobSpec) -> Job {
+        Job {
+            id: self.id.clone(),
+            spec: spec.redacted(),
+            state: self.state,
+            attempt: self.attempt,
+            failures: self.failures,
+            infra_retries: self.infra_retries,
+            created_at_ms: self.created_at_ms,
+            updated_at_ms: self.updated_at_ms,
+            not_before_ms: (self.not_before_ms > 0).then_some(self.not_before_ms),
+            session_id: self.session_id.clone(),
+            agent_id: self.agent_id.clone(),
+            started_at_ms: self.started_at_ms,
+            finished_at_ms: self.finished_at_ms,
+            exit_code: self.exit_code,
+            reason: self.reason.clone(),
+            cancel_requested: self.cancel_requested,
+        }
+    }
+
+    /// Back to the queue on the infrastructure budget, or ended when the
+    /// budget is spent or a cancel was requested.
+    fn requeue_infra(&mut self, reason: &str, now_ms: i64) -> Transition {
+        self.infra_retries += 1;
+        let (state, why) = if self.cancel_requested {
+            (JobState::Cancelled, format!("cancelled ({reason})"))
+        } else if self.infra_retries > self.retry.max_infra_retries {
+            (
+                JobState::Failed,
+                format!(
+                    "{reason}; infrastructure retries exhausted ({} of {})",
+                    self.infra_retries - 1,
+                    self.retry.max_infra_retries
+                ),
+            )
+        } else {
+            (JobState::Queued, format!("requeued: {reason}"))
+        };
+        let terminal = state.is_terminal();
+        self.state = state;
+        self.updated_at_ms = now_ms;
+        self.not_before_ms = 0;
+        self.enqueued_at_ms = now_ms;
+        self.session_id = None;
+        self.missed_reports = 0;
+        self.reason = Some(why.clone());
+        self.finished_at_ms = terminal.then_some(now_ms);
+        if !terminal {
+            self.started_at_ms = None;
+        }
+        Transition::event(state, self.agent_id.clone(), why)
+    }
+
+    /// Records a held lease's outcome and moves the job on (`Store::complete`).
+    fn complete(&mut self, lease: &LeaseRef, c: &Completion, now_ms: i64) -> Transition {
+        self.done = Some((
+            lease.attempt,
+            lease.session_id.clone(),
+            c.outcome.as_str().to_string(),
+            c.exit_code,
+        ));
+        if c.outcome == OutcomeKind::Interrupted && !self.cancel_requested {
+            return self.requeue_infra(&c.reason, now_ms);
+        }
+        let mut not_before = 0;
+        let (state, reason) = match c.outcome {
+            OutcomeKind::Succeeded => (JobState::Succeeded, c.reason.clone()),
+            _ if self.cancel_requested => {
+                (JobState::Cancelled, format!("cancelled ({})", c.reason))
+            }
+            OutcomeKind::Cancelled | OutcomeKind::Interrupted => {
+                (JobState::Cancelled, c.reason.clone())
+            }
+            OutcomeKind::Failed | OutcomeKind::TimedOut => {
+                self.failures += 1;
+                let terminal = if c.outcome == OutcomeKind::TimedOut {
+                    JobState::TimedOut
+                } else {
+                    JobState::Failed
+                };
+                if self.failures < self.retry.max_attempts
+                    && self.retry.retries_exit_code(c.exit_code)
+                {
+                    not_before = now_ms + self.retry.backoff_ms(self.failures) as i64;
+                    (
+                        JobState::Queued,
+                        format!(
+                            "{}; retrying (failure {} of {} allowed)",
+                            c.reason, self.failures, self.retry.max_attempts
+                        ),
+                    )
+                } else {
+                    (terminal, c.reason.clone())
+                }
+            }
+        };
+        let terminal = state.is_terminal();
+        self.state = state;
+        self.updated_at_ms = now_ms;
+        self.not_before_ms = not_before;
+        self.enqueued_at_ms = now_ms;
+        self.exit_code = c.exit_code;
+        self.reason = Some(reason.clone());
+        if !terminal {
+            self.session_id = None;
+        }
+        self.finished_at_ms = terminal.then_some(now_ms);
+        Transition::event(state, self.agent_id.clone(), reason)
+    }
+}
+
+fn queue_sort_key(priority: i32, enqueued_at_ms: i64, id: &str) -> String {
+    format!(
+        "{:07}#{enqueued_at_ms:013}#{id}",
+        1_000_000i64 - priority as i64
+    )
+}
+
+fn constraints_of(item: &Item) -> BTreeMap<String, String> {
+    item.get("cons")
+        .and_then(|v| v.as_m().ok())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_s().ok()?.clone())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What a read-decide-write step does to a job.
+struct Transition {
+    event: Option<(JobState, Option<String>, String)>,
+}
+
+impl Transition {
+    fn event(state: JobState, agent: Option<String>, reason: String) -> Transition {
+        Transition {
+            event: Some((state, agent, reason)),
+        }
+    }
+    fn silent() -> Transition {
+        Transition { event: None }
+    }
+}
+
+enum Step<T> {
+    /// Nothing to write.
+    Keep(T),
+    Write(T, Transition),
+}
+
+/// Why a `TransactWriteItems` did not apply.
+enum TxError {
+    /// Cancelled: the per-item reason codes (`None` where the item was fine).
+    Cancelled(Vec<Option<String>>),
+    Other(StoreError),
+}
+
+/// A DynamoDB-backed [`Store`]. Cheap to clone.
+#[derive(Clone)]
+pub struct DynamoStore {
+    client: Client,
+    table: Arc<str>,
+    retention_ms: i64,
+    shards: u32,
+    /// Pools this process has recorded a pool item for.
+    known_pools: Arc<Mutex<HashSet<String>>>,
+    /// Whether this process has recorded the listing horizon.
+    listing_marked: Arc<AtomicBool>,
+}
+
+/// An HTTPS client on rustls with ring (no aws-lc build), also fine for
+/// plain-HTTP endpoints such as a local emulator.
+pub fn https_client() -> aws_sdk_dynamodb::config::SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https()
+}
+
+/// A DynamoDB client from the standard AWS chain (env, profile, IMDS, ECS),
+/// pointed at `config.endpoint` when set.
+pub async fn client_from_config(config: &DynamoDbConfig) -> Client {
+    let mut loader =
+        aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(https_client());
+    if let Some(region) = &config.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    let shared = loader.load().await;
+    let mut builder = aws_sdk_dynamodb::config::Builder::from(&shared);
+    if let Some(endpoint) = &config.endpoint {
+        builder = builder.endpoint_url(endpoint);
+    }
+    Client::from_conf(builder.build())
+}
+
+impl DynamoStore {
+    /// Connects with the standard AWS chain; creates the table first when
+    /// `config.create_table` is set (dev and test setups).
+    pub async fn connect(config: &DynamoDbConfig) -> StoreResult<DynamoStore> {
+        let client = client_from_config(config).await;
+        if config.create_table {
+            create_table(&client, &config.table).await?;
+        }
+        Ok(DynamoStore::new(client, config))
+    }
+
+    pub fn new(client: Client, config: &DynamoDbConfig) -> DynamoStore {
+        DynamoStore {
+            client,
+            table: config.table.as_str().into(),
+            retention_ms: config.retention_days as i64 * DAY_MS,
+            shards: config.queue_shards.max(1),
+            known_pools: Arc::default(),
+            listing_marked: Arc::default(),
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn horizon_ttl(&self, now_ms: i64) -> AttributeValue {
+        ttl_secs(now_ms + self.retention_ms + JOB_HORIZON_MS)
+    }
+
+    // ---- low-level calls ----
+
+    async fn get(&self, pk: String, sk: &str) -> StoreResult<Option<Item>> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&*self.table)
+            .set_key(Some(key(pk, sk)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| aws_err("GetItem", e))?;
+        Ok(out.item)
+    }
+
+    /// `BatchGetItem` in chunks of 100, retrying unprocessed keys.
+    async fn batch_get(&self, keys: Vec<Item>, consistent: bool) -> StoreResult<Vec<Item>> {
+        let mut out = Vec::with_capacity(keys.len());
+        let mut seen = HashSet::new();
+        let keys: Vec<Item> = keys
+            .into_iter()
+            .filter(|k| {
+                seen.insert((
+                    get_s(k, "pk").unwrap_or_default().to_string(),
+                    get_s(k, "sk").unwrap_or_default().to_string(),
+                ))
+            })
+            .collect();
+        for chunk in keys.chunks(100) {
+            let mut pending = Some(built(
+                KeysAndAttributes::builder()
+                    .set_keys(Some(chunk.to_vec()))
+                    .consistent_read(consistent)
+                    .build(),
+            )?);
+            let mut rounds = 0;
+            while let Some(request) = pending.take() {
+                rounds += 1;
+                if rounds > 1 {
+                    tokio::time::sleep(std::time::Duration::from_millis(20 * rounds.min(50))).await;
+                }
+                let resp = self
+                    .client
+                    .batch_get_item()
+                    .request_items(&*self.table, request)
+                    .send()
+                    .await
+                    .map_err(|e| aws_err("BatchGetItem", e))?;
+                if let Some(mut items) = resp.responses {
+                    out.extend(items.remove(&*self.table).unwrap_or_default());
+                }
+                pending = resp
+                    .unprocessed_keys
+                    .and_then(|mut u| u.remove(&*self.table))
+                    .filter(|k| !k.keys().is_empty());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every page of a query on `index` for `pk` (optionally `sk < before`).
+    async fn query_index(
+        &self,
+        index: &str,
+        pk_attr: &str,
+        pk: String,
+        sk_below: Option<(&str, String)>,
+    ) -> StoreResult<Vec<Item>> {
+        let mut expr = Expr::new();
+        let mut cond = format!("{} = {}", expr.name(pk_attr), expr.value(s(pk)));
+        if let Some((sk_attr, below)) = sk_below {
+            cond.push_str(&format!(
+                " AND {} < {}",
+                expr.name(sk_attr),
+                expr.value(s(below))
+            ));
+        }
+        let mut out = Vec::new();
+        let mut start = None;
+        loop {
+            let resp = self
+                .client
+                .query()
+                .table_name(&*self.table)
+                .index_name(index)
+                .key_condition_expression(&cond)
+                .set_expression_attribute_names(expr.names())
+                .set_expression_attribute_values(expr.values())
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| aws_err("Query", e))?;
+            out.extend(resp.items.unwrap_or_default());
+            match resp.last_evaluated_key {
+                Some(k) if !k.is_empty() => start = Some(k),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    async fn count_index(&self, index: &str, pk_attr: &str, pk: String) -> StoreResult<u64> {
+        let mut expr = Expr::new();
+        let cond = format!("{} = {}", expr.name(pk_attr), expr.value(s(pk)));
+        let mut total = 0u64;
+        let mut start = None;
+        loop {
+            let resp = self
+                .client
+                .query()
+                .table_name(&*self.table)
+                .index_name(index)
+                .key_condition_expression(&cond)
+                .set_expression_attribute_names(expr.names())
+                .set_expression_attribute_values(expr.values())
+                .select(Select::Count)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| aws_err("Query", e))?;
+            total += resp.count.max(0) as u64;
+            match resp.last_evaluated_key {
+                Some(k) if !k.is_empty() => start = Some(k),
+                _ => return Ok(total),
+            }
+        }
+    }
+
+    async fn transact(&self, items: Vec<TransactWriteItem>) -> Result<(), TxError> {
+        match self
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                if let Some(aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c)) =
+                    e.as_service_error()
+                {
+                    let reasons = c
+                        .cancellation_reasons()
+                        .iter()
+                        .map(|r| r.code().filter(|c| *c != "None").map(str::to_string))
+                        .collect();
+                    return Err(TxError::Cancelled(reasons));
+                }
+                Err(TxError::Other(aws_err("TransactWriteItems", e)))
+            }
+        }
+    }
+
+    fn put(&self, item: Item, expr: Option<Expr>) -> StoreResult<TransactWriteItem> {
+        let mut put = Put::builder().table_name(&*self.table).set_item(Some(item));
+        if let Some(expr) = expr {
+            put = put
+                .set_condition_expression(expr.condition())
+                .set_expression_attribute_names(expr.names())
+                .set_expression_attribute_values(expr.values());
+        }
+        Ok(TransactWriteItem::builder()
+            .put(built(put.build())?)
+            .build())
+    }
+
+    /// `UpdateItem`; `Ok(None)` when the condition failed.
+    async fn update_item(
+        &self,
+        key: Item,
+        expr: &Expr,
+        returns: ReturnValue,
+    ) -> StoreResult<Option<Item>> {
+        let resp = self
+            .client
+            .update_item()
+            .table_name(&*self.table)
+            .set_key(Some(key))
+            .update_expression(expr.update_expression())
+            .set_condition_expression(expr.condition())
+            .set_expression_attribute_names(expr.names())
+            .set_expression_attribute_values(expr.values())
+            .return_values(returns)
+            .send()
+            .await;
+        match resp {
+            Ok(out) => Ok(Some(out.attributes.unwrap_or_default())),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(aws_err("UpdateItem", e)),
+        }
+    }
+
+    fn event_item(
+        &self,
+        job_id: &str,
+        attempt: u64,
+        number: u64,
+        now_ms: i64,
+        (state, agent, reason): (JobState, Option<String>, String),
+    ) -> Item {
+        let mut item = key(job_pk(job_id), event_sk(attempt, number));
+        item.insert("at".into(), n(now_ms));
+        item.insert("attempt".into(), n(attempt));
+        item.insert("state".into(), s(state.as_str()));
+        if let Some(agent) = agent {
+            item.insert("agent".into(), s(agent));
+        }
+        item.insert("reason".into(), s(reason));
+        item.insert(TTL_ATTRIBUTE.into(), self.horizon_ttl(now_ms));
+        item
+    }
+
+    async fn load_row(&self, job_id: &str) -> StoreResult<Option<JobRow>> {
+        self.get(job_pk(job_id), "STATE")
+            .await?
+            .map(|item| JobRow::from_item(&item))
+            .transpose()
+    }
+
+    async fn load_rows(&self, ids: &[String]) -> StoreResult<HashMap<String, JobRow>> {
+        let keys = ids.iter().map(|id| key(job_pk(id), "STATE")).collect();
+        let mut rows = HashMap::new();
+        for item in self.batch_get(keys, true).await? {
+            let row = JobRow::from_item(&item)?;
+            rows.insert(row.id.clone(), row);
+        }
+        Ok(rows)
+    }
+
+    async fn load_specs(&self, ids: &[String]) -> StoreResult<HashMap<String, JobSpec>> {
+        let keys = ids.iter().map(|id| key(job_pk(id), "SPEC")).collect();
+        let mut specs = HashMap::new();
+        for item in self.batch_get(keys, true).await? {
+            let id = req_s(&item, "id")?;
+            let spec = serde_json::from_str(&req_s(&item, "spec")?).map_err(json_err)?;
+            specs.insert(id, spec);
+        }
+        Ok(specs)
+    }
+
+    async fn load_job(&self, job_id: &str) -> StoreResult<Job> {
+        let id = [job_id.to_string()];
+        let row = self
+            .load_rows(&id)
+            .await?
+            .remove(job_id)
+            .ok_or_else(|| StoreError::NotFound(format!("job {job_id}")))?;
+        let spec = self.load_specs(&id).await?.remove(job_id).ok_or_else(|| {
+            StoreError::Backend(format!("job {job_id} has no spec item (expired?)"))
+        })?;
+        Ok(row.to_job(spec))
+    }
+
+    /// Read, decide with `f`, write the state item back conditioned on its
+    /// version together with the transition's event; re-run on a lost race.
+    async fn mutate<T, F>(&self, job_id: &str, mut f: F) -> StoreResult<T>
+    where
+        F: FnMut(&mut JobRow) -> StoreResult<Step<T>>,
+    {
+        for _ in 0..MAX_RACES {
+            let row = self
+                .load_row(job_id)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("job {job_id}")))?;
+            let mut next = row.clone();
+            let (out, transition) = match f(&mut next)? {
+                Step::Keep(out) => return Ok(out),
+                Step::Write(out, transition) => (out, transition),
+            };
+            next.version = row.version + 1;
+            let mut items = Vec::with_capacity(3);
+            if let Some(lease) = row.pending_lease_event() {
+                next.lease_event_pending = false;
+                items.push(self.put(
+                    self.event_item(
+                        job_id,
+                        row.attempt,
+                        0,
+                        lease.at_ms,
+                        (lease.state, lease.agent_id, lease.reason),
+                    ),
+                    None,
+                )?);
+            }
+            if let Some(event) = transition.event {
+                if next.attempt != row.attempt {
+                    next.next_event = 0;
+                }
+                let number = next.next_event;
+                next.next_event += 1;
+                items.push(self.put(
+                    self.event_item(job_id, next.attempt, number, next.updated_at_ms, event),
+                    None,
+                )?);
+            }
+            let mut cond = Expr::new();
+            cond.when_eq("ver", n(row.version));
+            items.insert(0, self.put(next.to_item(self.retention_ms)?, Some(cond))?);
+            match self.transact(items).await {
+                Ok(()) => return Ok(out),
+                Err(TxError::Cancelled(_)) => continue,
+                Err(TxError::Other(e)) => return Err(e),
+            }
+        }
+        Err(StoreError::Backend(format!(
+            "job {job_id}: gave up after {MAX_RACES} concurrent updates"
+        )))
+    }
+
+    /// Jobs the index says `session_id` holds, confirmed by consistent reads.
+    async fn held_by(&self, session_id: &str) -> StoreResult<Vec<JobRow>> {
+        let ids: Vec<String> = self
+            .query_index(OWNER_INDEX, "gsi2pk", format!("S#{session_id}"), None)
+            .await?
+            .iter()
+            .filter_map(|i| get_s(i, "gsi2sk").map(str::to_string))
+            .collect();
+        let mut rows: Vec<JobRow> = self
+            .load_rows(&ids)
+            .await?
+            .into_values()
+            .filter(|r| {
+                r.session_id.as_deref() == Some(session_id)
+                    && matches!(r.state, JobState::Leased | JobState::Running)
+            })
+            .collect();
+        rows.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(rows)
+    }
+
+    /// Requeues (or ends) a job while `lease` still holds it. `None` when it
+    /// no longer does.
+    async fn requeue_lease(
+        &self,
+        lease: &LeaseRef,
+        reason: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<JobState>> {
+        let result = self
+            .mutate(&lease.job_id, |row| {
+                if !row.holds(lease) {
+                    return Ok(Step::Keep(None));
+                }
+                let t = row.requeue_infra(reason, now_ms);
+                Ok(Step::Write(Some(row.state), t))
+            })
+            .await;
+        match result {
+            Err(StoreError::NotFound(_)) => Ok(None),
+            other => other,
+        }
+    }
+
+    /// Session items under a gsi2 partition, read consistently.
+    async fn sessions_in(&self, partition: String) -> StoreResult<Vec<Item>> {
+        let keys = self
+            .query_index(OWNER_INDEX, "gsi2pk", partition, None)
+            .await?
+            .iter()
+            .filter_map(|i| get_s(i, "pk").map(|pk| key(pk, "SESSION")))
+            .collect();
+        self.batch_get(keys, true).await
+    }
+
+    async fn live_session_items(&self) -> StoreResult<Vec<Item>> {
+        Ok(self
+            .sessions_in("SESSIONS".into())
+            .await?
+            .into_iter()
+            .filter(|i| !get_b(i, "gone"))
+            .collect())
+    }
+
+    /// Live sessions and those gone since `since_ms`.
+    async fn sessions_since(&self, since_ms: i64, now_ms: i64) -> StoreResult<Vec<Item>> {
+        let mut out = self.live_session_items().await?;
+        let mut day = since_ms.div_euclid(DAY_MS);
+        while day <= now_ms.div_euclid(DAY_MS) {
+            out.extend(
+                self.sessions_in(format!("GONE#{day:06}"))
+                    .await?
+                    .into_iter()
+                    .filter(|i| {
+                        get_b(i, "gone") && get_n::<i64>(i, "ended").unwrap_or(0) >= since_ms
+                    }),
+            );
+            day += 1;
+        }
+        Ok(out)
+    }
+
+    async fn agent_of(&self, item: &Item, now_ms: i64) -> StoreResult<Agent> {
+        let session_id = req_s(item, "session_id")?;
+        let expires: i64 = req_n(item, "expires")?;
+        let state = if get_b(item, "gone") || expires < now_ms {
+            AgentState::Gone
+        } else if get_b(item, "draining") || get_b(item, "drain_requested") {
+            AgentState::Draining
+        } else {
+            AgentState::Active
+        };
+        let running = self
+            .count_index(OWNER_INDEX, "gsi2pk", format!("S#{session_id}"))
+            .await?;
+        Ok(Agent {
+            agent_id: req_s(item, "agent_id")?,
+            session_id,
+            pool: req_s(item, "pool")?,
+            hostname: req_s(item, "hostname")?,
+            labels: serde_json::from_str(&req_s(item, "labels")?).map_err(json_err)?,
+            capacity: serde_json::from_str(&req_s(item, "capacity")?).map_err(json_err)?,
+            runtime: req_s(item, "runtime")?,
+            version: req_s(item, "version")?,
+            state,
+            registered_at_ms: req_n(item, "created")?,
+            last_heartbeat_ms: req_n(item, "last_heartbeat")?,
+            running: running as u32,
+            health_addr: get_s(item, "health_addr").unwrap_or_default().to_string(),
+        })
+    }
+
+    /// Records a pool item the first time this process sees the pool, so
+    /// `pools()` lists pools that have jobs but never had an agent.
+    async fn note_pools(&self, pools: impl Iterator<Item = &str>) -> StoreResult<()> {
+        let new: Vec<String> = {
+            let known = self
+                .known_pools
+                .lock()
+                .map_err(|_| StoreError::Backend("pool cache poisoned".into()))?;
+            pools
+                .filter(|p| !known.contains(*p))
+                .map(str::to_string)
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect()
+        };
+        for pool in new {
+            let mut expr = Expr::new();
+            expr.set("name", s(&pool))
+                .set("gsi2pk", s("POOLS"))
+                .set("gsi2sk", s(&pool));
+            self.update_item(key(pool_pk(&pool), "POOL"), &expr, ReturnValue::None)
+                .await?;
+            if let Ok(mut known) = self.known_pools.lock() {
+                known.insert(pool);
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the first day that holds jobs (the listing walks back to it).
+    async fn mark_listing(&self, day: i64) -> StoreResult<()> {
+        if self.listing_marked.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut expr = Expr::new();
+        let first = expr.name("first_day");
+        let value = expr.value(n(day));
+        expr.set_raw("first_day", format!("if_not_exists({first}, {value})"));
+        self.update_item(key("META", "LISTING"), &expr, ReturnValue::None)
+            .await?;
+        self.listing_marked.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Moves delayed jobs whose backoff has passed to the ready queue.
+    async fn promote_due(&self, pool: &str, shard: u32, now_ms: i64) -> StoreResult<()> {
+        let due = self
+            .query_index(
+                QUEUE_INDEX,
+                "gsi1pk",
+                format!("D#{pool}#{shard}"),
+                Some(("gsi1sk", format!("{:013}", now_ms + 1))),
+            )
+            .await?;
+        for item in due {
+            let (Some(pk), Some(attempt), Some(prio), Some(nb)) = (
+                get_s(&item, "pk"),
+                get_n::<u64>(&item, "attempt"),
+                get_n::<i32>(&item, "prio"),
+                get_n::<i64>(&item, "nb"),
+            ) else {
+                continue;
+            };
+            let id = pk.trim_start_matches("JOB#");
+            let mut expr = Expr::new();
+            expr.set("gsi1pk", s(format!("Q#{pool}#{shard}")))
+                .set("gsi1sk", s(queue_sort_key(prio, nb, id)))
+                .set("enq", n(nb))
+                .when_eq("state", s(JobState::Queued.as_str()))
+                .when_eq("attempt", n(attempt))
+                .when_eq("gsi1pk", s(format!("D#{pool}#{shard}")));
+            let ver = expr.name("ver");
+            let one = expr.value(n(1));
+            expr.set_raw("ver", format!("{ver} + {one}"));
+            self.update_item(key(pk, "STATE"), &expr, ReturnValue::None)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The first `limit` ready jobs of a queue partition (eventually
+    /// consistent: every claim is conditional anyway).
+    async fn queue_head(&self, pool: &str, shard: u32, limit: usize) -> StoreResult<Vec<Item>> {
+        let mut expr = Expr::new();
+        let cond = format!(
+            "{} = {}",
+            expr.name("gsi1pk"),
+            expr.value(s(format!("Q#{pool}#{shard}")))
+        );
+        let resp = self
+            .client
+            .query()
+            .table_name(&*self.table)
+            .index_name(QUEUE_INDEX)
+            .key_condition_expression(cond)
+            .set_expression_attribute_names(expr.names())
+            .set_expression_attribute_values(expr.values())
+            .limit(limit.clamp(1, 1000) as i32)
+            .send()
+            .await
+            .map_err(|e| aws_err("Query", e))?;
+        Ok(resp.items.unwrap_or_default())
+    }
+
+    /// One conditional claim of a candidate from the queue index.
+    async fn try_claim(
+        &self,
+        candidate: &Item,
+        offer: &ClaimOffer,
+        now_ms: i64,
+    ) -> StoreResult<Option<LeaseRef>> {
+        let (Some(pk), Some(attempt), Some(queue)) = (
+            get_s(candidate, "pk"),
+            get_n::<u64>(candidate, "attempt"),
+            get_s(candidate, "gsi1pk"),
+        ) else {
+            return Ok(None);
+        };
+        let job_id = pk.trim_start_matches("JOB#").to_string();
+        let next = attempt + 1;
+        let mut expr = Expr::new();
+        expr.set("state", s(JobState::Leased.as_str()))
+            .set("attempt", n(next))
+            .set("sid", s(&offer.session_id))
+            .set("agent", s(&offer.agent_id))
+            .set("leased_at", n(now_ms))
+            .set("updated", n(now_ms))
+            .set("evn", n(1))
+            .set("missed", n(0))
+            .set("gsi2pk", s(format!("S#{}", offer.session_id)))
+            .set("gsi2sk", s(&job_id))
+            .remove("gsi1pk")
+            .remove("gsi1sk")
+            .remove("started")
+            .remove("exit")
+            .remove("reason")
+            .when_eq("state", s(JobState::Queued.as_str()))
+            .when_eq("attempt", n(attempt))
+            .when_eq("gsi1pk", s(queue));
+        let ver = expr.name("ver");
+        let one = expr.value(n(1));
+        expr.set_raw("ver", format!("{ver} + {one}"));
+        expr.set("lev", b(true));
+        let won = self
+            .update_item(key(pk, "STATE"), &expr, ReturnValue::None)
+            .await?
+            .is_some();
+        Ok(won.then(|| LeaseRef {
+            job_id,
+            attempt: next,
+            session_id: offer.session_id.clone(),
+        }))
+    }
+
+    fn new_row(&self, job: &NewJob, now_ms: i64) -> JobRow {
+        let spec = &job.spec;
+        JobRow {
+            id: job.id.clone(),
+            pool: spec.pool.clone(),
+            name: spec.name.clone(),
+            priority: spec.priority,
+            state: JobState::Queued,
+            attempt: 0,
+            failures: 0,
+            infra_retries: 0,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            not_before_ms: 0,
+            enqueued_at_ms: now_ms,
+            session_id: None,
+            agent_id: None,
+            leased_at_ms: None,
+            started_at_ms: None,
+            finished_at_ms: None,
+            exit_code: None,
+            reason: None,
+            cancel_requested: false,
+            missed_reports: 0,
+            next_event: 1,
+            version: 1,
+            lease_event_pending: false,
+            resources: spec.resources.clone(),
+            constraints: spec.constraints.clone(),
+            retry: spec.retry.clone(),
+            timeout_secs: spec.timeout_secs,
+            shard: shard_of(&job.id, self.shards),
+            done: None,
+        }
+    }
+
+    /// The transaction items that insert one job.
+    fn insert_items(&self, job: &NewJob, now_ms: i64) -> StoreResult<Vec<TransactWriteItem>> {
+        let row = self.new_row(job, now_ms);
+        let mut not_there = Expr::new();
+        not_there.when_absent("pk");
+        let mut items = vec![self.put(row.to_item(self.retention_ms)?, Some(not_there))?];
+        let mut spec = key(job_pk(&job.id), "SPEC");
+        spec.insert("id".into(), s(&job.id));
+        spec.insert(
+            "spec".into(),
+            s(serde_json::to_string(&job.spec).map_err(json_err)?),
+        );
+        spec.insert(TTL_ATTRIBUTE.into(), self.horizon_ttl(now_ms));
+        items.push(self.put(spec, None)?);
+        items.push(self.put(
+            self.event_item(
+                &job.id,
+                0,
+                0,
+                now_ms,
+                (JobState::Queued, None, "submitted".into()),
+            ),
+            None,
+        )?);
+        if let Some(k) = &job.spec.idempotency_key {
+            let mut idem = key(format!("IDEM#{k}"), "IDEM");
+            idem.insert("job_id".into(), s(&job.id));
+            idem.insert(TTL_ATTRIBUTE.into(), self.horizon_ttl(now_ms));
+            let mut not_there = Expr::new();
+            not_there.when_absent("pk");
+            items.push(self.put(idem, Some(not_there))?);
+        }
+        Ok(items)
+    }
+
+    async fn existing_for_key(&self, idem_key: &str) -> StoreResult<Option<SubmittedJob>> {
+        let Some(item) = self.get(format!("IDEM#{idem_key}"), "IDEM").await? else {
+            return Ok(None);
+        };
+        let id = req_s(&item, "job_id")?;
+        let row = self.load_row(&id).await?.ok_or_else(|| {
+            StoreError::Backend(format!("idempotency key points at missing job {id}"))
+        })?;
+        Ok(Some(SubmittedJob {
+            id,
+            state: row.state,
+            created: false,
+        }))
+    }
+}
+
+fn encode_cursor(day: i64, id: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{day}:{id}"))
+}
+
+fn decode_cursor(cursor: &str) -> StoreResult<(i64, String)> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| {
+            let (day, id) = s.split_once(':')?;
+            Some((day.parse().ok()?, id.to_string()))
+        })
+        .ok_or_else(|| {
+            FieldError::new(
+                "cursor",
+                "is not a cursor this API returned; pass next_cursor from the previous page",
+            )
+            .into()
+        })
+}
+
+fn largest_of(a: Option<Resources>, b: &Resources) -> Resources {
+    match a {
+        None => b.clone(),
+        Some(a) => Resources {
+            cpu_millis: a.cpu_millis.max(b.cpu_millis),
+            memory_mib: a.memory_mib.max(b.memory_mib),
+            gpus: a.gpus.max(b.gpus),
+            disk_gib: a.disk_gib.max(b.disk_gib),
+            gpu_model: a.gpu_model.or_else(|| b.gpu_model.clone()),
+        },
+    }
+}
+
+fn now_wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[async_trait]
+impl Store for DynamoStore {
+    async fn submit(&self, jobs: Vec<NewJob>, now_ms: i64) -> StoreResult<Vec<SubmittedJob>> {
+        let mut out: Vec<Option<SubmittedJob>> = vec![None; jobs.len()];
+        // Repeats of a key within the batch resolve to its first job.
+        let mut first_with_key: HashMap<String, usize> = HashMap::new();
+        let mut pending = Vec::new();
+        for (i, job) in jobs.iter().enumerate() {
+            match &job.spec.idempotency_key {
+                Some(k) if first_with_key.contains_key(k) => {}
+                Some(k) => {
+                    first_with_key.insert(k.clone(), i);
+                    pending.push(i);
+                }
+                None => pending.push(i),
+            }
+        }
+        self.note_pools(jobs.iter().map(|j| j.spec.pool.as_str()))
+            .await?;
+        if let Some(day) = jobs.iter().map(|j| id_day(&j.id, now_ms)).min() {
+            self.mark_listing(day).await?;
+        }
+        // Chunks that fit one transaction are all-or-nothing; a larger
+        // batch is several transactions.
+        let mut chunks: Vec<Vec<usize>> = Vec::new();
+        let mut size = 0;
+        for i in pending {
+            let items = 3 + jobs[i].spec.idempotency_key.is_some() as usize;
+            if chunks.is_empty() || size + items > MAX_TX_ITEMS {
+                chunks.push(Vec::new());
+                size = 0;
+            }
+            size += items;
+            if let Some(chunk) = chunks.last_mut() {
+                chunk.push(i);
+            }
+        }
+        for mut chunk in chunks {
+            for _ in 0..MAX_RACES {
+                if chunk.is_empty() {
+                    break;
+                }
+                let mut items = Vec::new();
+                let mut owner = Vec::new();
+                for &i in &chunk {
+                    for item in self.insert_items(&jobs[i], now_ms)? {
+                        items.push(item);
+                        owner.push(i);
+                    }
+                }
+                match self.transact(items).await {
+                    Ok(()) => {
+                        for &i in &chunk {
+                            out[i] = Some(SubmittedJob {
+                                id: jobs[i].id.clone(),
+                                state: JobState::Queued,
+                                created: true,
+                            });
+                        }
+                        chunk.clear();
+                    }
+                    Err(TxError::Other(e)) => return Err(e),
+                    Err(TxError::Cancelled(reasons)) => {
+                        let mut resolved = HashSet::new();
+                        for (pos, reason) in reasons.iter().enumerate() {
+                            if reason.as_deref() != Some("ConditionalCheckFailed") {
+                                continue;
+                            }
+                            let Some(&i) = owner.get(pos) else { continue };
+                            match &jobs[i].spec.idempotency_key {
+                                Some(k) => {
+                                    if let Some(existing) = self.existing_for_key(k).await? {
+                                        out[i] = Some(existing);
+                                        resolved.insert(i);
+                                    }
+                                }
+                                None => {
+                                    return Err(StoreError::Conflict(format!(
+                                        "job id {} exists already",
+                                        jobs[i].id
+                                    )))
+                                }
+                            }
+                        }
+                        chunk.retain(|i| !resolved.contains(i));
+                    }
+                }
+            }
+            if !chunk.is_empty() {
+                return Err(StoreError::Backend(
+                    "submit kept conflicting with concurrent submits; try again".into(),
+                ));
+            }
+        }
+        for (i, job) in jobs.iter().enumerate() {
+            if out[i].is_none() {
+                let first = job
+                    .spec
+                    .idempotency_key
+                    .as_ref()
+                    .and_then(|k| first_with_key.get(k))
+                    .and_then(|&f| out[f].clone());
+                out[i] = first.map(|f| SubmittedJob {
+                    created: false,
+                    ..f
+                });
+            }
+        }
+        out.into_iter()
+            .map(|o| {
+                o.ok_or_else(|| StoreError::Backend("a submitted job was not resolved".into()))
+            })
+            .collect()
+    }
+
+    async fn get_job(&self, job_id: &str) -> StoreResult<Job> {
+        self.load_job(job_id).await
+    }
+
+    async fn list_jobs(
+        &self,
+        filter: &JobFilter,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> StoreResult<Page<Job>> {
+        let limit = limit.clamp(1, 1000);
+        let (mut day, mut before) = match cursor {
+            Some(c) => {
+                let (day, id) = decode_cursor(c)?;
+                (day, Some(id))
+            }
+            None => (now_wall_ms().div_euclid(DAY_MS) + 1, None),
+        };
+        let Some(first_day) = self
+            .get("META".into(), "LISTING")
+            .await?
+            .and_then(|i| get_n::<i64>(&i, "first_day"))
+        else {
+            return Ok(Page {
+                items: Vec::new(),
+                next_cursor: None,
+            });
+        };
+        let mut found: Vec<(i64, Job)> = Vec::new();
+        while day >= first_day && found.len() <= limit {
+            let below = before.take().unwrap_or_else(|| "\u{7f}".to_string());
+            let mut expr = Expr::new();
+            let cond = format!(
+                "{} = {} AND {} < {}",
+                expr.name("gsi3pk"),
+                expr.value(s(format!("L#{day:06}"))),
+                expr.name("gsi3sk"),
+                expr.value(s(below))
+            );
+            let mut start = None;
+            loop {
+                let resp = self
+                    .client
+                    .query()
+                    .table_name(&*self.table)
+                    .index_name(LIST_INDEX)
+                    .key_condition_expression(&cond)
+                    .set_expression_attribute_names(expr.names())
+                    .set_expression_attribute_values(expr.values())
+                    .scan_index_forward(false)
+                    .limit((limit + 1).min(100) as i32)
+                    .set_exclusive_start_key(start)
+                    .send()
+                    .await
+                    .map_err(|e| aws_err("Query", e))?;
+                let ids: Vec<String> = resp
+                    .items
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|i| get_s(i, "gsi3sk").map(str::to_string))
+                    .collect();
+                let rows = self.load_rows(&ids).await?;
+                let matching: Vec<&JobRow> = ids
+                    .iter()
+                    .filter_map(|id| rows.get(id))
+                    .filter(|r| {
+                        filter.state.is_none_or(|s| r.state == s)
+                            && filter.pool.as_ref().is_none_or(|p| &r.pool == p)
+                            && filter.name.as_ref().is_none_or(|n| &r.name == n)
+                    })
+                    .collect();
+                let wanted: Vec<String> = matching
+                    .iter()
+                    .take(limit + 1 - found.len())
+                    .map(|r| r.id.clone())
+                    .collect();
+                let specs = self.load_specs(&wanted).await?;
+                for row in matching.into_iter().take(wanted.len()) {
+                    let spec = specs.get(&row.id).cloned().ok_or_else(|| {
+                        StoreError::Backend(format!("job {} has no spec item", row.id))
+                    })?;
+                    found.push((day, row.to_job(spec)));
+                }
+                match resp.last_evaluated_key {
+                    Some(k) if !k.is_empty() && found.len() <= limit => start = Some(k),
+                    _ => break,
+                }
+            }
+            day -= 1;
+        }
+        let next_cursor = if found.len() > limit {
+            found.truncate(limit);
+            found.last().map(|(day, job)| encode_cursor(*day, &job.id))
+        } else {
+            None
+        };
+        Ok(Page {
+            items: found.into_iter().map(|(_, j)| j).collect(),
+            next_cursor,
+        })
+    }
+
+    async fn events(&self, job_id: &str) -> StoreResult<Vec<JobEvent>> {
+        let row = self
+            .load_row(job_id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("job {job_id}")))?;
+        let mut expr = Expr::new();
+        let cond = format!(
+            "{} = {} AND begins_with({}, {})",
+            expr.name("pk"),
+            expr.value(s(job_pk(job_id))),
+            expr.name("sk"),
+            expr.value(s("EV#"))
+        );
+        let mut items = Vec::new();
+        let mut start = None;
+        loop {
+            let resp = self
+                .client
+                .query()
+                .table_name(&*self.table)
+                .key_condition_expression(&cond)
+                .set_expression_attribute_names(expr.names())
+                .set_expression_attribute_values(expr.values())
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| aws_err("Query", e))?;
+            items.extend(resp.items.unwrap_or_default());
+            match resp.last_evaluated_key {
+                Some(k) if !k.is_empty() => start = Some(k),
+                _ => break,
+            }
+        }
+        let mut events = items
+            .iter()
+            .map(|item| {
+                Ok(JobEvent {
+                    seq: 0,
+                    at_ms: req_n(item, "at")?,
+                    attempt: req_n(item, "attempt")?,
+                    state: parse_state(&req_s(item, "state")?)?,
+                    agent_id: get_s(item, "agent").map(str::to_string),
+                    reason: req_s(item, "reason")?,
+                })
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        // The claim's event is written by the next transition; until then
+        // it is the newest event (the state item read came first, so a
+        // concurrent flush can only make it appear twice: skip a duplicate).
+        if let Some(lease) = row.pending_lease_event() {
+            let flushed = events
+                .iter()
+                .any(|e| e.attempt == lease.attempt && e.state == JobState::Leased);
+            if !flushed {
+                events.push(lease);
+            }
+        }
+        for (i, event) in events.iter_mut().enumerate() {
+            event.seq = i as u64 + 1;
+        }
+        Ok(events)
+    }
+
+    async fn claim(
+        &self,
+        offer: &ClaimOffer,
+        scan_limit: usize,
+        now_ms: i64,
+    ) -> StoreResult<Vec<ClaimedJob>> {
+        let session = self.get(session_pk(&offer.session_id), "SESSION").await?;
+        let live = session.as_ref().is_some_and(|i| {
+            !get_b(i, "gone") && get_n::<i64>(i, "expires").is_some_and(|e| e >= now_ms)
+        });
+        if !live {
+            return Err(StoreError::Conflict(format!(
+                "session {} has expired or ended; register again",
+                offer.session_id
+            )));
+        }
+        if offer.max_jobs == 0 {
+            return Ok(Vec::new());
+        }
+        if let Some(pool) = self.get(pool_pk(&offer.pool), "POOL").await? {
+            if get_b(&pool, "paused") {
+                return Ok(Vec::new());
+            }
+        }
+        // Start at a random shard so claimers spread over them.
+        let first = rand::random::<u32>() % self.shards;
+        let mut free = offer.free.clone();
+        let mut leases = Vec::new();
+        // A round that lost every race it ran saw a stale queue head: look
+        // again (bounded), so contention never reads as an empty queue.
+        for _round in 0..CLAIM_ROUNDS {
+            let mut lost_any = false;
+            for k in 0..self.shards {
+                if leases.len() >= offer.max_jobs as usize {
+                    break;
+                }
+                let shard = (first + k) % self.shards;
+                self.promote_due(&offer.pool, shard, now_ms).await?;
+                let mut candidates = self.queue_head(&offer.pool, shard, scan_limit).await?;
+                let mut i = 0;
+                while i < candidates.len() && leases.len() < offer.max_jobs as usize {
+                    let candidate = &candidates[i];
+                    i += 1;
+                    let wants = Resources {
+                        cpu_millis: get_n(candidate, "cpu").unwrap_or(0),
+                        memory_mib: get_n(candidate, "mem").unwrap_or(0),
+                        gpus: get_n(candidate, "gpus").unwrap_or(0),
+                        disk_gib: get_n(candidate, "disk").unwrap_or(0),
+                        gpu_model: get_s(candidate, "gmodel").map(str::to_string),
+                    };
+                    if !wants.fits_in(&free)
+                        || !constraints_of(candidate)
+                            .iter()
+                            .all(|(k, v)| offer.labels.get(k) == Some(v))
+                    {
+                        continue;
+                    }
+                    match self.try_claim(candidate, offer, now_ms).await? {
+                        Some(lease) => {
+                            free.cpu_millis -= wants.cpu_millis;
+                            free.memory_mib -= wants.memory_mib;
+                            free.gpus -= wants.gpus;
+                            free.disk_gib -= wants.disk_gib;
+                            leases.push(lease);
+                        }
+                        None => {
+                            // Contended: spread over the rest of the head
+                            // instead of racing the other claimers in order.
+                            if !lost_any {
+                                use rand::seq::SliceRandom;
+                                candidates[i..].shuffle(&mut rand::thread_rng());
+                            }
+                            lost_any = true;
+                        }
+                    }
+                }
+            }
+            if !lost_any || leases.len() >= offer.max_jobs as usize {
+                break;
+            }
+        }
+        let ids: Vec<String> = leases.iter().map(|l| l.job_id.clone()).collect();
+        let mut specs = self.load_specs(&ids).await?;
+        leases
+            .into_iter()
+            .map(|lease| {
+                let spec = specs.remove(&lease.job_id).ok_or_else(|| {
+                    StoreError::Backend(format!("job {} has no spec item", lease.job_id))
+                })?;
+                Ok(ClaimedJob { lease, spec })
+            })
+            .collect()
+    }
+
+    async fn start(&self, lease: &LeaseRef, now_ms: i64) -> StoreResult<()> {
+        let result = self
+            .mutate(&lease.job_id, |row| {
+                if !row.holds(lease) {
+                    return Err(lease_lost(lease));
+                }
+                if row.state == JobState::Running {
+                    return Ok(Step::Keep(()));
+                }
+                row.state = JobState::Running;
+                row.started_at_ms = Some(now_ms);
+                row.updated_at_ms = now_ms;
+                let t =
+                    Transition::event(JobState::Running, row.agent_id.clone(), "started".into());
+                Ok(Step::Write((), t))
+            })
+            .await;
+        match result {
+            Err(StoreError::NotFound(_)) => Err(lease_lost(lease)),
+            other => other,
+        }
+    }
+
+    async fn check_lease(&self, lease: &LeaseRef) -> StoreResult<()> {
+        match self.load_row(&lease.job_id).await? {
+            Some(row) if row.holds(lease) => Ok(()),
+            _ => Err(lease_lost(lease)),
+        }
+    }
+
+    async fn complete(
+        &self,
+        lease: &LeaseRef,
+        completion: &Completion,
+        now_ms: i64,
+    ) -> StoreResult<JobState> {
+        let result = self
+            .mutate(&lease.job_id, |row| {
+                if !row.holds(lease) {
+                    let repeat = row.done.as_ref().is_some_and(|(a, sid, outcome, exit)| {
+                        *a == lease.attempt
+                            && *sid == lease.session_id
+                            && outcome == completion.outcome.as_str()
+                            && *exit == completion.exit_code
+                    });
+                    return if repeat {
+                        Ok(Step::Keep(row.state))
+                    } else {
+                        Err(lease_lost(lease))
+                    };
+                }
+                let t = row.complete(lease, completion, now_ms);
+                Ok(Step::Write(row.state, t))
+            })
+            .await;
+        match result {
+            Err(StoreError::NotFound(_)) => Err(lease_lost(lease)),
+            other => other,
+        }
+    }
+
+    async fn cancel(&self, job_id: &str, now_ms: i64) -> StoreResult<Job> {
+        self.mutate(job_id, |row| match row.state {
+            JobState::Pending | JobState::Queued => {
+                row.state = JobState::Cancelled;
+                row.cancel_requested = true;
+                row.updated_at_ms = now_ms;
+                row.finished_at_ms = Some(now_ms);
+                row.reason = Some("cancelled by request".into());
+                Ok(Step::Write(
+                    (),
+                    Transition::event(JobState::Cancelled, None, "cancelled by request".into()),
+                ))
+            }
+            JobState::Leased | JobState::Running if !row.cancel_requested => {
+                row.cancel_requested = true;
+                row.updated_at_ms = now_ms;
+                Ok(Step::Write(
+                    (),
+                    Transition::event(
+                        row.state,
+                        row.agent_id.clone(),
+                        "cancel requested; the agent is stopping the job".into(),
+                    ),
+                ))
+            }
+            JobState::Leased | JobState::Running | JobState::Cancelled => Ok(Step::Keep(())),
+            state => Err(StoreError::Conflict(format!(
+                "job {job_id} already finished ({state}); nothing to cancel"
+            ))),
+        })
+        .await?;
+        self.load_job(job_id).await
+    }
+
+    async fn retry(&self, job_id: &str, now_ms: i64) -> StoreResult<Job> {
+        self.mutate(job_id, |row| {
+            if !row.state.is_terminal() {
+                return Err(StoreError::Conflict(format!(
+                    "job {job_id} is {}; only finished jobs can be retried (cancel it first)",
+                    row.state
+                )));
+            }
+            row.state = JobState::Queued;
+            row.failures = 0;
+            row.infra_retries = 0;
+            row.cancel_requested = false;
+            row.not_before_ms = 0;
+            row.enqueued_at_ms = now_ms;
+            row.session_id = None;
+            row.started_at_ms = None;
+            row.finished_at_ms = None;
+            row.exit_code = None;
+            row.reason = Some("retried by request".into());
+            row.updated_at_ms = now_ms;
+            Ok(Step::Write(
+                (),
+                Transition::event(JobState::Queued, None, "retried by request".into()),
+            ))
+        })
+        .await?;
+        self.load_job(job_id).await
+    }
+
+    async fn create_session(&self, session: &NewSession, now_ms: i64) -> StoreResult<()> {
+        let mut item = key(session_pk(&session.session_id), "SESSION");
+        for (k, v) in [
+            ("session_id", s(&session.session_id)),
+            ("token_hash", s(&session.token_hash)),
+            ("agent_id", s(&session.agent_id)),
+            ("pool", s(&session.pool)),
+            ("hostname", s(&session.hostname)),
+            (
+                "labels",
+                s(serde_json::to_string(&session.labels).map_err(json_err)?),
+            ),
+            (
+                "capacity",
+                s(serde_json::to_string(&session.capacity).map_err(json_err)?),
+            ),
+            ("runtime", s(&session.runtime)),
+            ("version", s(&session.version)),
+            ("health_addr", s(&session.health_addr)),
+            ("ttl_ms", n(session.ttl_ms)),
+            ("created", n(now_ms)),
+            ("expires", n(now_ms + session.ttl_ms as i64)),
+            ("last_heartbeat", n(now_ms)),
+            ("gone", b(false)),
+            ("draining", b(false)),
+            ("drain_requested", b(false)),
+            ("gsi2pk", s("SESSIONS")),
+            ("gsi2sk", s(&session.session_id)),
+        ] {
+            item.insert(k.to_string(), v);
+        }
+        let created = self
+            .client
+            .put_item()
+            .table_name(&*self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(#pk)")
+            .expression_attribute_names("#pk", "pk")
+            .send()
+            .await;
+        match created {
+            Ok(_) => {}
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                return Err(StoreError::Conflict(format!(
+                    "session {} exists already",
+                    session.session_id
+                )))
+            }
+            Err(e) => return Err(aws_err("PutItem", e)),
+        }
+        // Largest capacity seen in the pool: read, merge, conditional write.
+        for _ in 0..MAX_RACES {
+            let current = self.get(pool_pk(&session.pool), "POOL").await?;
+            let stored = current
+                .as_ref()
+                .and_then(|i| get_s(i, "largest"))
+                .map(str::to_string);
+            let largest = stored
+                .as_deref()
+                .map(serde_json::from_str::<Resources>)
+                .transpose()
+                .map_err(json_err)?;
+            let merged = largest_of(largest.clone(), &session.capacity);
+            if largest.as_ref() == Some(&merged) {
+                break;
+            }
+            let mut expr = Expr::new();
+            expr.set(
+                "largest",
+                s(serde_json::to_string(&merged).map_err(json_err)?),
+            )
+            .set("name", s(&session.pool))
+            .set("gsi2pk", s("POOLS"))
+            .set("gsi2sk", s(&session.pool));
+            match stored {
+                Some(old) => expr.when_eq("largest", s(old)),
+                None => expr.when_absent("largest"),
+            };
+            if self
+                .update_item(
+                    key(pool_pk(&session.pool), "POOL"),
+                    &expr,
+                    ReturnValue::None,
+                )
+                .await?
+                .is_some()
+            {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    async fn session_auth(&self, session_id: &str) -> StoreResult<SessionAuth> {
+        let item = self
+            .get(session_pk(session_id), "SESSION")
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("session {session_id}")))?;
+        Ok(SessionAuth {
+            session_id: session_id.to_string(),
+            token_hash: req_s(&item, "token_hash")?,
+            agent_id: req_s(&item, "agent_id")?,
+            pool: req_s(&item, "pool")?,
+            labels: serde_json::from_str(&req_s(&item, "labels")?).map_err(json_err)?,
+            ttl_ms: req_n(&item, "ttl_ms")?,
+            expires_at_ms: req_n(&item, "expires")?,
+            gone: get_b(&item, "gone"),
+        })
+    }
+
+    async fn resume_session(&self, session_id: &str, now_ms: i64) -> StoreResult<Vec<LeaseRef>> {
+        let mut expr = renewal(now_ms);
+        if self
+            .update_item(
+                key(session_pk(session_id), "SESSION"),
+                &expr_live(&mut expr, now_ms),
+                ReturnValue::None,
+            )
+            .await?
+            .is_none()
+        {
+            return Err(StoreError::Conflict(format!(
+                "session {session_id} has expired or ended"
+            )));
+        }
+        Ok(self
+            .held_by(session_id)
+            .await?
+            .into_iter()
+            .map(|r| LeaseRef {
+                job_id: r.id,
+                attempt: r.attempt,
+                session_id: session_id.to_string(),
+            })
+            .collect())
+    }
+
+    async fn heartbeat(
+        &self,
+        session_id: &str,
+        running: &[LeaseRef],
+        draining: bool,
+        now_ms: i64,
+    ) -> StoreResult<HeartbeatAnswer> {
+        let mut expr = renewal(now_ms);
+        if draining {
+            expr.set("draining", b(true));
+        }
+        let Some(session) = self
+            .update_item(
+                key(session_pk(session_id), "SESSION"),
+                &expr_live(&mut expr, now_ms),
+                ReturnValue::AllNew,
+            )
+            .await?
+        else {
+            return Err(StoreError::Conflict(format!(
+                "session {session_id} has expired or ended; register again"
+            )));
+        };
+        let expires: i64 = req_n(&session, "expires")?;
+        let mut answer = HeartbeatAnswer {
+            remaining_ms: (expires - now_ms).max(0) as u64,
+            drain: get_b(&session, "drain_requested"),
+            ..HeartbeatAnswer::default()
+        };
+        // Leases the index knows of plus the reported ones, all confirmed by
+        // one consistent batch read.
+        let mut ids: Vec<String> = self
+            .query_index(OWNER_INDEX, "gsi2pk", format!("S#{session_id}"), None)
+            .await?
+            .iter()
+            .filter_map(|i| get_s(i, "gsi2sk").map(str::to_string))
+            .collect();
+        ids.extend(
+            running
+                .iter()
+                .filter(|l| l.session_id == session_id)
+                .map(|l| l.job_id.clone()),
+        );
+        let rows = self.load_rows(&ids).await?;
+        for lease in running {
+            let row = rows.get(&lease.job_id);
+            let held = lease.session_id == session_id && row.is_some_and(|r| r.holds(lease));
+            // A lease this session has just completed is not lost: the agent
+            // simply has not dropped it from its list yet.
+            let completed_here = lease.session_id == session_id
+                && row
+                    .and_then(|r| r.done.as_ref())
+                    .is_some_and(|(a, sid, _, _)| *a == lease.attempt && sid == session_id);
+            if !held && !completed_here {
+                answer.lost.push(lease.clone());
+            }
+        }
+        // A heartbeat sent before the agent saw a Claim answer cannot list
+        // that lease: only leases older than about one heartbeat interval
+        // (TTL/6 with the defaults) count as missing from a report.
+        let ttl_ms: i64 = req_n(&session, "ttl_ms")?;
+        let expected_before = now_ms - ttl_ms / 6;
+        let mut held: Vec<&JobRow> = rows
+            .values()
+            .filter(|r| {
+                r.session_id.as_deref() == Some(session_id)
+                    && matches!(r.state, JobState::Leased | JobState::Running)
+            })
+            .collect();
+        held.sort_by(|a, b| a.id.cmp(&b.id));
+        for row in held {
+            let lease = LeaseRef {
+                job_id: row.id.clone(),
+                attempt: row.attempt,
+                session_id: session_id.to_string(),
+            };
+            if running.contains(&lease) {
+                if row.missed_reports != 0 {
+                    self.set_missed(&lease, 0).await?;
+                }
+                if row.cancel_requested {
+                    answer.cancel.push(lease);
+                }
+            } else if row.leased_at_ms.unwrap_or(0) > expected_before {
+                continue;
+            } else if row.missed_reports + 1 >= 2 {
+                if self
+                    .requeue_lease(&lease, "lease never reported by its agent", now_ms)
+                    .await?
+                    .is_some()
+                {
+                    answer.requeued_unreported.push(lease);
+                }
+            } else {
+                self.set_missed(&lease, row.missed_reports + 1).await?;
+            }
+        }
+        Ok(answer)
+    }
+
+    async fn end_session(
+        &self,
+        session_id: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> StoreResult<EndedSession> {
+        let item = self
+            .get(session_pk(session_id), "SESSION")
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("session {session_id}")))?;
+        if !get_b(&item, "gone") {
+            let mut expr = Expr::new();
+            expr.set("gone", b(true))
+                .set("ended", n(now_ms))
+                .set(
+                    "gsi2pk",
+                    s(format!("GONE#{:06}", now_ms.div_euclid(DAY_MS))),
+                )
+                .set(TTL_ATTRIBUTE, ttl_secs(now_ms + self.retention_ms))
+                .when_eq("gone", b(false));
+            self.update_item(
+                key(session_pk(session_id), "SESSION"),
+                &expr,
+                ReturnValue::None,
+            )
+            .await?;
+        }
+        let mut ended = EndedSession {
+            session_id: session_id.to_string(),
+            ..EndedSession::default()
+        };
+        for row in self.held_by(session_id).await? {
+            let lease = LeaseRef {
+                job_id: row.id.clone(),
+                attempt: row.attempt,
+                session_id: session_id.to_string(),
+            };
+            match self.requeue_lease(&lease, reason, now_ms).await? {
+                Some(JobState::Queued) => ended.requeued.push(row.id),
+                Some(_) => ended.finished.push(row.id),
+                None => {}
+            }
+        }
+        Ok(ended)
+    }
+
+    async fn expired_sessions(&self, before_ms: i64) -> StoreResult<Vec<String>> {
+        let mut out: Vec<String> = self
+            .live_session_items()
+            .await?
+            .iter()
+            .filter(|i| get_n::<i64>(i, "expires").is_some_and(|e| e < before_ms))
+            .filter_map(|i| get_s(i, "session_id").map(str::to_string))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    async fn live_sessions(&self) -> StoreResult<u64> {
+        Ok(self.live_session_items().await?.len() as u64)
+    }
+
+    async fn reap_jobs(
+        &self,
+        grace_ms: i64,
+        start_deadline_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<ReapedJobs> {
+        let mut reaped = ReapedJobs::default();
+        let sessions = self.sessions_since(now_ms - GONE_RESCAN_MS, now_ms).await?;
+        for session in sessions {
+            let session_id = req_s(&session, "session_id")?;
+            for row in self.held_by(&session_id).await? {
+                let lease = LeaseRef {
+                    job_id: row.id.clone(),
+                    attempt: row.attempt,
+                    session_id: session_id.clone(),
+                };
+                if row.state == JobState::Leased {
+                    if row
+                        .leased_at_ms
+                        .is_some_and(|t| t + start_deadline_ms < now_ms)
+                        && self
+                            .requeue_lease(&lease, "not started within the start deadline", now_ms)
+                            .await?
+                            .is_some()
+                    {
+                        reaped.not_started.push(lease);
+                    }
+                    continue;
+                }
+                if row.timeout_secs == 0 {
+                    continue;
+                }
+                let deadline =
+                    row.started_at_ms.unwrap_or(now_ms) + row.timeout_secs as i64 * 1000 + grace_ms;
+                if deadline >= now_ms {
+                    continue;
+                }
+                let completion = Completion {
+                    outcome: OutcomeKind::TimedOut,
+                    exit_code: None,
+                    reason: format!(
+                        "timed out after {}s (enforced by the coordinator)",
+                        row.timeout_secs
+                    ),
+                };
+                let applied = self
+                    .mutate(&lease.job_id, |row| {
+                        if !row.holds(&lease) {
+                            return Ok(Step::Keep(false));
+                        }
+                        let t = row.complete(&lease, &completion, now_ms);
+                        Ok(Step::Write(true, t))
+                    })
+                    .await?;
+                if applied {
+                    reaped.timed_out.push(lease);
+                }
+            }
+        }
+        Ok(reaped)
+    }
+
+    async fn request_drain(&self, agent_id: &str, now_ms: i64) -> StoreResult<Agent> {
+        let mut sessions: Vec<Item> = self
+            .live_session_items()
+            .await?
+            .into_iter()
+            .filter(|i| {
+                get_s(i, "agent_id") == Some(agent_id)
+                    && get_n::<i64>(i, "expires").is_some_and(|e| e >= now_ms)
+            })
+            .collect();
+        if sessions.is_empty() {
+            return Err(StoreError::NotFound(format!(
+                "agent {agent_id} (no live session; see `drover agents`)"
+            )));
+        }
+        for session in &mut sessions {
+            let pk = req_s(session, "pk")?;
+            let mut expr = Expr::new();
+            expr.set("drain_requested", b(true)).when_present("pk");
+            self.update_item(key(pk, "SESSION"), &expr, ReturnValue::None)
+                .await?;
+            session.insert("drain_requested".into(), b(true));
+        }
+        sessions.sort_by_key(|i| get_n::<i64>(i, "created").unwrap_or(0));
+        let newest = sessions
+            .last()
+            .ok_or_else(|| StoreError::NotFound(format!("agent {agent_id} (no live session)")))?;
+        self.agent_of(newest, now_ms).await
+    }
+
+    async fn list_agents(&self, now_ms: i64, recent_ms: i64) -> StoreResult<Vec<Agent>> {
+        let mut agents = Vec::new();
+        for item in self.sessions_since(now_ms - recent_ms, now_ms).await? {
+            agents.push(self.agent_of(&item, now_ms).await?);
+        }
+        agents.sort_by(|a, b| {
+            (&a.pool, &a.agent_id, a.registered_at_ms).cmp(&(
+                &b.pool,
+                &b.agent_id,
+                b.registered_at_ms,
+            ))
+        });
+        Ok(agents)
+    }
+
+    async fn pools(&self, now_ms: i64) -> StoreResult<Vec<Pool>> {
+        let keys = self
+            .query_index(OWNER_INDEX, "gsi2pk", "POOLS".into(), None)
+            .await?
+            .iter()
+            .filter_map(|i| get_s(i, "pk").map(|pk| key(pk, "POOL")))
+            .collect();
+        let mut pools: BTreeMap<String, Pool> = BTreeMap::new();
+        for item in self.batch_get(keys, false).await? {
+            let name = req_s(&item, "name")?;
+            pools.insert(
+                name.clone(),
+                Pool {
+                    pool: name,
+                    queued: 0,
+                    running: 0,
+                    agents: 0,
+                    paused: get_b(&item, "paused"),
+                    oldest_queued_age_ms: None,
+                },
+            );
+        }
+        for pool in pools.values_mut() {
+            let mut oldest: Option<i64> = None;
+            for shard in 0..self.shards {
+                for partition in [
+                    format!("Q#{}#{shard}", pool.pool),
+                    format!("D#{}#{shard}", pool.pool),
+                ] {
+                    for item in self
+                        .query_index(QUEUE_INDEX, "gsi1pk", partition, None)
+                        .await?
+                    {
+                        pool.queued += 1;
+                        if let Some(created) = get_n::<i64>(&item, "created") {
+                            oldest = Some(oldest.map_or(created, |o| o.min(created)));
+                        }
+                    }
+                }
+            }
+            pool.oldest_queued_age_ms = oldest.map(|o| now_ms - o);
+        }
+        let mut agents: BTreeMap<String, HashSet<String>> = BTreeMap::new();
+        for session in self.live_session_items().await? {
+            let pool_name = req_s(&session, "pool")?;
+            let session_id = req_s(&session, "session_id")?;
+            let running = self
+                .count_index(OWNER_INDEX, "gsi2pk", format!("S#{session_id}"))
+                .await?;
+            let pool = pools.entry(pool_name.clone()).or_insert_with(|| Pool {
+                pool: pool_name.clone(),
+                queued: 0,
+                running: 0,
+                agents: 0,
+                paused: false,
+                oldest_queued_age_ms: None,
+            });
+            pool.running += running;
+            if get_n::<i64>(&session, "expires").is_some_and(|e| e >= now_ms) {
+                agents
+                    .entry(pool_name)
+                    .or_default()
+                    .insert(req_s(&session, "agent_id")?);
+            }
+        }
+        for (name, ids) in agents {
+            if let Some(pool) = pools.get_mut(&name) {
+                pool.agents = ids.len() as u64;
+            }
+        }
+        Ok(pools.into_values().collect())
+    }
+
+    async fn set_pool_paused(&self, pool: &str, paused: bool) -> StoreResult<()> {
+        let mut expr = Expr::new();
+        expr.set("paused", b(paused))
+            .set("name", s(pool))
+            .set("gsi2pk", s("POOLS"))
+            .set("gsi2sk", s(pool));
+        self.update_item(key(pool_pk(pool), "POOL"), &expr, ReturnValue::None)
+            .await?;
+        Ok(())
+    }
+
+    async fn pool_capacity(&self, pool: &str) -> StoreResult<PoolCapacity> {
+        let Some(item) = self.get(pool_pk(pool), "POOL").await? else {
+            return Ok(PoolCapacity::default());
+        };
+        Ok(PoolCapacity {
+            paused: get_b(&item, "paused"),
+            largest: get_s(&item, "largest")
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(json_err)?,
+        })
+    }
+}
+
+impl DynamoStore {
+    /// Sets a held job's missed-report counter (no event: not a transition).
+    async fn set_missed(&self, lease: &LeaseRef, missed: u32) -> StoreResult<()> {
+        let result = self
+            .mutate(&lease.job_id, |row| {
+                if !row.holds(lease) || row.missed_reports == missed {
+                    return Ok(Step::Keep(()));
+                }
+                row.missed_reports = missed;
+                Ok(Step::Write((), Transition::silent()))
+            })
+            .await;
+        match result {
+            Err(StoreError::NotFound(_)) => Ok(()),
+            other => other,
+        }
+    }
+}
+
+/// `SET expires = :now + ttl_ms, last_heartbeat = :now`.
+fn renewal(now_ms: i64) -> Expr {
+    let mut expr = Expr::new();
+    let now = expr.value(n(now_ms));
+    let ttl = expr.name("ttl_ms");
+    expr.set_raw("expires", format!("{now} + {ttl}"))
+        .set("last_heartbeat", n(now_ms));
+    expr
+}
+
+/// Adds "the session exists, is not gone and has not expired".
+fn expr_live(expr: &mut Expr, now_ms: i64) -> Expr {
+    expr.when_present("pk").when_eq("gone", b(false));
+    let expires = expr.name("expires");
+    let now = expr.value(n(now_ms));
+    expr.when(format!("{expires} >= {now}"));
+    std::mem::take(expr)
+}
