@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::{Auth, Backoff, CallError, Client, CALL_TIMEOUT};
 use crate::config::AgentConfig;
+use crate::gpu::{GpuInventory, GpuLease, GpuPool, NvmlInventory};
 use crate::job;
 use crate::metrics::Metrics;
 use crate::runtime::{Runtime, StopOrder};
@@ -36,6 +37,8 @@ pub(crate) struct JobEntry {
     pub lease: v1::LeaseRef,
     pub resources: v1::Resources,
     pub orders: watch::Sender<Option<StopOrder>>,
+    /// The job's GPUs: back in the pool when the entry leaves the table.
+    pub _gpus: GpuLease,
 }
 
 /// The current session and the token that ends its loops when it is fenced.
@@ -63,6 +66,8 @@ pub(crate) struct State {
 pub(crate) struct Shared {
     pub config: AgentConfig,
     pub capacity: v1::Resources,
+    /// Which GPUs are free; the only place GPUs are handed out.
+    pub gpus: Arc<GpuPool>,
     pub runtime: Arc<dyn Runtime>,
     pub client: Client,
     pub metrics: Metrics,
@@ -213,7 +218,20 @@ impl Agent {
     /// claim/heartbeat loops in the background. Retries while the coordinator
     /// is unreachable; fails at once when it rejects the join token.
     pub async fn start(config: AgentConfig) -> anyhow::Result<Agent> {
+        let nvml = tokio::task::spawn_blocking(NvmlInventory::probe)
+            .await
+            .context("the GPU inventory task failed")?;
+        Agent::start_with_gpus(config, &nvml).await
+    }
+
+    /// [`start`](Self::start) with the GPUs of `inventory` instead of NVML's
+    /// (tests, hosts whose GPUs are described another way).
+    pub async fn start_with_gpus(
+        config: AgentConfig,
+        inventory: &dyn GpuInventory,
+    ) -> anyhow::Result<Agent> {
         config.validate()?;
+        let gpus = GpuPool::new(inventory.devices());
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
             format!(
                 "cannot create data dir {} — is it writable? (DROVER_DATA_DIR)",
@@ -240,7 +258,8 @@ impl Agent {
             })?;
         let health_addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
-            capacity: resources::capacity(&config),
+            capacity: resources::capacity(&config, &gpus),
+            gpus,
             config,
             runtime,
             client,
@@ -270,6 +289,7 @@ impl Agent {
             health = %health_addr,
             cpu_millis = shared.capacity.cpu_millis,
             memory_mib = shared.capacity.memory_mib,
+            gpus = shared.capacity.gpus,
             max_jobs = shared.config.max_jobs,
             "agent starting"
         );
@@ -410,6 +430,7 @@ async fn register(
     labels.insert("platform".into(), "local".into());
     labels.insert("arch".into(), std::env::consts::ARCH.into());
     labels.insert("os".into(), std::env::consts::OS.into());
+    labels.extend(resources::gpu_labels(&shared.gpus));
     let agent = v1::AgentInfo {
         agent_id: config.agent_id.clone(),
         pool: config.pool.clone(),
@@ -622,7 +643,7 @@ fn accept_lease(shared: &Arc<Shared>, session: &SessionState, lease: v1::Lease) 
     Metrics::inc(&shared.metrics.leases_claimed);
     let (orders_tx, orders_rx) = watch::channel(None);
     let resources = payload.resources.clone().unwrap_or_default();
-    {
+    let devices = {
         let mut st = shared.state();
         let same_session = st
             .session
@@ -632,41 +653,62 @@ fn accept_lease(shared: &Arc<Shared>, session: &SessionState, lease: v1::Lease) 
             // Our session is gone; the coordinator requeues the lease.
             return;
         }
-        if st.phase != Phase::Running {
-            drop(st);
-            let shared = shared.clone();
-            let auth = session.auth.clone();
-            tokio::spawn(async move {
-                job::complete(
-                    &shared,
-                    &auth,
-                    &lease_ref,
-                    v1::Outcome::Interrupted,
-                    None,
-                    "agent is draining".into(),
-                    None,
-                )
-                .await;
-            });
-            return;
-        }
+        let admitted = if st.phase != Phase::Running {
+            Err("agent is draining".to_string())
+        } else {
+            let model = (!resources.gpu_model.is_empty()).then_some(resources.gpu_model.as_str());
+            shared.gpus.acquire(resources.gpus, model).map_err(|e| {
+                tracing::warn!(job = %lease_name(&lease_ref), "cannot run a leased job: {e}");
+                format!("agent {}: {e}", shared.config.agent_id)
+            })
+        };
+        let gpus = match admitted {
+            Ok(gpus) => gpus,
+            Err(reason) => {
+                drop(st);
+                // Not the job's fault: requeued on the infra budget.
+                let shared = shared.clone();
+                let auth = session.auth.clone();
+                tokio::spawn(async move {
+                    job::complete(
+                        &shared,
+                        &auth,
+                        &lease_ref,
+                        v1::Outcome::Interrupted,
+                        None,
+                        reason,
+                        None,
+                    )
+                    .await;
+                });
+                return;
+            }
+        };
+        let devices = gpus.devices();
         st.jobs.insert(
             key(&lease_ref),
             JobEntry {
                 lease: lease_ref.clone(),
                 resources,
                 orders: orders_tx,
+                _gpus: gpus,
             },
         );
         let n = st.jobs.len();
         drop(st);
         shared.jobs_count.send_replace(n);
-    }
+        devices
+    };
     tracing::info!(job = %lease_name(&lease_ref), name = %payload.name, "leased job");
     let shared = shared.clone();
     let auth = session.auth.clone();
     tokio::spawn(async move {
-        let k = key(&lease_ref);
+        // Whatever ends this task, the job leaves the table and its GPUs
+        // return to the pool.
+        let _entry = RemoveOnDrop {
+            shared: shared.clone(),
+            key: key(&lease_ref),
+        };
         // The job runs in its own task so that a panic there is caught here
         // and becomes that job's failure.
         let inner = tokio::spawn(job::run(
@@ -674,6 +716,7 @@ fn accept_lease(shared: &Arc<Shared>, session: &SessionState, lease: v1::Lease) 
             auth.clone(),
             lease_ref.clone(),
             payload,
+            devices,
             orders_rx,
         ));
         if let Err(e) = inner.await {
@@ -695,8 +738,19 @@ fn accept_lease(shared: &Arc<Shared>, session: &SessionState, lease: v1::Lease) 
             .await;
             shared.metrics.job_finished("failed");
         }
-        shared.remove_job(&k);
     });
+}
+
+/// Removes a job from the table when dropped.
+struct RemoveOnDrop {
+    shared: Arc<Shared>,
+    key: JobKey,
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        self.shared.remove_job(&self.key);
+    }
 }
 
 /// Renews the session every interval and self-fences when its remaining

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use crate::agent::Shared;
 use crate::client::{Auth, Backoff, CallError};
+use crate::gpu::GpuDevice;
 use crate::runtime::{supervise, OutputChunk, RunSpec, StopOrder, Stream};
 
 /// Largest AppendLogs batch, in bytes of output.
@@ -25,7 +26,7 @@ fn name(lease: &v1::LeaseRef) -> String {
     format!("{}#{}", lease.job_id, lease.attempt)
 }
 
-fn spec_from(lease: &v1::LeaseRef, payload: v1::JobPayload) -> RunSpec {
+fn spec_from(lease: &v1::LeaseRef, payload: v1::JobPayload, gpus: Vec<GpuDevice>) -> RunSpec {
     RunSpec {
         job_id: lease.job_id.clone(),
         attempt: lease.attempt,
@@ -37,6 +38,7 @@ fn spec_from(lease: &v1::LeaseRef, payload: v1::JobPayload) -> RunSpec {
         workdir: (!payload.workdir.is_empty()).then(|| payload.workdir.into()),
         user: (!payload.user.is_empty()).then_some(payload.user),
         resources: payload.resources.unwrap_or_default(),
+        gpus,
         session: lease.session_id.clone(),
         // The job spec has no pull_policy yet: the image reference decides.
         pull_policy: None,
@@ -64,6 +66,7 @@ pub(crate) async fn run(
     auth: Auth,
     lease: v1::LeaseRef,
     payload: v1::JobPayload,
+    gpus: Vec<GpuDevice>,
     orders: watch::Receiver<Option<StopOrder>>,
 ) {
     let timeout = (payload.timeout_ms > 0).then(|| Duration::from_millis(payload.timeout_ms));
@@ -77,7 +80,7 @@ pub(crate) async fn run(
         shared.metrics.job_finished("lost");
         return;
     }
-    let spec = spec_from(&lease, payload);
+    let spec = spec_from(&lease, payload, gpus);
     let started = match shared.runtime.start(spec).await {
         Ok(started) => started,
         Err(e) => {

@@ -8,6 +8,7 @@
 mod agent;
 pub mod client;
 pub mod config;
+pub mod gpu;
 mod health;
 mod job;
 pub mod metrics;

@@ -591,3 +591,88 @@ async fn an_idle_agent_with_exit_when_idle_leaves_and_stops() {
         .assert_all_sessions_gone("agent-under-test")
         .await;
 }
+
+/// A job needing `gpus` GPUs that records which it got (in its log and as a
+/// file named after them in `dir`), then waits for `dir/release`.
+fn gpu_job(dir: &Path, gpus: u32, model: Option<&str>) -> JobSpec {
+    let dir = dir.display();
+    let mut spec = sh(&format!(
+        "echo \"got=$CUDA_VISIBLE_DEVICES nvidia=$NVIDIA_VISIBLE_DEVICES\"; touch \"{dir}/$CUDA_VISIBLE_DEVICES\"; \
+         i=0; while [ ! -e {dir}/release ] && [ $i -lt 3000 ]; do sleep 0.01; i=$((i+1)); done"
+    ));
+    spec.resources.gpus = gpus;
+    spec.resources.gpu_model = model.map(str::to_string);
+    spec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_jobs_get_disjoint_whole_gpus_and_give_them_back() {
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let marks = tempfile::tempdir().unwrap();
+    let coordinator = Coordinator::start(dirs.0.path(), |_| {}).await;
+    let mut config = coordinator.agent_config(dirs.1.path());
+    config.max_jobs = 8;
+    let gpus = drover_agent::gpu::FakeGpus::new(4, "NVIDIA A10G");
+    let agent = Agent::start_with_gpus(config, &gpus).await.unwrap();
+
+    let session = coordinator.wait_active("agent-under-test").await;
+    assert_eq!(session.labels["gpu_count"], "4", "{session:?}");
+    assert_eq!(session.labels["gpu_model"], "NVIDIA A10G", "{session:?}");
+
+    let mut running = Vec::new();
+    for model in [None, Some("NVIDIA A10G"), None, None] {
+        running.push(coordinator.submit(gpu_job(marks.path(), 1, model)).await);
+    }
+    let uuids: Vec<String> = {
+        let mut got = Vec::new();
+        for id in &running {
+            let log = coordinator.wait_log(id, "got=").await;
+            let uuid = log
+                .trim()
+                .strip_prefix("got=")
+                .and_then(|rest| rest.split_once(' '))
+                .map(|(uuid, _)| uuid.to_string())
+                .unwrap_or_default();
+            assert!(
+                log.trim().ends_with(&format!("nvidia={uuid}")),
+                "both variables name the same GPU: {log:?}"
+            );
+            got.push(uuid);
+        }
+        got.sort();
+        got
+    };
+    assert_eq!(
+        uuids,
+        ["GPU-fake-0", "GPU-fake-1", "GPU-fake-2", "GPU-fake-3"],
+        "four concurrent jobs, four different GPUs"
+    );
+
+    // All four GPUs are held: a fifth GPU job and a job for another model wait.
+    let fifth = coordinator.submit(gpu_job(marks.path(), 1, None)).await;
+    let h100 = coordinator
+        .submit(gpu_job(marks.path(), 1, Some("NVIDIA H100")))
+        .await;
+    let cpu_only = coordinator
+        .submit(sh("echo no-gpu=${CUDA_VISIBLE_DEVICES-unset}"))
+        .await;
+    let job = coordinator.wait_terminal(&cpu_only).await;
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    assert_eq!(coordinator.logs(&cpu_only).await, "no-gpu=unset\n");
+    assert_eq!(coordinator.job(&fifth).await.state, JobState::Queued);
+
+    // The jobs end; their GPUs go back and the fifth job gets one.
+    std::fs::write(marks.path().join("release"), "").unwrap();
+    for id in running.iter().chain([&fifth]) {
+        let job = coordinator.wait_terminal(id).await;
+        assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    }
+    assert!(coordinator.logs(&fifth).await.starts_with("got=GPU-fake-"));
+    assert_eq!(
+        coordinator.job(&h100).await.state,
+        JobState::Queued,
+        "no agent has that model"
+    );
+    agent.drain("test");
+    agent.wait().await.unwrap();
+}

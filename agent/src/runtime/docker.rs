@@ -8,7 +8,8 @@
 //! only), `/output` and `/scratch`; its output is attached before it starts,
 //! so none is lost; stopping signals its PID 1; an OOM kill is reported;
 //! [`RunningJob::cleanup`] removes the container and the attempt's dirs and
-//! keeps the image.
+//! keeps the image. Assigned GPUs become one `DeviceRequest` (driver
+//! `nvidia`, their UUIDs, capability `gpu`), so the container sees those only.
 //!
 //! `disk_gib` becomes the `size` storage option, which only some storage
 //! drivers enforce (overlay2 on xfs with `pquota`, btrfs, zfs, devicemapper).
@@ -25,7 +26,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bollard::container::LogOutput;
 use bollard::errors::Error as DockerError;
-use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
+use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig, Mount, MountType};
 use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, KillContainerOptions, ListContainersOptions,
     RemoveContainerOptions, WaitContainerOptions,
@@ -37,8 +38,8 @@ use tokio::sync::{mpsc, OnceCell};
 use super::{ExitStatus, OutputChunk, RunSpec, RunningJob, Runtime, RuntimeError, Started, Stream};
 
 mod pull;
-#[cfg(test)]
-pub(crate) mod test_image;
+#[cfg(any(test, feature = "test-image"))]
+pub mod test_image;
 
 pub use pull::{classify_pull_error, split_reference, Anonymous, PullPolicy, RegistryAuth};
 
@@ -183,6 +184,7 @@ impl DockerRuntime {
             ]),
             storage_opt: (disk_limit && res.disk_gib > 0)
                 .then(|| HashMap::from([("size".to_string(), format!("{}G", res.disk_gib))])),
+            device_requests: gpu_device_request(&spec.gpus).map(|r| vec![r]),
             ..Default::default()
         };
         ContainerCreateBody {
@@ -259,6 +261,17 @@ impl DockerRuntime {
             ))),
         }
     }
+}
+
+/// The assigned GPUs, by UUID, for the NVIDIA container runtime; `None`
+/// without GPUs (a request for zero devices would still need the runtime).
+fn gpu_device_request(gpus: &[crate::gpu::GpuDevice]) -> Option<DeviceRequest> {
+    (!gpus.is_empty()).then(|| DeviceRequest {
+        driver: Some("nvidia".to_string()),
+        device_ids: Some(gpus.iter().map(|g| g.uuid.clone()).collect()),
+        capabilities: Some(vec![vec!["gpu".to_string()]]),
+        ..Default::default()
+    })
 }
 
 fn unreachable_engine(why: &str) -> RuntimeError {

@@ -39,6 +39,9 @@ pub struct RunSpec {
     /// User to run as (name or uid); `None` runs as the agent's user.
     pub user: Option<String>,
     pub resources: drover_proto::v1::Resources,
+    /// The whole GPUs assigned to this attempt (by the agent's GPU pool);
+    /// the runtime exposes exactly these to the job.
+    pub gpus: Vec<crate::gpu::GpuDevice>,
     /// The agent session holding the lease; labels the container.
     pub session: String,
     /// `None`: the default for the image reference (see
@@ -58,6 +61,7 @@ impl std::fmt::Debug for RunSpec {
             .field("env_keys", &self.env.keys().collect::<Vec<_>>())
             .field("workdir", &self.workdir)
             .field("user", &self.user)
+            .field("gpus", &self.gpus)
             .finish()
     }
 }
@@ -76,6 +80,7 @@ impl RunSpec {
             workdir: None,
             user: None,
             resources: Default::default(),
+            gpus: Vec::new(),
             session: String::new(),
             pull_policy: None,
         }

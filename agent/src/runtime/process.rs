@@ -41,6 +41,21 @@ impl ProcessRuntime {
     }
 }
 
+/// The assigned GPUs for CUDA and the NVIDIA tools; nothing without GPUs.
+/// They override the job's own env: the agent decides which GPUs a job uses.
+/// (A process job could still open other GPUs' device files; only the
+/// Docker runtime isolates GPUs.)
+fn gpu_env(gpus: &[crate::gpu::GpuDevice]) -> Vec<(&'static str, String)> {
+    if gpus.is_empty() {
+        return Vec::new();
+    }
+    let visible = crate::gpu::visible_devices(gpus);
+    vec![
+        ("NVIDIA_VISIBLE_DEVICES", visible.clone()),
+        ("CUDA_VISIBLE_DEVICES", visible),
+    ]
+}
+
 /// Job ids are ULIDs, but never trust a name that becomes a path.
 fn file_name(job_id: &str, attempt: u64) -> String {
     let safe: String = job_id
@@ -96,6 +111,7 @@ impl Runtime for ProcessRuntime {
             .env("DROVER_JOB_ID", &spec.job_id)
             .env("DROVER_ATTEMPT", spec.attempt.to_string())
             .envs(&spec.env)
+            .envs(gpu_env(&spec.gpus))
             .current_dir(&workdir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -344,6 +360,32 @@ mod tests {
     crate::runtime_suite!(process_suite, |dir: &std::path::Path| ProcessRuntime::new(
         dir
     ));
+
+    #[tokio::test]
+    async fn assigned_gpus_are_visible_by_uuid_and_none_means_unset() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = ProcessRuntime::new(dir.path());
+        let echo =
+            "echo \"nvidia=${NVIDIA_VISIBLE_DEVICES-unset} cuda=${CUDA_VISIBLE_DEVICES-unset}\"";
+        let mut spec = RunSpec::command("gpu-job", ["sh", "-c", echo]);
+        spec.gpus = crate::gpu::FakeGpus::new(4, "A10G").0[1..3].to_vec();
+        // The agent's assignment wins over the job's own env.
+        spec.env
+            .insert("CUDA_VISIBLE_DEVICES".into(), "GPU-fake-0".into());
+        let (status, out, _err, job) = collect(rt.start(spec).await.unwrap()).await;
+        job.cleanup().await;
+        assert!(status.success(), "{status:?}");
+        assert_eq!(
+            out,
+            "nvidia=GPU-fake-1,GPU-fake-2 cuda=GPU-fake-1,GPU-fake-2\n"
+        );
+
+        let spec = RunSpec::command("cpu-job", ["sh", "-c", echo]);
+        let (status, out, _err, job) = collect(rt.start(spec).await.unwrap()).await;
+        job.cleanup().await;
+        assert!(status.success(), "{status:?}");
+        assert_eq!(out, "nvidia=unset cuda=unset\n");
+    }
 
     #[tokio::test]
     async fn fresh_workdir_is_removed_after_cleanup() {

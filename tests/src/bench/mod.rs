@@ -2,6 +2,7 @@
 //! its setup, prints a table and writes JSON beside it. `--smoke` shrinks
 //! every scenario to seconds so CI keeps the harness from rotting.
 
+mod docker;
 mod fleet;
 mod proc;
 mod scenarios;

@@ -37,6 +37,10 @@ pub const SCENARIOS: &[(&str, &str)] = &[
         "fleet",
         "thousands of simulated agents heartbeating and long-polling",
     ),
+    (
+        "docker",
+        "a `true` job through the agent's Docker runtime vs `docker run --rm`",
+    ),
 ];
 
 pub async fn run_one(name: &str, opts: &Options) -> anyhow::Result<Report> {
@@ -46,6 +50,7 @@ pub async fn run_one(name: &str, opts: &Options) -> anyhow::Result<Report> {
         "store" => store(opts).await,
         "footprint" => footprint(opts).await,
         "fleet" => fleet::fleet(opts).await,
+        "docker" => super::docker::docker(opts).await,
         other => anyhow::bail!("unknown scenario {other}"),
     }
 }

@@ -18,6 +18,18 @@ RUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n";
 
 static BUILT: OnceCell<()> = OnceCell::const_new();
 
+/// [`ensure`] on the local Engine (as the agent finds it); for harnesses
+/// outside this crate. An unreachable Engine is an error naming the fix.
+pub async fn ensure_on_local_engine() -> Result<String, super::RuntimeError> {
+    let docker = Docker::connect_with_local_defaults()
+        .map_err(|e| super::unreachable_engine(&e.to_string()))?;
+    let docker = tokio::time::timeout(super::PING_TIMEOUT, docker.negotiate_version())
+        .await
+        .map_err(|_| super::unreachable_engine("no answer within 5 s"))?
+        .map_err(|e| super::unreachable_engine(&e.to_string()))?;
+    Ok(ensure(&docker).await)
+}
+
 /// Builds [`TEST_IMAGE`] unless it exists; once per test process.
 pub async fn ensure(docker: &Docker) -> String {
     BUILT

@@ -307,3 +307,39 @@ async fn a_disk_limit_the_storage_driver_cannot_enforce_does_not_fail_the_job() 
     }
     cx.rt.assert_nothing_left().await;
 }
+
+fn attempt_dirs() -> AttemptDirs {
+    AttemptDirs {
+        root: "/attempt".into(),
+        input: "/attempt/input".into(),
+        output: "/attempt/output".into(),
+        scratch: "/attempt/scratch".into(),
+    }
+}
+
+/// The body only: no NVIDIA container runtime exists here, so such a
+/// container is never created in tests.
+#[test]
+fn assigned_gpus_become_one_nvidia_device_request_by_uuid() {
+    let rt = DockerRuntime::new("/data", "agent-1");
+    let mut spec = RunSpec::command("01GPUJOB", ["nvidia-smi"]);
+    spec.image = "cuda:12".into();
+    spec.gpus = crate::gpu::FakeGpus::new(4, "A10G").0[2..].to_vec();
+    let body = rt.container_body(&spec, &attempt_dirs(), false);
+    let requests = body.host_config.unwrap().device_requests.unwrap();
+    assert_eq!(requests.len(), 1);
+    let request = &requests[0];
+    assert_eq!(request.driver.as_deref(), Some("nvidia"));
+    assert_eq!(
+        request.device_ids.as_deref(),
+        Some(&["GPU-fake-2".to_string(), "GPU-fake-3".to_string()][..])
+    );
+    assert_eq!(request.capabilities, Some(vec![vec!["gpu".to_string()]]));
+    assert_eq!(request.count, None, "devices are named, never counted");
+    let json = serde_json::to_value(request).unwrap();
+    assert_eq!(json["DeviceIDs"][0], "GPU-fake-2", "{json}");
+
+    spec.gpus.clear();
+    let body = rt.container_body(&spec, &attempt_dirs(), false);
+    assert_eq!(body.host_config.unwrap().device_requests, None);
+}
