@@ -425,34 +425,14 @@ impl JobRow {
     /// Back to the queue on the infrastructure budget, or ended when the
     /// budget is spent or a cancel was requested.
     fn requeue_infra(&mut self, reason: &str, now_ms: i64) -> Transition {
-        self.infra_retries += 1;
-        let (state, why) = if self.cancel_requested {
-            (JobState::Cancelled, format!("cancelled ({reason})"))
-        } else if self.infra_retries > self.retry.max_infra_retries {
-            (
-                JobState::Failed,
-                format!(
-                    "{reason}; infrastructure retries exhausted ({} of {})",
-                    self.infra_retries - 1,
-                    self.retry.max_infra_retries
-                ),
-            )
-        } else {
-            (JobState::Queued, format!("requeued: {reason}"))
-        };
-        let terminal = state.is_terminal();
-        self.state = state;
-        self.updated_at_ms = now_ms;
-        self.not_before_ms = 0;
-        self.enqueued_at_ms = now_ms;
-        self.session_id = None;
-        self.missed_reports = 0;
-        self.reason = Some(why.clone());
-        self.finished_at_ms = terminal.then_some(now_ms);
-        if !terminal {
-            self.started_at_ms = None;
-        }
-        Transition::event(state, self.agent_id.clone(), why)
+        let next = super::next_after_infra_loss(
+            &self.retry,
+            self.failures,
+            self.infra_retries,
+            self.cancel_requested,
+            reason,
+        );
+        self.apply(next, None, now_ms)
     }
 
     /// Records a held lease's outcome and moves the job on (`Store::complete`).
@@ -463,53 +443,43 @@ impl JobRow {
             c.outcome.as_str().to_string(),
             c.exit_code,
         ));
-        if c.outcome == OutcomeKind::Interrupted && !self.cancel_requested {
-            return self.requeue_infra(&c.reason, now_ms);
-        }
-        let mut not_before = 0;
-        let (state, reason) = match c.outcome {
-            OutcomeKind::Succeeded => (JobState::Succeeded, c.reason.clone()),
-            _ if self.cancel_requested => {
-                (JobState::Cancelled, format!("cancelled ({})", c.reason))
-            }
-            OutcomeKind::Cancelled | OutcomeKind::Interrupted => {
-                (JobState::Cancelled, c.reason.clone())
-            }
-            OutcomeKind::Failed | OutcomeKind::TimedOut => {
-                self.failures += 1;
-                let terminal = if c.outcome == OutcomeKind::TimedOut {
-                    JobState::TimedOut
-                } else {
-                    JobState::Failed
-                };
-                if self.failures < self.retry.max_attempts
-                    && self.retry.retries_exit_code(c.exit_code)
-                {
-                    not_before = now_ms + self.retry.backoff_ms(self.failures) as i64;
-                    (
-                        JobState::Queued,
-                        format!(
-                            "{}; retrying (failure {} of {} allowed)",
-                            c.reason, self.failures, self.retry.max_attempts
-                        ),
-                    )
-                } else {
-                    (terminal, c.reason.clone())
-                }
-            }
-        };
-        let terminal = state.is_terminal();
-        self.state = state;
+        let next = super::next_after_completion(
+            &self.retry,
+            self.failures,
+            self.infra_retries,
+            self.cancel_requested,
+            c,
+            now_ms,
+        );
+        let requeued_on_infra = next.infra_retries != self.infra_retries;
+        self.apply(next, (!requeued_on_infra).then_some(c.exit_code), now_ms)
+    }
+
+    /// Moves the item to `next`: out of the lease, back in the queue or done.
+    fn apply(
+        &mut self,
+        next: super::NextState,
+        exit_code: Option<Option<i32>>,
+        now_ms: i64,
+    ) -> Transition {
+        let terminal = next.state.is_terminal();
+        self.state = next.state;
+        self.failures = next.failures;
+        self.infra_retries = next.infra_retries;
         self.updated_at_ms = now_ms;
-        self.not_before_ms = not_before;
+        self.not_before_ms = next.not_before_ms;
         self.enqueued_at_ms = now_ms;
-        self.exit_code = c.exit_code;
-        self.reason = Some(reason.clone());
+        self.missed_reports = 0;
+        if let Some(code) = exit_code {
+            self.exit_code = code;
+        }
+        self.reason = Some(next.reason.clone());
+        self.finished_at_ms = terminal.then_some(now_ms);
         if !terminal {
             self.session_id = None;
+            self.started_at_ms = None;
         }
-        self.finished_at_ms = terminal.then_some(now_ms);
-        Transition::event(state, self.agent_id.clone(), reason)
+        Transition::event(next.state, self.agent_id.clone(), next.reason)
     }
 }
 

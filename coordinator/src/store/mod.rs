@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use drover_proto::model::{
-    Agent, FieldError, Job, JobEvent, JobSpec, JobState, Pool, Resources, SubmittedJob,
+    Agent, FieldError, Job, JobEvent, JobSpec, JobState, Pool, Resources, RetryPolicy, SubmittedJob,
 };
 
 #[cfg(test)]
@@ -204,6 +204,101 @@ pub struct ReapedJobs {
 pub struct PoolCapacity {
     pub largest: Option<Resources>,
     pub paused: bool,
+}
+
+/// Where a job goes when an attempt ends: the one rule every backend applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextState {
+    pub state: JobState,
+    pub reason: String,
+    pub failures: u32,
+    pub infra_retries: u32,
+    /// Backoff before the next attempt (0: none).
+    pub not_before_ms: i64,
+}
+
+/// An attempt lost to infrastructure (agent gone, interrupted): back to the
+/// queue on `max_infra_retries`, never spending `max_attempts`; a requested
+/// cancel wins.
+pub fn next_after_infra_loss(
+    retry: &RetryPolicy,
+    failures: u32,
+    infra_retries: u32,
+    cancel_requested: bool,
+    reason: &str,
+) -> NextState {
+    let infra_retries = infra_retries + 1;
+    let (state, reason) = if cancel_requested {
+        (JobState::Cancelled, format!("cancelled ({reason})"))
+    } else if infra_retries > retry.max_infra_retries {
+        (
+            JobState::Failed,
+            format!(
+                "{reason}; infrastructure retries exhausted ({} of {})",
+                infra_retries - 1,
+                retry.max_infra_retries
+            ),
+        )
+    } else {
+        (JobState::Queued, format!("requeued: {reason}"))
+    };
+    NextState {
+        state,
+        reason,
+        failures,
+        infra_retries,
+        not_before_ms: 0,
+    }
+}
+
+/// An attempt the agent completed: SUCCEEDED; a failure or timeout retried
+/// with backoff while `max_attempts` and `retry_on_exit_codes` allow; a
+/// requested cancel turns any unsuccessful outcome into CANCELLED.
+pub fn next_after_completion(
+    retry: &RetryPolicy,
+    failures: u32,
+    infra_retries: u32,
+    cancel_requested: bool,
+    completion: &Completion,
+    now_ms: i64,
+) -> NextState {
+    let c = completion;
+    if c.outcome == OutcomeKind::Interrupted && !cancel_requested {
+        return next_after_infra_loss(retry, failures, infra_retries, false, &c.reason);
+    }
+    let mut failures = failures;
+    let mut not_before_ms = 0;
+    let (state, reason) = match c.outcome {
+        OutcomeKind::Succeeded => (JobState::Succeeded, c.reason.clone()),
+        _ if cancel_requested => (JobState::Cancelled, format!("cancelled ({})", c.reason)),
+        OutcomeKind::Cancelled | OutcomeKind::Interrupted => {
+            (JobState::Cancelled, c.reason.clone())
+        }
+        OutcomeKind::Failed | OutcomeKind::TimedOut => {
+            failures += 1;
+            if failures < retry.max_attempts && retry.retries_exit_code(c.exit_code) {
+                not_before_ms = now_ms + retry.backoff_ms(failures) as i64;
+                (
+                    JobState::Queued,
+                    format!(
+                        "{}; retrying (failure {failures} of {} allowed)",
+                        c.reason, retry.max_attempts
+                    ),
+                )
+            } else if c.outcome == OutcomeKind::TimedOut {
+                (JobState::TimedOut, c.reason.clone())
+            } else {
+                (JobState::Failed, c.reason.clone())
+            }
+        }
+    };
+    NextState {
+        state,
+        reason,
+        failures,
+        infra_retries,
+        not_before_ms,
+    }
 }
 
 #[async_trait]

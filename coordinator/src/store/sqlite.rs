@@ -295,6 +295,78 @@ fn lease_lost(lease: &LeaseRef) -> StoreError {
     }
 }
 
+/// The fields the next-state rules read.
+struct Counters {
+    attempt: u64,
+    failures: u32,
+    infra_retries: u32,
+    cancel_requested: bool,
+    agent_id: Option<String>,
+    spec: JobSpec,
+}
+
+fn counters(tx: &Transaction<'_>, job_id: &str) -> StoreResult<Counters> {
+    let (attempt, failures, infra, cancel, agent_id, spec): (i64, i64, i64, i64, Option<String>, String) = tx
+        .query_row(
+            "SELECT attempt, failures, infra_retries, cancel_requested, agent_id, spec FROM jobs WHERE id = ?1",
+            [job_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+        )
+        .map_err(backend)?;
+    Ok(Counters {
+        attempt: attempt as u64,
+        failures: failures as u32,
+        infra_retries: infra as u32,
+        cancel_requested: cancel != 0,
+        agent_id,
+        spec: serde_json::from_str(&spec).map_err(json_err)?,
+    })
+}
+
+/// Writes the job's next state (out of its lease: back in the queue or done)
+/// and its event. `exit_code` is recorded when given.
+fn move_job(
+    tx: &Transaction<'_>,
+    job_id: &str,
+    job: &Counters,
+    next: &super::NextState,
+    exit_code: Option<Option<i32>>,
+    now_ms: i64,
+) -> StoreResult<JobState> {
+    let terminal = next.state.is_terminal();
+    tx.execute(
+        "UPDATE jobs SET state = ?2, failures = ?3, infra_retries = ?4, updated_at_ms = ?5, \
+         not_before_ms = ?6, reason = ?7, missed_reports = 0, \
+         exit_code = CASE WHEN ?8 THEN ?9 ELSE exit_code END, \
+         session_id = CASE WHEN ?10 THEN session_id ELSE NULL END, \
+         started_at_ms = CASE WHEN ?10 THEN started_at_ms ELSE NULL END, \
+         finished_at_ms = CASE WHEN ?10 THEN ?5 ELSE NULL END WHERE id = ?1",
+        params![
+            job_id,
+            next.state.as_str(),
+            next.failures,
+            next.infra_retries,
+            now_ms,
+            next.not_before_ms,
+            next.reason,
+            exit_code.is_some(),
+            exit_code.flatten(),
+            terminal,
+        ],
+    )
+    .map_err(backend)?;
+    append_event(
+        tx,
+        job_id,
+        now_ms,
+        job.attempt,
+        next.state,
+        job.agent_id.as_deref(),
+        &next.reason,
+    )?;
+    Ok(next.state)
+}
+
 /// Puts a leased job back in the queue on the infrastructure budget, or ends
 /// it when the budget is spent or a cancel was requested. Returns the new state.
 fn requeue_infra(
@@ -303,48 +375,15 @@ fn requeue_infra(
     reason: &str,
     now_ms: i64,
 ) -> StoreResult<JobState> {
-    let (attempt, infra, cancel, agent, spec): (i64, i64, i64, Option<String>, String) = tx
-        .query_row(
-            "SELECT attempt, infra_retries, cancel_requested, agent_id, spec FROM jobs WHERE id = ?1",
-            [job_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-        )
-        .map_err(backend)?;
-    let spec: JobSpec = serde_json::from_str(&spec).map_err(json_err)?;
-    let infra = infra + 1;
-    let (state, why) = if cancel != 0 {
-        (JobState::Cancelled, format!("cancelled ({reason})"))
-    } else if infra > spec.retry.max_infra_retries as i64 {
-        (
-            JobState::Failed,
-            format!(
-                "{reason}; infrastructure retries exhausted ({} of {})",
-                infra - 1,
-                spec.retry.max_infra_retries
-            ),
-        )
-    } else {
-        (JobState::Queued, format!("requeued: {reason}"))
-    };
-    let terminal = state.is_terminal();
-    tx.execute(
-        "UPDATE jobs SET state = ?2, infra_retries = ?3, updated_at_ms = ?4, not_before_ms = 0, \
-         session_id = NULL, missed_reports = 0, reason = ?5, \
-         finished_at_ms = CASE WHEN ?6 THEN ?4 ELSE NULL END, \
-         started_at_ms = CASE WHEN ?6 THEN started_at_ms ELSE NULL END WHERE id = ?1",
-        params![job_id, state.as_str(), infra, now_ms, why, terminal],
-    )
-    .map_err(backend)?;
-    append_event(
-        tx,
-        job_id,
-        now_ms,
-        attempt as u64,
-        state,
-        agent.as_deref(),
-        &why,
-    )?;
-    Ok(state)
+    let job = counters(tx, job_id)?;
+    let next = super::next_after_infra_loss(
+        &job.spec.retry,
+        job.failures,
+        job.infra_retries,
+        job.cancel_requested,
+        reason,
+    );
+    move_job(tx, job_id, &job, &next, None, now_ms)
 }
 
 /// Records a held lease's outcome and moves the job on (see `Store::complete`).
@@ -354,16 +393,9 @@ fn apply_completion(
     completion: &Completion,
     now_ms: i64,
 ) -> StoreResult<JobState> {
-    let agent: Option<String> = tx
-        .query_row(
-            "SELECT agent_id FROM jobs WHERE id = ?1",
-            [&lease.job_id],
-            |r| r.get(0),
-        )
-        .map_err(backend)?;
     tx.execute(
         "INSERT INTO attempts (job_id, attempt, session_id, outcome, exit_code, reason, \
-             finished_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+         finished_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
             lease.job_id,
             lease.attempt as i64,
@@ -375,79 +407,18 @@ fn apply_completion(
         ],
     )
     .map_err(backend)?;
-    let spec = load_spec(tx, &lease.job_id)?;
-    let (failures, cancel): (i64, i64) = tx
-        .query_row(
-            "SELECT failures, cancel_requested FROM jobs WHERE id = ?1",
-            [&lease.job_id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .map_err(backend)?;
-    if completion.outcome == OutcomeKind::Interrupted && cancel == 0 {
-        return requeue_infra(tx, &lease.job_id, &completion.reason, now_ms);
-    }
-    let mut failures = failures;
-    let mut not_before = 0;
-    let (state, reason) = match completion.outcome {
-        OutcomeKind::Succeeded => (JobState::Succeeded, completion.reason.clone()),
-        _ if cancel != 0 => (
-            JobState::Cancelled,
-            format!("cancelled ({})", completion.reason),
-        ),
-        OutcomeKind::Cancelled | OutcomeKind::Interrupted => {
-            (JobState::Cancelled, completion.reason.clone())
-        }
-        OutcomeKind::Failed | OutcomeKind::TimedOut => {
-            failures += 1;
-            let terminal = if completion.outcome == OutcomeKind::TimedOut {
-                JobState::TimedOut
-            } else {
-                JobState::Failed
-            };
-            if failures < spec.retry.max_attempts as i64
-                && spec.retry.retries_exit_code(completion.exit_code)
-            {
-                not_before = now_ms + spec.retry.backoff_ms(failures as u32) as i64;
-                (
-                    JobState::Queued,
-                    format!(
-                        "{}; retrying (failure {failures} of {} allowed)",
-                        completion.reason, spec.retry.max_attempts
-                    ),
-                )
-            } else {
-                (terminal, completion.reason.clone())
-            }
-        }
-    };
-    let terminal = state.is_terminal();
-    tx.execute(
-        "UPDATE jobs SET state = ?2, failures = ?3, updated_at_ms = ?4, not_before_ms = ?5, \
-             exit_code = ?6, reason = ?7, \
-             session_id = CASE WHEN ?8 THEN session_id ELSE NULL END, \
-             finished_at_ms = CASE WHEN ?8 THEN ?4 ELSE NULL END WHERE id = ?1",
-        params![
-            lease.job_id,
-            state.as_str(),
-            failures,
-            now_ms,
-            not_before,
-            completion.exit_code,
-            reason,
-            terminal
-        ],
-    )
-    .map_err(backend)?;
-    append_event(
-        tx,
-        &lease.job_id,
+    let job = counters(tx, &lease.job_id)?;
+    let next = super::next_after_completion(
+        &job.spec.retry,
+        job.failures,
+        job.infra_retries,
+        job.cancel_requested,
+        completion,
         now_ms,
-        lease.attempt,
-        state,
-        agent.as_deref(),
-        &reason,
-    )?;
-    Ok(state)
+    );
+    let requeued_on_infra = next.infra_retries != job.infra_retries;
+    let exit_code = (!requeued_on_infra).then_some(completion.exit_code);
+    move_job(tx, &lease.job_id, &job, &next, exit_code, now_ms)
 }
 
 fn largest_of(a: Option<Resources>, b: &Resources) -> Resources {
