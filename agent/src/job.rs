@@ -116,13 +116,13 @@ pub(crate) async fn run(
     // The output ends once the job's process group is gone; flush it all
     // before Complete.
     let shipped = shipper.await;
-    job.cleanup().await;
 
     let lease_lost = matches!(shipped, Ok(Err(CallError::LeaseLost(_))))
         || matches!(shipped, Ok(Err(CallError::SessionGone(_))));
     if killed(&orders) || lease_lost {
         tracing::warn!(job = %name(&lease), "lease lost: job killed, not completed");
         shared.metrics.job_finished("lost");
+        job.cleanup().await;
         return;
     }
     let (outcome, exit_code, reason) = match ended {
@@ -179,6 +179,9 @@ pub(crate) async fn run(
         Some(&orders),
     )
     .await;
+    // Removing the container and its directories is not part of the result:
+    // report first, clean up after (the slot stays taken until then).
+    job.cleanup().await;
 }
 
 fn outcome_label(outcome: v1::Outcome) -> &'static str {
