@@ -1287,19 +1287,6 @@ fn decode_cursor(cursor: &str) -> StoreResult<(i64, String)> {
         })
 }
 
-fn largest_of(a: Option<Resources>, b: &Resources) -> Resources {
-    match a {
-        None => b.clone(),
-        Some(a) => Resources {
-            cpu_millis: a.cpu_millis.max(b.cpu_millis),
-            memory_mib: a.memory_mib.max(b.memory_mib),
-            gpus: a.gpus.max(b.gpus),
-            disk_gib: a.disk_gib.max(b.disk_gib),
-            gpu_model: a.gpu_model.or_else(|| b.gpu_model.clone()),
-        },
-    }
-}
-
 fn now_wall_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1871,7 +1858,7 @@ impl Store for DynamoStore {
                 .map(serde_json::from_str::<Resources>)
                 .transpose()
                 .map_err(json_err)?;
-            let merged = largest_of(largest.clone(), &session.capacity);
+            let merged = super::largest_of(largest.clone(), &session.capacity);
             if largest.as_ref() == Some(&merged) {
                 break;
             }

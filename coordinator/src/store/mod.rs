@@ -206,6 +206,20 @@ pub struct PoolCapacity {
     pub paused: bool,
 }
 
+/// The largest agent a pool has seen, per dimension, after `capacity` joined.
+pub fn largest_of(largest: Option<Resources>, capacity: &Resources) -> Resources {
+    match largest {
+        None => capacity.clone(),
+        Some(a) => Resources {
+            cpu_millis: a.cpu_millis.max(capacity.cpu_millis),
+            memory_mib: a.memory_mib.max(capacity.memory_mib),
+            gpus: a.gpus.max(capacity.gpus),
+            disk_gib: a.disk_gib.max(capacity.disk_gib),
+            gpu_model: a.gpu_model.or_else(|| capacity.gpu_model.clone()),
+        },
+    }
+}
+
 /// Where a job goes when an attempt ends: the one rule every backend applies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NextState {

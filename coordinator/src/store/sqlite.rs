@@ -421,19 +421,6 @@ fn apply_completion(
     move_job(tx, &lease.job_id, &job, &next, exit_code, now_ms)
 }
 
-fn largest_of(a: Option<Resources>, b: &Resources) -> Resources {
-    match a {
-        None => b.clone(),
-        Some(a) => Resources {
-            cpu_millis: a.cpu_millis.max(b.cpu_millis),
-            memory_mib: a.memory_mib.max(b.memory_mib),
-            gpus: a.gpus.max(b.gpus),
-            disk_gib: a.disk_gib.max(b.disk_gib),
-            gpu_model: a.gpu_model.or_else(|| b.gpu_model.clone()),
-        },
-    }
-}
-
 fn encode_cursor(id: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id)
 }
@@ -989,7 +976,7 @@ impl Store for SqliteStore {
                 .map(|l| serde_json::from_str::<Resources>(&l))
                 .transpose()
                 .map_err(json_err)?;
-            let largest = serde_json::to_string(&largest_of(largest, &s.capacity)).map_err(json_err)?;
+            let largest = serde_json::to_string(&super::largest_of(largest, &s.capacity)).map_err(json_err)?;
             tx.execute(
                 "INSERT INTO pools (name, largest) VALUES (?1, ?2) \
                  ON CONFLICT (name) DO UPDATE SET largest = excluded.largest",
