@@ -183,7 +183,11 @@ fn parse_state(s: &str) -> StoreResult<JobState> {
         .map_err(|_| StoreError::Backend(format!("unknown stored state {s:?}")))
 }
 
-fn row_to_job(row: &Row<'_>) -> rusqlite::Result<(Job, String)> {
+/// A job row as read: the job, its stored state and its spec JSON (parsed by
+/// [`finish_job`], which can report bad JSON as a store error).
+type JobRow = (Job, String, String);
+
+fn row_to_job(row: &Row<'_>) -> rusqlite::Result<JobRow> {
     let spec_json: String = row.get(1)?;
     let state: String = row.get(2)?;
     let job = Job {
@@ -205,14 +209,13 @@ fn row_to_job(row: &Row<'_>) -> rusqlite::Result<(Job, String)> {
         reason: row.get(14)?,
         cancel_requested: row.get::<_, i64>(15)? != 0,
     };
-    Ok((job, format!("{state}\u{0}{spec_json}")))
+    Ok((job, state, spec_json))
 }
 
 /// Finishes what `row_to_job` started: state and spec, redacted.
-fn finish_job((mut job, packed): (Job, String)) -> StoreResult<Job> {
-    let (state, spec_json) = packed.split_once('\u{0}').unwrap_or_default();
-    job.state = parse_state(state)?;
-    let spec: JobSpec = serde_json::from_str(spec_json).map_err(json_err)?;
+fn finish_job((mut job, state, spec_json): JobRow) -> StoreResult<Job> {
+    job.state = parse_state(&state)?;
+    let spec: JobSpec = serde_json::from_str(&spec_json).map_err(json_err)?;
     job.spec = spec.redacted();
     Ok(job)
 }

@@ -52,7 +52,7 @@ pub async fn fleet(opts: &Options) -> anyhow::Result<Report> {
         pool.push(Channel::from_shared(url.clone())?.connect().await?);
     }
     let samples = Arc::new(Mutex::new(Samples::default()));
-    let stop = tokio_util_stop();
+    let stop = Stop::default();
     // Register every simulated agent, 64 at a time.
     let mut sessions = Vec::with_capacity(agents);
     for chunk in (0..agents).collect::<Vec<_>>().chunks(64) {
@@ -300,8 +300,4 @@ impl Stop {
     fn is_stopped(&self) -> bool {
         self.0.load(std::sync::atomic::Ordering::SeqCst)
     }
-}
-
-fn tokio_util_stop() -> Stop {
-    Stop::default()
 }
