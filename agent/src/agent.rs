@@ -1,6 +1,8 @@
 //! The agent's lifecycle: register, claim, heartbeat (with self-fencing),
-//! commands, drain, leave. Shared state lives in [`Shared`]; no lock is held
-//! across an await.
+//! commands, drain, leave — and what the platform adds: interruptions that
+//! drain with a deadline, scale-in protection while busy, and ending the
+//! instance or task when idle (or serving again when the platform refuses).
+//! Shared state lives in [`Shared`]; no lock is held across an await.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -20,10 +22,13 @@ use crate::config::AgentConfig;
 use crate::gpu::{GpuInventory, GpuLease, GpuPool, NvmlInventory};
 use crate::job;
 use crate::metrics::Metrics;
+use crate::platform::protection::{Debounce, Step};
+use crate::platform::{IdleExit, Notice, Platform, PlatformKind};
 use crate::runtime::{Runtime, StopOrder};
 use crate::{health, resources, session};
 
-/// Where the agent is in its life. Only moves forward.
+/// Where the agent is in its life. Moves forward, except that an idle agent
+/// whose platform refused to end it goes from Terminating back to Running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
     Running,
@@ -57,6 +62,11 @@ pub(crate) struct SessionState {
 pub(crate) struct State {
     pub phase: Phase,
     pub drain_reason: Option<String>,
+    /// The ASG is terminating the instance (target lifecycle state
+    /// `Terminated`): the drain ends with CompleteLifecycleAction.
+    pub lifecycle: bool,
+    /// Sends lifecycle heartbeats while jobs run; awaited before completing.
+    pub lifecycle_heartbeats: Option<JoinHandle<()>>,
     pub session: Option<SessionState>,
     pub generation: u64,
     pub jobs: HashMap<JobKey, JobEntry>,
@@ -69,6 +79,9 @@ pub(crate) struct Shared {
     /// Which GPUs are free; the only place GPUs are handed out.
     pub gpus: Arc<GpuPool>,
     pub runtime: Arc<dyn Runtime>,
+    pub platform: Arc<dyn Platform>,
+    /// Whether an idle agent leaves (and ends its host where it can).
+    pub idle_leave: bool,
     pub client: Client,
     pub metrics: Metrics,
     pub started_at: Instant,
@@ -77,8 +90,14 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     /// Number of jobs; waiters use it for slots, drain and idle.
     pub jobs_count: watch::Sender<usize>,
-    /// Cancelled when a drain begins: claiming stops.
-    pub drain: CancellationToken,
+    /// Cancelled when a drain begins: claiming stops. Replaced when an idle
+    /// agent serves again.
+    drain: Mutex<CancellationToken>,
+    /// When running jobs are stopped (INTERRUPTED) if still running; set
+    /// when a drain begins, tightened by a later, more urgent one.
+    pub drain_deadline: watch::Sender<Option<Instant>>,
+    /// The phase, for loops that wait on it.
+    pub phase_watch: watch::Sender<Phase>,
     /// Cancelled when the agent gives up entirely (start aborted).
     pub shutdown: CancellationToken,
     pub heartbeat_now: Notify,
@@ -102,18 +121,70 @@ impl Shared {
         self.state().phase
     }
 
-    /// Begins a drain (idempotent: the first reason wins).
+    /// The current serving period's drain token.
+    pub fn drain_token(&self) -> CancellationToken {
+        self.drain.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Begins a drain with the default deadline (`drain_timeout_ms`).
     pub fn begin_drain(&self, reason: &str) {
+        self.begin_drain_until(reason, None);
+    }
+
+    /// Begins a drain whose running jobs are stopped at `deadline` (at most
+    /// `drain_timeout_ms` from now). Idempotent; a drain already under way
+    /// only takes a tighter deadline (and its reason: the more urgent one).
+    pub fn begin_drain_until(&self, reason: &str, deadline: Option<Instant>) {
+        let longest = Instant::now() + Duration::from_millis(self.config.drain_timeout_ms);
+        let deadline = deadline.map_or(longest, |d| d.min(longest));
         let mut st = self.state();
-        if st.phase != Phase::Running {
-            return;
+        match st.phase {
+            Phase::Running => {
+                st.phase = Phase::Draining;
+                st.drain_reason = Some(reason.to_string());
+                self.phase_watch.send_replace(Phase::Draining);
+                self.drain_deadline.send_replace(Some(deadline));
+                drop(st);
+                let within = deadline.saturating_duration_since(Instant::now());
+                tracing::info!(
+                    reason,
+                    "draining: no new jobs; running jobs may finish within {within:?}"
+                );
+                self.drain_token().cancel();
+                self.heartbeat_now.notify_one();
+            }
+            Phase::Draining if self.drain_deadline.borrow().is_none_or(|d| deadline < d) => {
+                st.drain_reason = Some(reason.to_string());
+                self.drain_deadline.send_replace(Some(deadline));
+                drop(st);
+                let within = deadline.saturating_duration_since(Instant::now());
+                tracing::info!(
+                    reason,
+                    "drain deadline moved closer: running jobs stop within {within:?}"
+                );
+            }
+            _ => {}
         }
-        st.phase = Phase::Draining;
-        st.drain_reason = Some(reason.to_string());
-        drop(st);
-        tracing::info!(reason, "draining: no new jobs; running jobs may finish");
-        self.drain.cancel();
-        self.heartbeat_now.notify_one();
+    }
+
+    /// SIGTERM: on Fargate the task's stop timeout bounds the drain.
+    pub fn begin_shutdown_drain(&self) {
+        let deadline = (self.platform.kind() == PlatformKind::Fargate).then(|| {
+            let stop = Duration::from_millis(self.config.stop_timeout_ms);
+            Instant::now()
+                + stop.saturating_sub(Duration::from_millis(self.config.interrupt_margin_ms))
+        });
+        self.begin_drain_until("shutdown", deadline);
+    }
+
+    /// After an idle drain the platform would not end: claim again.
+    fn resume_serving(&self) {
+        let mut st = self.state();
+        st.phase = Phase::Running;
+        st.drain_reason = None;
+        self.phase_watch.send_replace(Phase::Running);
+        self.drain_deadline.send_replace(None);
+        *self.drain.lock().unwrap_or_else(|e| e.into_inner()) = CancellationToken::new();
     }
 
     /// Free resources and free slots, for Claim and `/health`.
@@ -227,10 +298,27 @@ impl Agent {
     /// [`start`](Self::start) with the GPUs of `inventory` instead of NVML's
     /// (tests, hosts whose GPUs are described another way).
     pub async fn start_with_gpus(
-        config: AgentConfig,
+        mut config: AgentConfig,
         inventory: &dyn GpuInventory,
     ) -> anyhow::Result<Agent> {
         config.validate()?;
+        let metrics = Metrics::default();
+        let platform = crate::platform::detect(&config, metrics.aws_calls.clone())
+            .await
+            .context("cannot use the configured platform (DROVER_PLATFORM)")?;
+        if let Some((cpu_millis, memory_mib)) = platform.capacity_limits() {
+            config
+                .cpu_millis
+                .get_or_insert(cpu_millis.saturating_sub(config.reserve_cpu_millis));
+            config
+                .memory_mib
+                .get_or_insert(memory_mib.saturating_sub(config.reserve_memory_mib));
+        }
+        let idle_leave = if platform.can_terminate_self() && config.idle_terminate {
+            true
+        } else {
+            config.exit_when_idle
+        };
         let gpus = GpuPool::new(inventory.devices());
         std::fs::create_dir_all(&config.data_dir).with_context(|| {
             format!(
@@ -238,15 +326,21 @@ impl Agent {
                 config.data_dir.display()
             )
         })?;
-        let runtime = crate::runtime::select(config.runtime, &config.data_dir, &config.agent_id)
-            .await
-            .context("cannot use the configured runtime (DROVER_RUNTIME)")?;
+        let runtime = crate::runtime::select(
+            config.runtime,
+            &config.data_dir,
+            &config.agent_id,
+            config.aws_endpoint.as_deref(),
+        )
+        .await
+        .context("cannot use the configured runtime (DROVER_RUNTIME)")?;
         tracing::info!(runtime = %runtime.description(), "runtime ready");
         match runtime.kill_leftovers().await {
             Ok(0) => {}
             Ok(n) => tracing::warn!("killed {n} job(s) left running by an earlier agent"),
             Err(e) => tracing::warn!("cannot clean up after an earlier agent: {e}"),
         }
+        crate::job::remove_leftover_dirs(&config.data_dir).await;
         let client = Client::new(&config.coordinator)?;
         let listener = tokio::net::TcpListener::bind(config.health_addr)
             .await
@@ -262,20 +356,26 @@ impl Agent {
             gpus,
             config,
             runtime,
+            platform,
+            idle_leave,
             client,
-            metrics: Metrics::default(),
+            metrics,
             started_at: Instant::now(),
             health_addr,
             state: Mutex::new(State {
                 phase: Phase::Running,
                 drain_reason: None,
+                lifecycle: false,
+                lifecycle_heartbeats: None,
                 session: None,
                 generation: 0,
                 jobs: HashMap::new(),
                 last_heartbeat_ok: None,
             }),
             jobs_count: watch::Sender::new(0),
-            drain: CancellationToken::new(),
+            drain: Mutex::new(CancellationToken::new()),
+            drain_deadline: watch::Sender::new(None),
+            phase_watch: watch::Sender::new(Phase::Running),
             shutdown: CancellationToken::new(),
             heartbeat_now: Notify::new(),
         });
@@ -291,6 +391,8 @@ impl Agent {
             memory_mib = shared.capacity.memory_mib,
             gpus = shared.capacity.gpus,
             max_jobs = shared.config.max_jobs,
+            platform = shared.platform.kind().as_str(),
+            idle_leave = shared.idle_leave,
             "agent starting"
         );
         let (first_tx, first_rx) = oneshot::channel();
@@ -352,7 +454,7 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
         let shared = agent.shared.clone();
         async move {
             shutdown.await;
-            shared.begin_drain("shutdown");
+            shared.begin_shutdown_drain();
             std::future::pending::<()>().await
         }
     };
@@ -371,51 +473,105 @@ async fn main_loop(
     let mut first = Some(first);
     let mut resume = session::load(&shared.config.data_dir);
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
-    loop {
-        let registered = tokio::select! {
-            r = register(&shared, &mut resume) => r,
-            () = shared.drain.cancelled() => break,
-            () = shared.shutdown.cancelled() => return Ok(()),
-        };
-        let session = match registered {
-            Ok(session) => session,
-            Err(e) => {
-                if let Some(tx) = first.take() {
-                    let _ = tx.send(Err(e));
-                    return Ok(());
-                }
-                let delay = backoff.next_delay();
-                tracing::error!("{e:#}; retrying in {delay:?}");
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => continue,
-                    () = shared.drain.cancelled() => break,
-                    () = shared.shutdown.cancelled() => return Ok(()),
-                }
-            }
-        };
-        backoff.reset();
-        if let Some(tx) = first.take() {
-            let _ = tx.send(Ok(()));
-            // The idle clock starts once the agent can actually get work.
-            if shared.config.exit_when_idle {
-                tokio::spawn(idle_watch(shared.clone()));
-            }
-        }
-        tokio::spawn(claim_loop(shared.clone(), session.clone()));
-        tokio::spawn(heartbeat_loop(shared.clone(), session.clone()));
-        tokio::spawn(commands_loop(shared.clone(), session.clone()));
-        tokio::select! {
-            () = session.cancel.cancelled() => continue,
-            () = shared.drain.cancelled() => break,
-            () = shared.shutdown.cancelled() => return Ok(()),
-        }
+    // Platform loops live as long as the process.
+    let mut background = vec![tokio::spawn(platform_watch(shared.clone()))];
+    if shared.platform.has_scale_in_protection() && shared.config.scale_in_protection {
+        background.push(tokio::spawn(protection_loop(shared.clone())));
     }
-    drain(&shared).await;
-    // Health goes last so probes saw 503 throughout the drain.
-    health_stop.cancel();
-    let _ = health_task.await;
-    tracing::info!("agent stopped");
+    let stopped = 'serve: loop {
+        // One serving period: sessions (a fence registers again) until a
+        // drain begins.
+        let drain_token = shared.drain_token();
+        let mut idle_clock = false;
+        loop {
+            let registered = tokio::select! {
+                r = register(&shared, &mut resume) => r,
+                () = drain_token.cancelled() => break,
+                () = shared.shutdown.cancelled() => break 'serve false,
+            };
+            let session = match registered {
+                Ok(session) => session,
+                Err(e) => {
+                    if let Some(tx) = first.take() {
+                        let _ = tx.send(Err(e));
+                        break 'serve false;
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::error!("{e:#}; retrying in {delay:?}");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => continue,
+                        () = drain_token.cancelled() => break,
+                        () = shared.shutdown.cancelled() => break 'serve false,
+                    }
+                }
+            };
+            backoff.reset();
+            if let Some(tx) = first.take() {
+                let _ = tx.send(Ok(()));
+            }
+            // The idle clock starts once the agent can actually get work.
+            if shared.idle_leave && !idle_clock {
+                idle_clock = true;
+                tokio::spawn(idle_watch(shared.clone(), drain_token.clone()));
+            }
+            tokio::spawn(claim_loop(
+                shared.clone(),
+                session.clone(),
+                drain_token.clone(),
+            ));
+            tokio::spawn(heartbeat_loop(shared.clone(), session.clone()));
+            tokio::spawn(commands_loop(shared.clone(), session.clone()));
+            tokio::select! {
+                () = session.cancel.cancelled() => continue,
+                () = drain_token.cancelled() => break,
+                () = shared.shutdown.cancelled() => break 'serve false,
+            }
+        }
+        drain(&shared).await;
+        match after_drain(&shared).await {
+            IdleExit::Exit => break true,
+            IdleExit::KeepServing(why) => {
+                tracing::warn!("{why}");
+                shared.resume_serving();
+            }
+        }
+    };
+    for task in background {
+        task.abort();
+    }
+    if stopped {
+        // Health goes last so probes saw 503 throughout the drain.
+        health_stop.cancel();
+        let _ = health_task.await;
+        tracing::info!("agent stopped");
+    }
     Ok(())
+}
+
+/// What follows a finished drain (jobs done, Leave sent): the ASG's
+/// lifecycle action, ending an idle host, or just exiting.
+async fn after_drain(shared: &Arc<Shared>) -> IdleExit {
+    let (reason, lifecycle) = {
+        let st = shared.state();
+        (st.drain_reason.clone().unwrap_or_default(), st.lifecycle)
+    };
+    if lifecycle {
+        // The ASG is terminating this instance and waits for us; no
+        // heartbeat may arrive after the completion.
+        let heartbeats = shared.state().lifecycle_heartbeats.take();
+        if let Some(heartbeats) = heartbeats {
+            let _ = heartbeats.await;
+        }
+        if let Err(e) = shared.platform.complete_lifecycle().await {
+            tracing::warn!("{e}; the lifecycle hook's timeout ends the wait instead");
+        }
+        return IdleExit::Exit;
+    }
+    let ends_host = shared.platform.can_terminate_self() && shared.config.idle_terminate;
+    match reason.as_str() {
+        "idle" | "rebalance" if ends_host => shared.platform.terminate_idle().await,
+        _ => IdleExit::Exit,
+    }
 }
 
 /// Registers (resuming the saved session when there is one). Transient
@@ -426,11 +582,11 @@ async fn register(
     resume: &mut Option<session::SavedSession>,
 ) -> anyhow::Result<SessionState> {
     let config = &shared.config;
-    let mut labels = config.labels.clone();
-    labels.insert("platform".into(), "local".into());
-    labels.insert("arch".into(), std::env::consts::ARCH.into());
+    // Detected labels first; the configured ones override them.
+    let mut labels = shared.platform.labels();
     labels.insert("os".into(), std::env::consts::OS.into());
     labels.extend(resources::gpu_labels(&shared.gpus));
+    labels.extend(config.labels.clone());
     let agent = v1::AgentInfo {
         agent_id: config.agent_id.clone(),
         pool: config.pool.clone(),
@@ -570,12 +726,12 @@ fn unix_ms(t: SystemTime) -> u64 {
 }
 
 /// Claims while slots are free, until the session ends or a drain begins.
-async fn claim_loop(shared: Arc<Shared>, session: SessionState) {
+async fn claim_loop(shared: Arc<Shared>, session: SessionState, drain: CancellationToken) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut failing = false;
     let max_jobs = shared.config.max_jobs as usize;
     loop {
-        if shared.drain.is_cancelled() || session.cancel.is_cancelled() {
+        if drain.is_cancelled() || session.cancel.is_cancelled() {
             return;
         }
         let (free, slots) = shared.free();
@@ -583,7 +739,7 @@ async fn claim_loop(shared: Arc<Shared>, session: SessionState) {
             let mut count = shared.jobs_count.subscribe();
             tokio::select! {
                 _ = count.wait_for(|n| *n < max_jobs) => continue,
-                () = shared.drain.cancelled() => return,
+                () = drain.cancelled() => return,
                 () = session.cancel.cancelled() => return,
             }
         }
@@ -595,7 +751,7 @@ async fn claim_loop(shared: Arc<Shared>, session: SessionState) {
         };
         let result = tokio::select! {
             r = shared.client.claim(&session.auth, req) => r,
-            () = shared.drain.cancelled() => return,
+            () = drain.cancelled() => return,
             () = session.cancel.cancelled() => return,
         };
         match result {
@@ -625,7 +781,7 @@ async fn claim_loop(shared: Arc<Shared>, session: SessionState) {
                 }
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
-                    () = shared.drain.cancelled() => return,
+                    () = drain.cancelled() => return,
                     () = session.cancel.cancelled() => return,
                 }
             }
@@ -902,25 +1058,37 @@ fn handle_command(shared: &Shared, command: v1::Command) {
     }
 }
 
-/// The drain after claiming stopped: let jobs finish up to the deadline, stop
-/// the rest (INTERRUPTED), then Leave.
+/// The drain after claiming stopped: let jobs finish up to the deadline
+/// (which a later, more urgent notice can bring closer), stop the rest
+/// (INTERRUPTED), then Leave.
 async fn drain(shared: &Arc<Shared>) {
     let mut count = shared.jobs_count.subscribe();
-    let deadline = Duration::from_millis(shared.config.drain_timeout_ms);
+    let mut deadline = shared.drain_deadline.subscribe();
     let running = *count.borrow();
     if running > 0 {
-        tracing::info!(running, "waiting up to {deadline:?} for running jobs");
+        let within = deadline
+            .borrow()
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        tracing::info!(running, "waiting up to {within:?} for running jobs");
     }
-    if tokio::time::timeout(deadline, count.wait_for(|n| *n == 0))
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            running = *count.borrow(),
-            "drain deadline passed; stopping the remaining jobs"
-        );
-        shared.stop_all(StopOrder::Interrupt);
-        let _ = count.wait_for(|n| *n == 0).await;
+    loop {
+        let at = deadline.borrow_and_update().unwrap_or_else(|| {
+            Instant::now() + Duration::from_millis(shared.config.drain_timeout_ms)
+        });
+        let passed = tokio::select! {
+            _ = count.wait_for(|n| *n == 0) => break,
+            () = tokio::time::sleep_until(at) => true,
+            _ = deadline.changed() => false,
+        };
+        if passed {
+            tracing::warn!(
+                running = *count.borrow(),
+                "drain deadline passed; stopping the remaining jobs"
+            );
+            shared.stop_all(StopOrder::Interrupt);
+            let _ = count.wait_for(|n| *n == 0).await;
+            break;
+        }
     }
     if let Some(session) = shared.current_session() {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
@@ -945,17 +1113,18 @@ async fn drain(shared: &Arc<Shared>) {
     let mut st = shared.state();
     st.phase = Phase::Terminating;
     st.session = None;
+    shared.phase_watch.send_replace(Phase::Terminating);
 }
 
-/// With `exit_when_idle`: drains with reason "idle" once nothing has run for
-/// `idle_timeout_ms`.
-async fn idle_watch(shared: Arc<Shared>) {
+/// With idle leaving on: drains with reason "idle" once nothing has run for
+/// `idle_timeout_ms` in this serving period.
+async fn idle_watch(shared: Arc<Shared>, drain: CancellationToken) {
     let idle = Duration::from_millis(shared.config.idle_timeout_ms);
     let mut count = shared.jobs_count.subscribe();
     loop {
         tokio::select! {
             _ = count.wait_for(|n| *n == 0) => {}
-            () = shared.drain.cancelled() => return,
+            () = drain.cancelled() => return,
         }
         tokio::select! {
             () = tokio::time::sleep(idle) => {
@@ -966,7 +1135,147 @@ async fn idle_watch(shared: Arc<Shared>) {
                 }
             }
             _ = count.changed() => {}
-            () = shared.drain.cancelled() => return,
+            () = drain.cancelled() => return,
+        }
+    }
+}
+
+/// Polls the platform for interruptions and acts on the first sighting of
+/// each: a rebalance recommendation stops claiming, a spot notice drains
+/// with its deadline, the ASG's terminating lifecycle state drains with
+/// lifecycle heartbeats and ends with CompleteLifecycleAction.
+async fn platform_watch(shared: Arc<Shared>) {
+    if shared.platform.kind() != PlatformKind::Ec2 {
+        return;
+    }
+    let mut ticker = tokio::time::interval(Duration::from_millis(shared.config.platform_poll_ms));
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let (mut spot, mut rebalance, mut lifecycle) = (false, false, false);
+    let mut failing = false;
+    loop {
+        ticker.tick().await;
+        let notices = match shared.platform.poll().await {
+            Ok(notices) => {
+                if failing {
+                    tracing::info!("instance metadata answers again");
+                    failing = false;
+                }
+                notices
+            }
+            Err(e) => {
+                if !failing {
+                    tracing::warn!("cannot poll for interruptions: {e}");
+                    failing = true;
+                }
+                continue;
+            }
+        };
+        for notice in notices {
+            match notice {
+                Notice::SpotInterruption { deadline } if !spot => {
+                    spot = true;
+                    let margin = Duration::from_millis(shared.config.interrupt_margin_ms);
+                    let left =
+                        crate::platform::until_interrupt(deadline, SystemTime::now(), margin);
+                    tracing::warn!(
+                        "spot interruption notice: the instance is reclaimed at {}; running jobs stop in {left:?}",
+                        humantime::format_rfc3339_seconds(deadline)
+                    );
+                    shared.begin_drain_until("spot", Some(Instant::now() + left));
+                }
+                Notice::Rebalance if !rebalance => {
+                    rebalance = true;
+                    if shared.platform.can_terminate_self() && shared.config.idle_terminate {
+                        tracing::warn!("rebalance recommendation: no new jobs; the instance ends once running jobs finish");
+                        shared.begin_drain("rebalance");
+                    } else {
+                        tracing::warn!("rebalance recommendation: this agent cannot end its instance (no ASG or idle_terminate off); it keeps serving until a spot notice");
+                    }
+                }
+                Notice::LifecycleTerminating if !lifecycle => {
+                    lifecycle = true;
+                    let phase = {
+                        let mut st = shared.state();
+                        // An agent that terminated itself completes the
+                        // action in terminate_idle.
+                        if st.phase != Phase::Terminating {
+                            st.lifecycle = true;
+                        }
+                        st.phase
+                    };
+                    if phase != Phase::Terminating {
+                        tracing::warn!(
+                            "the Auto Scaling group is terminating this instance: draining"
+                        );
+                        shared.begin_drain("lifecycle");
+                        let task = tokio::spawn(lifecycle_heartbeats(shared.clone()));
+                        shared.state().lifecycle_heartbeats = Some(task);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Keeps the lifecycle action alive while jobs run: one heartbeat at once,
+/// then every `lifecycle_heartbeat_ms`, until no job runs.
+async fn lifecycle_heartbeats(shared: Arc<Shared>) {
+    let period = Duration::from_millis(shared.config.lifecycle_heartbeat_ms);
+    let mut count = shared.jobs_count.subscribe();
+    loop {
+        if *count.borrow() == 0 {
+            return;
+        }
+        if let Err(e) = shared.platform.lifecycle_heartbeat().await {
+            tracing::warn!("{e}; the lifecycle hook may time out before the jobs finish");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(period) => {}
+            _ = count.wait_for(|n| *n == 0) => return,
+        }
+    }
+}
+
+/// Scale-in protection follows busy/idle while the agent serves (debounced;
+/// see [`Debounce`]). During a drain it stays as it is: the instance is
+/// going away, or an idle agent is about to end it.
+async fn protection_loop(shared: Arc<Shared>) {
+    let debounce = Duration::from_millis(shared.config.protection_debounce_ms);
+    let retry = debounce.clamp(Duration::from_secs(1), Duration::from_secs(30));
+    let mut state = Debounce::new(debounce);
+    let mut count = shared.jobs_count.subscribe();
+    let mut phase = shared.phase_watch.subscribe();
+    loop {
+        let serving = *phase.borrow_and_update() == Phase::Running;
+        let busy = *count.borrow_and_update() > 0;
+        let step = if serving {
+            state.next(busy, Instant::now())
+        } else {
+            Step::Wait
+        };
+        match step {
+            Step::Set(protected) => {
+                match shared.platform.set_scale_in_protection(protected).await {
+                    Ok(()) => {
+                        tracing::info!(protected, "scale-in protection set");
+                        state.applied(protected);
+                    }
+                    Err(e) => {
+                        tracing::warn!("cannot set scale-in protection to {protected}: {e}; retrying in {retry:?}");
+                        state.failed(Instant::now() + retry);
+                    }
+                }
+            }
+            Step::WaitUntil(at) => tokio::select! {
+                () = tokio::time::sleep_until(at) => {}
+                _ = count.changed() => {}
+                _ = phase.changed() => {}
+            },
+            Step::Wait => tokio::select! {
+                _ = count.changed() => {}
+                _ = phase.changed() => {}
+            },
         }
     }
 }

@@ -201,6 +201,25 @@ impl Client {
             .map_err(|s| self.err(s, true))
     }
 
+    /// A signed URL to PUT the attempt's artifact to. Fenced.
+    pub async fn artifact_upload_url(
+        &self,
+        auth: &Auth,
+        lease: v1::LeaseRef,
+    ) -> Result<v1::ArtifactUploadUrlResponse, CallError> {
+        let req = self.request(
+            Some(auth),
+            v1::ArtifactUploadUrlRequest { lease: Some(lease) },
+            CALL_TIMEOUT,
+        );
+        self.inner
+            .clone()
+            .artifact_upload_url(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| self.err(s, true))
+    }
+
     pub async fn append_logs(
         &self,
         auth: &Auth,

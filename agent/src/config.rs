@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+pub use crate::platform::PlatformChoice;
 pub use crate::runtime::RuntimeChoice;
 
 /// Agent configuration: TOML file + DROVER_* env + flags; every field has a default
@@ -48,6 +49,32 @@ pub struct AgentConfig {
     /// `auto` (docker when the Engine answers, else process), `docker` or
     /// `process`.
     pub runtime: RuntimeChoice,
+    /// Where the agent runs: `auto` (ECS metadata → fargate; an EC2 host whose
+    /// IMDS answers → ec2; else local), `ec2`, `fargate` or `local`.
+    pub platform: PlatformChoice,
+    /// IMDS base URL (EC2).
+    pub imds_endpoint: String,
+    /// AWS API endpoint override (an emulator in tests); unset = AWS.
+    pub aws_endpoint: Option<String>,
+    /// On ec2 (in an ASG) and fargate: end the instance or task after
+    /// `idle_timeout_ms` with nothing running. Off: idle agents keep running.
+    pub idle_terminate: bool,
+    /// EC2 in an ASG: protect the instance from scale-in while busy.
+    pub scale_in_protection: bool,
+    /// How long the agent stays idle before it drops scale-in protection.
+    pub protection_debounce_ms: u64,
+    /// How often IMDS is polled for spot notices, rebalance recommendations
+    /// and the ASG target lifecycle state.
+    pub platform_poll_ms: u64,
+    /// How long before a hard deadline (spot reclaim, Fargate stop timeout)
+    /// running jobs are stopped and completed as interrupted.
+    pub interrupt_margin_ms: u64,
+    /// Fargate: the task's stop timeout (SIGTERM → SIGKILL by ECS).
+    pub stop_timeout_ms: u64,
+    /// EC2: the ASG's terminating lifecycle hook the agent completes.
+    pub lifecycle_hook: Option<String>,
+    /// EC2: RecordLifecycleActionHeartbeat period while a lifecycle drain runs.
+    pub lifecycle_heartbeat_ms: u64,
 }
 
 impl Default for AgentConfig {
@@ -74,6 +101,17 @@ impl Default for AgentConfig {
             health_token: None,
             claim_wait_ms: 20_000,
             runtime: RuntimeChoice::Auto,
+            platform: PlatformChoice::Auto,
+            imds_endpoint: "http://169.254.169.254".to_string(),
+            aws_endpoint: None,
+            idle_terminate: true,
+            scale_in_protection: true,
+            protection_debounce_ms: 30_000,
+            platform_poll_ms: 5_000,
+            interrupt_margin_ms: 15_000,
+            stop_timeout_ms: 30_000,
+            lifecycle_hook: None,
+            lifecycle_heartbeat_ms: 60_000,
         }
     }
 }
@@ -172,6 +210,46 @@ impl AgentConfig {
                 }
             })?;
         }
+        let url_ok = |u: &str| {
+            (u.starts_with("http://") || u.starts_with("https://"))
+                && u.parse::<tonic::transport::Uri>().is_ok()
+        };
+        if !url_ok(self.imds_endpoint.trim()) {
+            return invalid(
+                "imds_endpoint",
+                "must be an http:// URL, e.g. http://169.254.169.254 (DROVER_IMDS_ENDPOINT)",
+            );
+        }
+        if matches!(&self.aws_endpoint, Some(u) if !url_ok(u.trim())) {
+            return invalid(
+                "aws_endpoint",
+                "must be an http:// or https:// URL, or unset for AWS itself (DROVER_AWS_ENDPOINT)",
+            );
+        }
+        if self.platform_poll_ms < 100 {
+            return invalid(
+                "platform_poll_ms",
+                "must be at least 100 (DROVER_PLATFORM_POLL_MS); AWS gives two minutes of spot notice, 5000 is plenty",
+            );
+        }
+        if self.lifecycle_heartbeat_ms < 100 {
+            return invalid(
+                "lifecycle_heartbeat_ms",
+                "must be at least 100 (DROVER_LIFECYCLE_HEARTBEAT_MS); keep it well under the hook's heartbeat timeout",
+            );
+        }
+        if self.idle_terminate && self.idle_timeout_ms == 0 {
+            return invalid(
+                "idle_timeout_ms",
+                "must be above 0 with idle_terminate (DROVER_IDLE_TIMEOUT_MS); set idle_terminate = false to keep idle agents",
+            );
+        }
+        if matches!(&self.lifecycle_hook, Some(h) if h.trim().is_empty()) {
+            return invalid(
+                "lifecycle_hook",
+                "must not be empty when set (DROVER_LIFECYCLE_HOOK); leave it unset when the ASG has no terminating hook",
+            );
+        }
         if matches!(&self.health_token, Some(t) if t.trim().is_empty()) {
             return invalid(
                 "health_token",
@@ -244,5 +322,35 @@ mod tests {
         let cfg: AgentConfig = toml::from_str("runtime = \"process\"").unwrap();
         assert_eq!(cfg.runtime, RuntimeChoice::Process);
         assert!(toml::from_str::<AgentConfig>("runtime = \"podman\"").is_err());
+        let cfg: AgentConfig =
+            toml::from_str("platform = \"ec2\"\nlifecycle_hook = \"drain\"").unwrap();
+        assert_eq!(cfg.platform, PlatformChoice::Ec2);
+        assert_eq!(cfg.lifecycle_hook.as_deref(), Some("drain"));
+        assert!(toml::from_str::<AgentConfig>("platform = \"gce\"").is_err());
+    }
+
+    #[test]
+    fn platform_settings_are_checked_with_their_env_name() {
+        let err = AgentConfig {
+            imds_endpoint: "169.254.169.254".into(),
+            ..valid()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(err.to_string().contains("DROVER_IMDS_ENDPOINT"), "{err}");
+        let err = AgentConfig {
+            aws_endpoint: Some("moto:5000".into()),
+            ..valid()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(err.to_string().contains("DROVER_AWS_ENDPOINT"), "{err}");
+        let err = AgentConfig {
+            lifecycle_hook: Some(" ".into()),
+            ..valid()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(err.to_string().contains("DROVER_LIFECYCLE_HOOK"), "{err}");
     }
 }

@@ -29,7 +29,8 @@ pub struct FreeJson {
 pub struct HealthJson {
     /// idle | busy | draining | terminating | unhealthy
     pub state: &'static str,
-    /// Why draining or unhealthy.
+    /// Why draining or terminating (`idle`, `spot`, `lifecycle`, `operator`,
+    /// `rebalance`, `shutdown`), or unhealthy.
     pub reason: Option<String>,
     pub session: Option<String>,
     pub running: usize,
@@ -39,6 +40,10 @@ pub struct HealthJson {
     pub runtime_ok: bool,
     /// The runtime and what it runs on (`docker 20.10.24`, `process`).
     pub runtime: String,
+    /// `ec2`, `fargate` or `local`.
+    pub platform: &'static str,
+    /// While draining: milliseconds until running jobs are stopped.
+    pub drain_deadline_ms: Option<u64>,
 }
 
 impl HealthJson {
@@ -88,6 +93,14 @@ async fn snapshot(shared: &Shared) -> HealthJson {
         last_heartbeat_ms: since.map(|d| d.as_millis() as u64),
         runtime_ok: runtime_error.is_none(),
         runtime: shared.runtime.description(),
+        platform: shared.platform.kind().as_str(),
+        drain_deadline_ms: match st.phase {
+            Phase::Draining => shared.drain_deadline.borrow().map(|d| {
+                d.saturating_duration_since(tokio::time::Instant::now())
+                    .as_millis() as u64
+            }),
+            _ => None,
+        },
     }
 }
 

@@ -13,9 +13,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::agent::Shared;
+use crate::artifacts;
 use crate::client::{Auth, Backoff, CallError};
 use crate::gpu::GpuDevice;
-use crate::runtime::{supervise, OutputChunk, RunSpec, StopOrder, Stream};
+use crate::runtime::{supervise, JobDirs, OutputChunk, RunSpec, RuntimeError, StopOrder, Stream};
 
 /// Largest AppendLogs batch, in bytes of output.
 pub const BATCH_BYTES: usize = 64 * 1024;
@@ -26,7 +27,45 @@ fn name(lease: &v1::LeaseRef) -> String {
     format!("{}#{}", lease.job_id, lease.attempt)
 }
 
-fn spec_from(lease: &v1::LeaseRef, payload: v1::JobPayload, gpus: Vec<GpuDevice>) -> RunSpec {
+/// Where attempts keep their input, output and scratch directories.
+fn attempts_root(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("attempts")
+}
+
+fn attempt_dir(data_dir: &std::path::Path, lease: &v1::LeaseRef) -> std::path::PathBuf {
+    let safe: String = lease
+        .job_id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    attempts_root(data_dir).join(format!("{safe}-{}", lease.attempt))
+}
+
+/// At agent start: the attempt directories an earlier run left behind (its
+/// jobs were killed, so nobody will pack or read them).
+pub(crate) async fn remove_leftover_dirs(data_dir: &std::path::Path) {
+    let root = attempts_root(data_dir);
+    if let Err(e) = tokio::fs::remove_dir_all(&root).await {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(dir = %root.display(), "cannot remove leftover attempt dirs: {e}");
+        }
+    }
+}
+
+fn outcome_of(e: &RuntimeError) -> v1::Outcome {
+    if e.is_job_failure() {
+        v1::Outcome::Failed
+    } else {
+        v1::Outcome::Interrupted
+    }
+}
+
+fn spec_from(
+    lease: &v1::LeaseRef,
+    payload: v1::JobPayload,
+    gpus: Vec<GpuDevice>,
+    dirs: JobDirs,
+) -> RunSpec {
     RunSpec {
         job_id: lease.job_id.clone(),
         attempt: lease.attempt,
@@ -42,6 +81,7 @@ fn spec_from(lease: &v1::LeaseRef, payload: v1::JobPayload, gpus: Vec<GpuDevice>
         session: lease.session_id.clone(),
         // The job spec has no pull_policy yet: the image reference decides.
         pull_policy: None,
+        dirs: Some(dirs),
     }
 }
 
@@ -80,28 +120,19 @@ pub(crate) async fn run(
         shared.metrics.job_finished("lost");
         return;
     }
-    let spec = spec_from(&lease, payload, gpus);
+    // Everything before the job runs: its directories, its inputs, the start.
+    let dirs = match JobDirs::create(attempt_dir(&shared.config.data_dir, &lease)).await {
+        Ok(dirs) => dirs,
+        Err(e) => return not_started(&shared, &auth, &lease, &orders, e, None).await,
+    };
+    if let Err(e) = artifacts::fetch_inputs(&dirs, &payload.inputs).await {
+        return not_started(&shared, &auth, &lease, &orders, e, Some(&dirs)).await;
+    }
+    let keep_outputs = payload.outputs;
+    let spec = spec_from(&lease, payload, gpus, dirs.clone());
     let started = match shared.runtime.start(spec).await {
         Ok(started) => started,
-        Err(e) => {
-            let outcome = if e.is_job_failure() {
-                v1::Outcome::Failed
-            } else {
-                v1::Outcome::Interrupted
-            };
-            tracing::warn!(job = %name(&lease), "cannot start: {e}");
-            complete(
-                &shared,
-                &auth,
-                &lease,
-                outcome,
-                None,
-                e.to_string(),
-                Some(&orders),
-            )
-            .await;
-            return;
-        }
+        Err(e) => return not_started(&shared, &auth, &lease, &orders, e, Some(&dirs)).await,
     };
     let crate::runtime::Started { mut job, output } = started;
     tracing::info!(job = %name(&lease), "started");
@@ -123,9 +154,10 @@ pub(crate) async fn run(
         tracing::warn!(job = %name(&lease), "lease lost: job killed, not completed");
         shared.metrics.job_finished("lost");
         job.cleanup().await;
+        dirs.remove().await;
         return;
     }
-    let (outcome, exit_code, reason) = match ended {
+    let (mut outcome, exit_code, mut reason) = match ended {
         Err(e) => (
             v1::Outcome::Interrupted,
             None,
@@ -169,6 +201,31 @@ pub(crate) async fn run(
     if let Ok(Err(e)) = &shipped {
         tracing::warn!(job = %name(&lease), "some output was not stored: {e}");
     }
+    let ran_to_end = matches!(outcome, v1::Outcome::Succeeded | v1::Outcome::Failed);
+    if keep_outputs && ran_to_end {
+        let mut orders = orders.clone();
+        match keep_output(&shared, &auth, &lease, &dirs, &mut orders).await {
+            Ok(bytes) => tracing::info!(job = %name(&lease), bytes, "output kept"),
+            Err(KeepError::LeaseLost) => {
+                tracing::warn!(job = %name(&lease), "lease lost while keeping the output: not completed");
+                shared.metrics.job_finished("lost");
+                job.cleanup().await;
+                dirs.remove().await;
+                return;
+            }
+            Err(KeepError::Failed(e)) => {
+                tracing::warn!(job = %name(&lease), "output not kept: {e}");
+                if outcome == v1::Outcome::Succeeded {
+                    // The result is incomplete without its output: a job
+                    // fault fails it, an infrastructure fault runs it again.
+                    outcome = outcome_of(&e);
+                    reason = format!("the job succeeded but its output was not kept: {e}");
+                } else {
+                    reason = format!("{reason}; its output was not kept: {e}");
+                }
+            }
+        }
+    }
     complete(
         &shared,
         &auth,
@@ -182,6 +239,85 @@ pub(crate) async fn run(
     // Removing the container and its directories is not part of the result:
     // report first, clean up after (the slot stays taken until then).
     job.cleanup().await;
+    dirs.remove().await;
+}
+
+/// An attempt that could not start: completed as FAILED (the job's fault)
+/// or INTERRUPTED (the host's), its directories removed.
+async fn not_started(
+    shared: &Arc<Shared>,
+    auth: &Auth,
+    lease: &v1::LeaseRef,
+    orders: &watch::Receiver<Option<StopOrder>>,
+    e: RuntimeError,
+    dirs: Option<&JobDirs>,
+) {
+    tracing::warn!(job = %name(lease), "cannot start: {e}");
+    complete(
+        shared,
+        auth,
+        lease,
+        outcome_of(&e),
+        None,
+        e.to_string(),
+        Some(orders),
+    )
+    .await;
+    if let Some(dirs) = dirs {
+        dirs.remove().await;
+    }
+}
+
+enum KeepError {
+    LeaseLost,
+    Failed(RuntimeError),
+}
+
+/// Upload attempts for one output (a fresh signed URL each).
+const UPLOAD_TRIES: u32 = 3;
+
+/// Packs the output directory and uploads it through a fenced, signed URL.
+/// Returns the archive's size.
+async fn keep_output(
+    shared: &Arc<Shared>,
+    auth: &Auth,
+    lease: &v1::LeaseRef,
+    dirs: &JobDirs,
+    orders: &mut watch::Receiver<Option<StopOrder>>,
+) -> Result<u64, KeepError> {
+    let packed = artifacts::pack_output(dirs)
+        .await
+        .map_err(KeepError::Failed)?;
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let url = match retry_call(orders, || {
+            shared.client.artifact_upload_url(auth, lease.clone())
+        })
+        .await
+        {
+            Ok(url) => url,
+            Err(CallError::LeaseLost(_) | CallError::SessionGone(_)) => {
+                return Err(KeepError::LeaseLost)
+            }
+            Err(e) => {
+                return Err(KeepError::Failed(RuntimeError::Infra(format!(
+                    "no upload URL: {e}"
+                ))))
+            }
+        };
+        match artifacts::upload(&packed, &url).await {
+            Ok(()) => return Ok(packed.bytes),
+            Err(e) if e.is_job_failure() || tries >= UPLOAD_TRIES => {
+                return Err(KeepError::Failed(e))
+            }
+            Err(e) => {
+                tracing::warn!(job = %name(lease), "upload failed, retrying: {e}");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
 }
 
 fn outcome_label(outcome: v1::Outcome) -> &'static str {

@@ -66,6 +66,38 @@ struct Args {
     /// auto (docker when the Engine answers, else process), docker or process.
     #[arg(long, env = "DROVER_RUNTIME", value_enum)]
     runtime: Option<drover_agent::config::RuntimeChoice>,
+    /// auto (ECS metadata → fargate; EC2 IMDS → ec2; else local), ec2,
+    /// fargate or local.
+    #[arg(long, env = "DROVER_PLATFORM", value_enum)]
+    platform: Option<drover_agent::config::PlatformChoice>,
+    /// EC2 instance metadata service base URL.
+    #[arg(long, env = "DROVER_IMDS_ENDPOINT")]
+    imds_endpoint: Option<String>,
+    /// AWS API endpoint override (a local emulator); unset = AWS.
+    #[arg(long, env = "DROVER_AWS_ENDPOINT")]
+    aws_endpoint: Option<String>,
+    /// ec2 (ASG) / fargate: terminate the instance or end the task when idle.
+    #[arg(long, env = "DROVER_IDLE_TERMINATE", num_args = 0..=1, default_missing_value = "true")]
+    idle_terminate: Option<bool>,
+    /// ec2 (ASG): protect the instance from scale-in while jobs run.
+    #[arg(long, env = "DROVER_SCALE_IN_PROTECTION", num_args = 0..=1, default_missing_value = "true")]
+    scale_in_protection: Option<bool>,
+    #[arg(long, env = "DROVER_PROTECTION_DEBOUNCE_MS")]
+    protection_debounce_ms: Option<u64>,
+    /// How often IMDS is polled for spot notices and lifecycle states.
+    #[arg(long, env = "DROVER_PLATFORM_POLL_MS")]
+    platform_poll_ms: Option<u64>,
+    /// Stop running jobs this long before a spot or Fargate stop deadline.
+    #[arg(long, env = "DROVER_INTERRUPT_MARGIN_MS")]
+    interrupt_margin_ms: Option<u64>,
+    /// Fargate: the task's stop timeout.
+    #[arg(long, env = "DROVER_STOP_TIMEOUT_MS")]
+    stop_timeout_ms: Option<u64>,
+    /// ec2: the ASG's terminating lifecycle hook to complete.
+    #[arg(long, env = "DROVER_LIFECYCLE_HOOK")]
+    lifecycle_hook: Option<String>,
+    #[arg(long, env = "DROVER_LIFECYCLE_HEARTBEAT_MS")]
+    lifecycle_heartbeat_ms: Option<u64>,
 }
 
 impl Args {
@@ -93,6 +125,21 @@ impl Args {
             drain_timeout_ms
         );
         set!(exit_when_idle, idle_timeout_ms, claim_wait_ms, runtime);
+        set!(
+            platform,
+            imds_endpoint,
+            idle_terminate,
+            scale_in_protection,
+            protection_debounce_ms
+        );
+        set!(
+            platform_poll_ms,
+            interrupt_margin_ms,
+            stop_timeout_ms,
+            lifecycle_heartbeat_ms
+        );
+        c.aws_endpoint = self.aws_endpoint.or(c.aws_endpoint);
+        c.lifecycle_hook = self.lifecycle_hook.or(c.lifecycle_hook);
         c.cpu_millis = self.cpu_millis.or(c.cpu_millis);
         c.memory_mib = self.memory_mib.or(c.memory_mib);
         c.health_token = self.health_token.or(c.health_token);

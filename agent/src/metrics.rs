@@ -1,7 +1,9 @@
 //! Counters for `GET /metrics` (Prometheus text format).
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// How an attempt ended on this agent; `lost` attempts are never completed.
 pub const OUTCOMES: [&str; 6] = [
@@ -23,6 +25,37 @@ pub struct Metrics {
     pub leases_claimed: AtomicU64,
     pub fences: AtomicU64,
     pub registrations: AtomicU64,
+    /// AWS API requests by operation, shared with the platform.
+    pub aws_calls: Arc<AwsCalls>,
+}
+
+/// AWS API requests the agent made, by operation and result: what its IAM
+/// policy is used for, and what it costs in API rate.
+#[derive(Debug, Default)]
+pub struct AwsCalls {
+    counts: Mutex<BTreeMap<(&'static str, bool), u64>>,
+}
+
+impl AwsCalls {
+    pub fn record(&self, op: &'static str, ok: bool) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        *counts.entry((op, ok)).or_default() += 1;
+    }
+
+    /// Requests of `op` that succeeded (`ok`) or failed.
+    pub fn get(&self, op: &str, ok: bool) -> u64 {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts
+            .iter()
+            .filter(|((o, k), _)| *o == op && *k == ok)
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
+    fn snapshot(&self) -> Vec<((&'static str, bool), u64)> {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.iter().map(|(k, v)| (*k, *v)).collect()
+    }
 }
 
 impl Metrics {
@@ -117,6 +150,40 @@ impl Metrics {
             "drover_agent_registrations_total {}",
             get(&self.registrations)
         );
+        let _ = writeln!(
+            out,
+            "# HELP drover_agent_aws_calls_total AWS API requests, by operation and result."
+        );
+        let _ = writeln!(out, "# TYPE drover_agent_aws_calls_total counter");
+        for ((op, ok), n) in self.aws_calls.snapshot() {
+            let result = if ok { "ok" } else { "error" };
+            let _ = writeln!(
+                out,
+                "drover_agent_aws_calls_total{{op=\"{op}\",result=\"{result}\"}} {n}"
+            );
+        }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aws_calls_are_rendered_per_operation_and_result() {
+        let m = Metrics::default();
+        m.aws_calls.record("SetInstanceProtection", true);
+        m.aws_calls.record("SetInstanceProtection", true);
+        m.aws_calls
+            .record("TerminateInstanceInAutoScalingGroup", false);
+        let text = m.render(0, false);
+        assert!(text.contains(
+            "drover_agent_aws_calls_total{op=\"SetInstanceProtection\",result=\"ok\"} 2"
+        ));
+        assert!(text.contains(
+            "drover_agent_aws_calls_total{op=\"TerminateInstanceInAutoScalingGroup\",result=\"error\"} 1"
+        ));
+        assert_eq!(m.aws_calls.get("SetInstanceProtection", true), 2);
     }
 }

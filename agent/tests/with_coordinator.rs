@@ -676,3 +676,179 @@ async fn gpu_jobs_get_disjoint_whole_gpus_and_give_them_back() {
     agent.drain("test");
     agent.wait().await.unwrap();
 }
+
+/// GET without the API token: a signed URL is its own credential.
+async fn fetch(url: &str) -> (StatusCode, Vec<u8>) {
+    let resp = reqwest::Client::new().get(url).send().await.unwrap();
+    (resp.status(), resp.bytes().await.unwrap().to_vec())
+}
+
+/// Where a job writes and reads its artifacts in this runtime.
+struct ArtifactPaths {
+    output: &'static str,
+    input: &'static str,
+}
+
+/// Job A keeps its output; job B gets it as input `a`; a failed producer's
+/// output is kept but cannot feed a consumer; nothing is left on the agent.
+async fn artifacts_round_trip(runtime: RuntimeChoice, image: &str, paths: ArtifactPaths) {
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let coordinator = Coordinator::start(dirs.0.path(), |_| {}).await;
+    let agent = Agent::start(AgentConfig {
+        runtime,
+        ..coordinator.agent_config(dirs.1.path())
+    })
+    .await
+    .unwrap();
+    let ArtifactPaths { output, input } = paths;
+    let job = |script: String| {
+        let mut spec = sh(&script);
+        spec.image = image.to_string();
+        spec
+    };
+
+    let mut producer = job(format!(
+        "mkdir -p {output}/sub && echo 42 > {output}/x && echo deep > {output}/sub/y"
+    ));
+    producer.outputs = true;
+    let producer = coordinator.submit(producer).await;
+    let done = coordinator.wait_terminal(&producer).await;
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+
+    // The artifact is listed with a signed URL that works without a token.
+    let resp = coordinator
+        .call(
+            reqwest::Method::GET,
+            &format!("/v1/jobs/{producer}/artifacts"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let artifact: drover_proto::model::Artifact = resp.json().await.unwrap();
+    assert_eq!(
+        (artifact.job_id.as_str(), artifact.attempt),
+        (producer.as_str(), 1)
+    );
+    let (status, archive) = fetch(&artifact.url).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(archive.len() as u64, artifact.bytes);
+    let unpacked = tempfile::tempdir().unwrap();
+    let file = unpacked.path().join("a.tar.zst");
+    std::fs::write(&file, &archive).unwrap();
+    drover_agent::artifacts::unpack(&file, &unpacked.path().join("out")).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(unpacked.path().join("out/x")).unwrap(),
+        "42\n"
+    );
+    // A tampered signature is refused.
+    let (status, _) = fetch(&artifact.url.replace("signature=", "signature=0")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // The consumer reads it read-only under its input name.
+    let mut consumer = job(format!(
+        "cat {input}/a/x {input}/a/sub/y; (echo no > {input}/a/x) 2>/dev/null && echo writable || echo read-only"
+    ));
+    consumer.inputs = vec![drover_proto::model::InputSpec {
+        name: "a".into(),
+        job: producer.clone(),
+    }];
+    let consumer = coordinator.submit(consumer).await;
+    let done = coordinator.wait_terminal(&consumer).await;
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    let log = coordinator.logs(&consumer).await;
+    assert!(log.starts_with("42\ndeep\n"), "{log:?}");
+    if runtime == RuntimeChoice::Docker {
+        assert!(
+            log.ends_with("read-only\n"),
+            "/input is mounted read-only: {log:?}"
+        );
+    }
+    let resp = coordinator
+        .call(
+            reqwest::Method::GET,
+            &format!("/v1/jobs/{consumer}/artifacts"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert!(
+        resp.text()
+            .await
+            .unwrap()
+            .contains("does not declare outputs"),
+        "the 404 says why"
+    );
+
+    // A failed job's output is kept (to debug it) but feeds no other job.
+    let mut failing = job(format!("echo partial > {output}/p; exit 3"));
+    failing.outputs = true;
+    let failing = coordinator.submit(failing).await;
+    let done = coordinator.wait_terminal(&failing).await;
+    assert_eq!(done.state, JobState::Failed, "{done:?}");
+    let resp = coordinator
+        .call(
+            reqwest::Method::GET,
+            &format!("/v1/jobs/{failing}/artifacts"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "the failed attempt's output is kept"
+    );
+    let mut starved = job("echo should-not-run".into());
+    starved.inputs = vec![drover_proto::model::InputSpec {
+        name: "p".into(),
+        job: failing.clone(),
+    }];
+    let starved = coordinator.submit(starved).await;
+    let done = coordinator.wait_terminal(&starved).await;
+    assert_eq!(done.state, JobState::Failed, "{done:?}");
+    let reason = done.reason.unwrap_or_default();
+    assert!(reason.contains("is FAILED, not SUCCEEDED"), "{reason}");
+    assert!(
+        coordinator.logs(&starved).await.is_empty(),
+        "the job never ran"
+    );
+
+    agent.drain("test");
+    agent.wait().await.unwrap();
+    let attempts = dirs.1.path().join("attempts");
+    let left: Vec<_> = std::fs::read_dir(&attempts)
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "attempt dirs left behind: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifacts_round_trip_with_the_process_runtime() {
+    artifacts_round_trip(
+        RuntimeChoice::Process,
+        "",
+        ArtifactPaths {
+            output: "$DROVER_OUTPUT_DIR",
+            input: "$DROVER_INPUT_DIR",
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifacts_round_trip_with_the_docker_runtime() {
+    let image = drover_agent::runtime::docker::test_image::ensure_on_local_engine()
+        .await
+        .expect("the Docker tests need a Docker Engine");
+    artifacts_round_trip(
+        RuntimeChoice::Docker,
+        &image,
+        ArtifactPaths {
+            output: "/output",
+            input: "/input",
+        },
+    )
+    .await;
+}

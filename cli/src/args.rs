@@ -65,6 +65,11 @@ pub enum Command {
         /// Agent id
         agent: String,
     },
+    /// Download a job's artifact (what it wrote to its output directory)
+    Artifacts {
+        #[command(subcommand)]
+        action: ArtifactsAction,
+    },
     /// List pools, or pause/resume one
     Pools {
         #[command(subcommand)]
@@ -72,6 +77,27 @@ pub enum Command {
     },
     /// Run a coordinator and local agents in this process (loopback only)
     Dev(DevArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ArtifactsAction {
+    /// Download the artifact of a job's latest attempt (tar + zstd), or
+    /// unpack it with -x
+    Get {
+        /// Job id
+        job: String,
+        /// Archive file to write [default: <job>.tar.zst]; `-` writes stdout
+        #[arg(
+            short = 'o',
+            long = "output",
+            value_name = "FILE",
+            conflicts_with = "extract"
+        )]
+        output: Option<PathBuf>,
+        /// Unpack into this directory instead of keeping the archive
+        #[arg(short = 'x', long = "extract", value_name = "DIR")]
+        extract: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -131,6 +157,14 @@ pub struct SubmitArgs {
     /// Working directory (absolute)
     #[arg(long)]
     pub workdir: Option<String>,
+    /// Keep what the job writes to its output directory (/output,
+    /// $DROVER_OUTPUT_DIR) for `drover artifacts get` and later jobs' inputs
+    #[arg(long)]
+    pub outputs: bool,
+    /// Another job's artifact, unpacked read-only at /input/NAME
+    /// ($DROVER_INPUT_DIR/NAME) before this job starts (repeatable)
+    #[arg(long = "input", value_name = "NAME=JOB", value_parser = parse_key_value)]
+    pub inputs: Vec<(String, String)>,
     /// Follow the job: progress on stderr, logs on stdout; exit with its exit code
     #[arg(long)]
     pub wait: bool,

@@ -216,6 +216,27 @@ impl Client {
         Ok(out)
     }
 
+    /// Where to download a job's artifact (a signed, expiring URL).
+    pub async fn artifact(&self, id: &str) -> anyhow::Result<drover_proto::model::Artifact> {
+        self.call(Method::GET, &["v1", "jobs", id, "artifacts"], None::<&()>)
+            .await
+    }
+
+    /// GETs a signed URL: no API token goes with it (the signature is the
+    /// credential, and S3 refuses a second one).
+    pub async fn download(&self, url: &str) -> anyhow::Result<Response> {
+        let response =
+            self.http.get(url).send().await.with_context(|| {
+                format!("cannot download {}", url.split('?').next().unwrap_or(url))
+            })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let body = response.bytes().await.unwrap_or_default();
+        Err(api_failure(status, &body).into())
+    }
+
     pub async fn list_agents(&self) -> anyhow::Result<AgentList> {
         self.call(Method::GET, &["v1", "agents"], None::<&()>).await
     }

@@ -236,7 +236,8 @@ impl Tracked {
     }
 }
 
-/// The demo: a two-step pipeline (generate numbers, then sum them), a job
+/// The demo: a two-step pipeline (generate numbers, then sum them: the
+/// numbers pass as `generate`'s artifact, `sum`'s input), a job
 /// with a secret env var, a job that fails once and succeeds on its retry,
 /// and a high-priority job. True when they all succeeded and the secret
 /// never showed up in the API's answers or the logs.
@@ -291,12 +292,26 @@ async fn demo(client: &Client, data_dir: &Path, agents: u32) -> anyhow::Result<b
             .iter()
             .find(|t| t.name == "generate")
             .map(|t| (t.done(), t.succeeded()));
+        let generate_id = tracked
+            .iter()
+            .find(|t| t.name == "generate")
+            .and_then(|t| t.id.clone());
         if let Some(sum) = tracked
             .iter_mut()
             .find(|t| t.name == "sum" && t.id.is_none() && t.skipped.is_none())
         {
             match generate {
-                Some((true, true)) => sum.id = Some(client.submit_one(sum_spec.clone()).await?),
+                Some((true, true)) => {
+                    let mut spec = sum_spec.clone();
+                    spec.inputs = generate_id
+                        .iter()
+                        .map(|job| drover_proto::model::InputSpec {
+                            name: "numbers".into(),
+                            job: job.clone(),
+                        })
+                        .collect();
+                    sum.id = Some(client.submit_one(spec).await?)
+                }
                 Some((true, false)) => sum.skipped = Some("generate did not succeed".into()),
                 _ => {}
             }
@@ -417,11 +432,13 @@ fn demo_specs(run_dir: &Path, secret: &str) -> Vec<(&'static str, JobSpec)> {
         spec.timeout_secs = 60;
         spec
     };
-    let generate = job(
+    // `generate` keeps its output; `sum` gets it as its input `numbers`.
+    let mut generate = job(
         "generate",
-        r#"i=1; while [ $i -le 100 ]; do echo $i; i=$((i+1)); done > "$DEMO_DIR/numbers.txt"
-echo "wrote numbers 1..100 to $DEMO_DIR/numbers.txt""#,
+        r#"i=1; while [ $i -le 100 ]; do echo $i; i=$((i+1)); done > "$DROVER_OUTPUT_DIR/numbers.txt"
+echo "wrote numbers 1..100 to its output directory""#,
     );
+    generate.outputs = true;
     let mut secret_job = job(
         "secret",
         r#"if [ -z "$DEMO_TOKEN" ]; then echo "DEMO_TOKEN is missing" >&2; exit 1; fi
@@ -449,7 +466,7 @@ echo "first attempt: failing on purpose (exit 3)" >&2; exit 3"#,
     urgent.priority = 100;
     let sum = job(
         "sum",
-        r#"s=0; n=0; while read x; do s=$((s+x)); n=$((n+1)); done < "$DEMO_DIR/numbers.txt"
+        r#"s=0; n=0; while read x; do s=$((s+x)); n=$((n+1)); done < "$DROVER_INPUT_DIR/numbers/numbers.txt"
 echo "read $n numbers"; echo "sum = $s"
 [ "$s" -eq 5050 ] || { echo "expected 5050" >&2; exit 1; }"#,
     );
@@ -609,8 +626,15 @@ mod tests {
             for (key, value) in &spec.env {
                 command.env(key, value.value());
             }
+            command
+                .env("DROVER_OUTPUT_DIR", dir.path().join("out"))
+                .env("DROVER_INPUT_DIR", dir.path().join("in"));
             command.output().unwrap()
         };
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::create_dir_all(dir.path().join("in")).unwrap();
+        std::os::unix::fs::symlink(&out, dir.path().join("in/numbers")).unwrap();
         assert!(run("generate").status.success());
         let sum = run("sum");
         assert!(sum.status.success());

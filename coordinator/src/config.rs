@@ -1,6 +1,7 @@
 //! Coordinator configuration: a TOML file, `DROVER_*` environment overrides
 //! and flags (applied by `main.rs`), then [`Config::validate`].
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -26,6 +27,13 @@ pub struct Config {
     pub session_ttl_ms: u64,
     /// Declared pools. Empty: any pool name is accepted.
     pub pools: Vec<PoolConfig>,
+    /// Where the scaler's AWS calls go (`[aws]`).
+    pub aws: AwsConfig,
+    /// How often the scaler looks at pools bound to an ASG or to Fargate.
+    pub scaler_interval_ms: u64,
+    /// The scaler runs on one coordinator at a time, under a leader lease
+    /// this long (renewed every interval).
+    pub scaler_leader_ttl_ms: u64,
     /// Allowance for clock skew before an expired session is reaped.
     pub clock_skew_ms: u64,
     /// How long a LEASED job may take to start (image pulls) before requeue.
@@ -40,6 +48,14 @@ pub struct Config {
     pub max_claim_wait_ms: u64,
     /// Time between SIGTERM and SIGKILL given to agents.
     pub kill_grace_ms: u64,
+    /// The HTTP base URL agents and the CLI reach this coordinator at; signed
+    /// artifact URLs of the local blob store start with it. Default: the
+    /// bound HTTP address (the host name when bound to all interfaces).
+    pub public_url: Option<String>,
+    /// Largest artifact (tar + zstd of a job's output directory) accepted.
+    pub max_artifact_bytes: u64,
+    /// How long a signed artifact URL stays valid.
+    pub artifact_url_ttl_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,6 +152,299 @@ pub struct PoolConfig {
     pub name: String,
     #[serde(default)]
     pub session_ttl_ms: Option<u64>,
+    /// Grow the pool from demand: `[pools.scaling]` with `kind = "asg"` or
+    /// `kind = "fargate"`.
+    #[serde(default)]
+    pub scaling: Option<ScalingConfig>,
+}
+
+/// `[aws]`: the scaler's AWS endpoint and region. Credentials come from the
+/// standard AWS chain (environment, profile, instance or task role).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AwsConfig {
+    /// Overrides the region of the AWS chain (`DROVER_AWS_REGION`).
+    pub region: Option<String>,
+    /// Another endpoint than AWS's for Auto Scaling and ECS calls: a local
+    /// emulator (`DROVER_AWS_ENDPOINT`).
+    pub endpoint: Option<String>,
+}
+
+/// How a pool grows. Scale-out only: idle agents leave (and terminate their
+/// instance or task) by themselves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ScalingConfig {
+    /// Raise an Auto Scaling group's desired capacity.
+    Asg(AsgScaling),
+    /// Launch ECS tasks on Fargate.
+    Fargate(FargateScaling),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AsgScaling {
+    pub asg_name: String,
+    /// Jobs one instance runs at a time (the agents' `max_jobs`).
+    #[serde(default = "one")]
+    pub slots_per_instance: u32,
+    /// Default: the group's own minimum size.
+    #[serde(default)]
+    pub min: Option<u64>,
+    /// Default: the group's own maximum size (never above it).
+    #[serde(default)]
+    pub max: Option<u64>,
+    /// Least time between two scale-outs.
+    #[serde(default = "default_cooldown_ms")]
+    pub cooldown_ms: u64,
+    /// What one instance offers; jobs that do not fit are not demand.
+    /// Unset: every queued job counts.
+    #[serde(default)]
+    pub capacity: Option<WorkerCapacity>,
+    /// Labels the group's agents will have, matched against job
+    /// constraints (`platform = "ec2"` and `asg` are implied).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Opt-in zombie reaping: an instance of this group whose agent session
+    /// expired and that is still in service this long afterwards (with no
+    /// new session from it) is terminated.
+    #[serde(default)]
+    pub zombie_grace_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FargateScaling {
+    pub cluster: String,
+    /// Family, `family:revision` or ARN of the agent's task definition.
+    pub task_definition: String,
+    /// awsvpc subnets (`subnet-…`) the tasks run in.
+    pub subnets: Vec<String>,
+    /// Security groups (`sg-…`) of the tasks' network interfaces.
+    pub security_groups: Vec<String>,
+    #[serde(default)]
+    pub assign_public_ip: bool,
+    /// Jobs one task runs at a time (the agents' `max_jobs`).
+    #[serde(default = "one")]
+    pub slots_per_task: u32,
+    #[serde(default)]
+    pub min_tasks: u64,
+    pub max_tasks: u64,
+    /// What one task offers; jobs that do not fit are not demand.
+    #[serde(default)]
+    pub capacity: Option<WorkerCapacity>,
+    /// Labels the tasks' agents will have (`platform = "fargate"` is implied).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The resources of one worker (instance or task), for deciding which
+/// queued jobs it could run. Unset dimensions do not limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerCapacity {
+    #[serde(default)]
+    pub cpu_millis: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    #[serde(default)]
+    pub disk_gib: Option<u32>,
+    /// GPUs per worker; a declared capacity without GPUs runs no GPU job.
+    #[serde(default)]
+    pub gpus: u32,
+    #[serde(default)]
+    pub gpu_model: Option<String>,
+}
+
+impl WorkerCapacity {
+    /// True when one worker could run a job asking for `wants`.
+    pub fn fits(&self, wants: &drover_proto::model::Resources) -> bool {
+        self.cpu_millis.is_none_or(|c| wants.cpu_millis <= c)
+            && self.memory_mib.is_none_or(|m| wants.memory_mib <= m)
+            && self.disk_gib.is_none_or(|d| wants.disk_gib <= d)
+            && wants.gpus <= self.gpus
+            && match &wants.gpu_model {
+                Some(model) => self.gpu_model.as_ref() == Some(model),
+                None => true,
+            }
+    }
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_cooldown_ms() -> u64 {
+    60_000
+}
+
+/// Below this, an agent that restarts (systemd) could lose its instance.
+pub const MIN_ZOMBIE_GRACE_MS: u64 = 30_000;
+
+impl ScalingConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ScalingConfig::Asg(_) => "asg",
+            ScalingConfig::Fargate(_) => "fargate",
+        }
+    }
+
+    /// Jobs one worker runs at a time.
+    pub fn slots_per_worker(&self) -> u32 {
+        match self {
+            ScalingConfig::Asg(a) => a.slots_per_instance,
+            ScalingConfig::Fargate(f) => f.slots_per_task,
+        }
+    }
+
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        let field = |name: &str| format!("{at}.{name}");
+        match self {
+            ScalingConfig::Asg(a) => {
+                if a.asg_name.is_empty() || a.asg_name.len() > 255 {
+                    return Err(config_error(
+                        &field("asg_name"),
+                        "name the Auto Scaling group whose desired capacity the scaler raises (1 to 255 characters), e.g. asg_name = \"drover-gpu\"",
+                    ));
+                }
+                if a.slots_per_instance == 0 {
+                    return Err(config_error(
+                        &field("slots_per_instance"),
+                        "must be at least 1: the jobs one instance runs at once (its agent's max_jobs)",
+                    ));
+                }
+                if let (Some(min), Some(max)) = (a.min, a.max) {
+                    if min > max {
+                        return Err(config_error(
+                            &field("min"),
+                            format!("{min} is above max ({max}); lower min or raise max"),
+                        ));
+                    }
+                }
+                if let Some(grace) = a.zombie_grace_ms {
+                    if grace < MIN_ZOMBIE_GRACE_MS {
+                        return Err(config_error(
+                            &field("zombie_grace_ms"),
+                            format!("{grace} ms is too short: an agent restarting on a healthy instance would lose it; use at least {MIN_ZOMBIE_GRACE_MS}"),
+                        ));
+                    }
+                }
+                validate_capacity(&field("capacity"), a.capacity.as_ref())
+            }
+            ScalingConfig::Fargate(f) => {
+                if f.cluster.is_empty() {
+                    return Err(config_error(
+                        &field("cluster"),
+                        "name the ECS cluster the agent tasks run in",
+                    ));
+                }
+                if f.task_definition.is_empty() {
+                    return Err(config_error(
+                        &field("task_definition"),
+                        "name the agent's task definition (family, family:revision or ARN)",
+                    ));
+                }
+                if f.subnets.is_empty() || f.subnets.iter().any(|s| !s.starts_with("subnet-")) {
+                    return Err(config_error(
+                        &field("subnets"),
+                        "list at least one subnet id (subnets = [\"subnet-…\"]): Fargate tasks run in awsvpc mode",
+                    ));
+                }
+                if f.security_groups.is_empty()
+                    || f.security_groups.iter().any(|s| !s.starts_with("sg-"))
+                {
+                    return Err(config_error(
+                        &field("security_groups"),
+                        "list at least one security group id (security_groups = [\"sg-…\"]) for the tasks' network interfaces",
+                    ));
+                }
+                if f.slots_per_task == 0 {
+                    return Err(config_error(
+                        &field("slots_per_task"),
+                        "must be at least 1: the jobs one task runs at once (its agent's max_jobs)",
+                    ));
+                }
+                if f.max_tasks == 0 {
+                    return Err(config_error(
+                        &field("max_tasks"),
+                        "must be at least 1: the most agent tasks the scaler keeps running",
+                    ));
+                }
+                if f.min_tasks > f.max_tasks {
+                    return Err(config_error(
+                        &field("min_tasks"),
+                        format!(
+                            "{} is above max_tasks ({}); lower min_tasks or raise max_tasks",
+                            f.min_tasks, f.max_tasks
+                        ),
+                    ));
+                }
+                validate_capacity(&field("capacity"), f.capacity.as_ref())
+            }
+        }
+    }
+}
+
+fn validate_capacity(field: &str, capacity: Option<&WorkerCapacity>) -> Result<(), ConfigError> {
+    if let Some(c) = capacity {
+        if c.gpu_model.is_some() && c.gpus == 0 {
+            return Err(config_error(
+                &format!("{field}.gpus"),
+                "gpu_model is set but gpus is 0: say how many GPUs one worker has",
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Config {
+    fn validate_scaling(&self) -> Result<(), ConfigError> {
+        let mut groups = BTreeMap::new();
+        for (i, p) in self.pools.iter().enumerate() {
+            let Some(scaling) = &p.scaling else { continue };
+            scaling.validate(&format!("pools[{i}].scaling"))?;
+            if let ScalingConfig::Asg(a) = scaling {
+                if let Some(other) = groups.insert(a.asg_name.as_str(), p.name.as_str()) {
+                    return Err(config_error(
+                        &format!("pools[{i}].scaling.asg_name"),
+                        format!(
+                            "the group {:?} already scales pool {other:?}: bind each group to one pool",
+                            a.asg_name
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(endpoint) = &self.aws.endpoint {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(config_error(
+                    "aws.endpoint",
+                    format!("{endpoint:?} is not a URL: give e.g. http://127.0.0.1:5000 (DROVER_AWS_ENDPOINT)"),
+                ));
+            }
+        }
+        if self.scaler_interval_ms < 100 {
+            return Err(config_error("scaler_interval_ms", "must be at least 100"));
+        }
+        if self.scaler_leader_ttl_ms < 2 * self.scaler_interval_ms {
+            return Err(config_error(
+                "scaler_leader_ttl_ms",
+                format!(
+                    "{} ms is less than 2 scaler intervals ({} ms): the leader would lose its lease between ticks",
+                    self.scaler_leader_ttl_ms,
+                    2 * self.scaler_interval_ms
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Pools bound to an Auto Scaling group or to Fargate.
+    pub fn scaling_pools(&self) -> impl Iterator<Item = (&str, &ScalingConfig)> {
+        self.pools
+            .iter()
+            .filter_map(|p| p.scaling.as_ref().map(|s| (p.name.as_str(), s)))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +474,9 @@ impl Default for Config {
             heartbeat_interval_ms: 10_000,
             session_ttl_ms: 60_000,
             pools: Vec::new(),
+            aws: AwsConfig::default(),
+            scaler_interval_ms: 10_000,
+            scaler_leader_ttl_ms: 30_000,
             clock_skew_ms: 5_000,
             start_deadline_ms: 15 * 60_000,
             timeout_grace_ms: 30_000,
@@ -172,6 +484,9 @@ impl Default for Config {
             claim_scan_limit: 64,
             max_claim_wait_ms: 30_000,
             kill_grace_ms: 10_000,
+            public_url: None,
+            max_artifact_bytes: 10 << 30,
+            artifact_url_ttl_ms: 3_600_000,
         }
     }
 }
@@ -241,6 +556,26 @@ impl Config {
         if self.heartbeat_interval_ms == 0 {
             return Err(config_error("heartbeat_interval_ms", "must be above 0"));
         }
+        if let Some(url) = &self.public_url {
+            let ok = (url.starts_with("http://") || url.starts_with("https://"))
+                && url.parse::<axum::http::Uri>().is_ok_and(|u| {
+                    u.host().is_some()
+                        && u.query().is_none()
+                        && u.path().trim_end_matches('/').is_empty()
+                });
+            if !ok {
+                return Err(config_error(
+                    "public_url",
+                    format!("{url:?} is not a base URL: give scheme, host and port only, e.g. http://coordinator.internal:7080 (DROVER_PUBLIC_URL)"),
+                ));
+            }
+        }
+        if self.artifact_url_ttl_ms < 60_000 {
+            return Err(config_error(
+                "artifact_url_ttl_ms",
+                "must be at least 60000: agents and the CLI need time to start a transfer",
+            ));
+        }
         for ttl in std::iter::once(self.session_ttl_ms)
             .chain(self.pools.iter().filter_map(|p| p.session_ttl_ms))
         {
@@ -280,6 +615,7 @@ impl Config {
         if self.claim_scan_limit == 0 {
             return Err(config_error("claim_scan_limit", "must be above 0"));
         }
+        self.validate_scaling()?;
         Ok(())
     }
 }
@@ -327,6 +663,183 @@ mod tests {
         let mut config = Config::dev("/tmp/x");
         config.session_ttl_ms = 2 * config.heartbeat_interval_ms;
         assert_eq!(config.validate().unwrap_err().field, "session_ttl_ms");
+    }
+
+    #[test]
+    fn scaling_pools_parse_from_toml() {
+        let config: Config = toml::from_str(
+            r#"
+            [aws]
+            region = "eu-west-1"
+
+            [[pools]]
+            name = "gpu"
+            [pools.scaling]
+            kind = "asg"
+            asg_name = "drover-gpu"
+            slots_per_instance = 2
+            max = 6
+            zombie_grace_ms = 300000
+            capacity = { cpu_millis = 8000, memory_mib = 30000, gpus = 1, gpu_model = "t4" }
+            labels = { arch = "x86_64" }
+
+            [[pools]]
+            name = "batch"
+            [pools.scaling]
+            kind = "fargate"
+            cluster = "drover"
+            task_definition = "drover-agent:3"
+            subnets = ["subnet-1"]
+            security_groups = ["sg-1"]
+            max_tasks = 20
+            "#,
+        )
+        .unwrap();
+        let ScalingConfig::Asg(asg) = config.pools[0].scaling.as_ref().unwrap() else {
+            panic!("an ASG pool");
+        };
+        assert_eq!(
+            (asg.slots_per_instance, asg.min, asg.max, asg.cooldown_ms),
+            (2, None, Some(6), 60_000)
+        );
+        assert_eq!(asg.capacity.as_ref().unwrap().gpus, 1);
+        let ScalingConfig::Fargate(fargate) = config.pools[1].scaling.as_ref().unwrap() else {
+            panic!("a Fargate pool");
+        };
+        assert_eq!((fargate.slots_per_task, fargate.max_tasks), (1, 20));
+        assert_eq!(config.aws.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(config.scaling_pools().count(), 2);
+        let unknown = toml::from_str::<Config>(
+            "[[pools]]\nname = \"x\"\n[pools.scaling]\nkind = \"asg\"\nasg_name = \"g\"\nslots = 2\n",
+        );
+        assert!(
+            unknown.unwrap_err().to_string().contains("slots"),
+            "unknown keys are refused"
+        );
+    }
+
+    #[test]
+    fn bad_scaling_settings_name_the_field() {
+        let asg = |f: &dyn Fn(&mut AsgScaling)| {
+            let mut a = AsgScaling {
+                asg_name: "g".into(),
+                slots_per_instance: 1,
+                min: None,
+                max: None,
+                cooldown_ms: 60_000,
+                capacity: None,
+                labels: BTreeMap::new(),
+                zombie_grace_ms: None,
+            };
+            f(&mut a);
+            ScalingConfig::Asg(a)
+        };
+        let fargate = |f: &dyn Fn(&mut FargateScaling)| {
+            let mut s = FargateScaling {
+                cluster: "c".into(),
+                task_definition: "t".into(),
+                subnets: vec!["subnet-1".into()],
+                security_groups: vec!["sg-1".into()],
+                assign_public_ip: false,
+                slots_per_task: 1,
+                min_tasks: 0,
+                max_tasks: 5,
+                capacity: None,
+                labels: BTreeMap::new(),
+            };
+            f(&mut s);
+            ScalingConfig::Fargate(s)
+        };
+        let cases = [
+            (asg(&|a| a.asg_name.clear()), "pools[0].scaling.asg_name"),
+            (
+                asg(&|a| a.slots_per_instance = 0),
+                "pools[0].scaling.slots_per_instance",
+            ),
+            (
+                asg(&|a| {
+                    a.min = Some(4);
+                    a.max = Some(2);
+                }),
+                "pools[0].scaling.min",
+            ),
+            (
+                asg(&|a| a.zombie_grace_ms = Some(1000)),
+                "pools[0].scaling.zombie_grace_ms",
+            ),
+            (
+                asg(&|a| {
+                    a.capacity = Some(WorkerCapacity {
+                        gpu_model: Some("t4".into()),
+                        ..WorkerCapacity::default()
+                    })
+                }),
+                "pools[0].scaling.capacity.gpus",
+            ),
+            (fargate(&|f| f.subnets.clear()), "pools[0].scaling.subnets"),
+            (
+                fargate(&|f| f.security_groups = vec!["default".into()]),
+                "pools[0].scaling.security_groups",
+            ),
+            (fargate(&|f| f.max_tasks = 0), "pools[0].scaling.max_tasks"),
+            (fargate(&|f| f.min_tasks = 9), "pools[0].scaling.min_tasks"),
+            (fargate(&|f| f.cluster.clear()), "pools[0].scaling.cluster"),
+        ];
+        for (scaling, field) in cases {
+            let mut config = Config::dev("/tmp/x");
+            config.pools = vec![PoolConfig {
+                name: "p".into(),
+                session_ttl_ms: None,
+                scaling: Some(scaling),
+            }];
+            let err = config.validate().unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+        }
+        let mut config = Config::dev("/tmp/x");
+        config.pools = ["a", "b"]
+            .into_iter()
+            .map(|name| PoolConfig {
+                name: name.into(),
+                session_ttl_ms: None,
+                scaling: Some(asg(&|_| {})),
+            })
+            .collect();
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.field, "pools[1].scaling.asg_name");
+        assert!(err.message.contains("already scales pool \"a\""), "{err}");
+        let mut config = Config::dev("/tmp/x");
+        config.scaler_leader_ttl_ms = config.scaler_interval_ms;
+        assert_eq!(config.validate().unwrap_err().field, "scaler_leader_ttl_ms");
+        let mut config = Config::dev("/tmp/x");
+        config.aws.endpoint = Some("localhost:5000".into());
+        assert_eq!(config.validate().unwrap_err().field, "aws.endpoint");
+    }
+
+    #[test]
+    fn worker_capacity_decides_which_jobs_fit() {
+        use drover_proto::model::Resources;
+        let t4 = WorkerCapacity {
+            cpu_millis: Some(4000),
+            memory_mib: None,
+            disk_gib: None,
+            gpus: 1,
+            gpu_model: Some("t4".into()),
+        };
+        let job = |cpu: u32, gpus: u32, model: Option<&str>| Resources {
+            cpu_millis: cpu,
+            gpus,
+            gpu_model: model.map(str::to_string),
+            ..Resources::default()
+        };
+        assert!(t4.fits(&job(4000, 1, Some("t4"))));
+        assert!(t4.fits(&job(100, 0, None)));
+        assert!(!t4.fits(&job(4001, 0, None)));
+        assert!(!t4.fits(&job(100, 2, None)));
+        assert!(!t4.fits(&job(100, 1, Some("a100"))));
+        assert!(
+            !WorkerCapacity::default().fits(&job(100, 1, None)),
+            "no GPUs declared"
+        );
     }
 
     #[test]

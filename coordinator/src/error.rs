@@ -68,6 +68,8 @@ impl From<BlobError> for ServiceError {
     fn from(e: BlobError) -> Self {
         match e {
             e @ BlobError::Gap { .. } => ServiceError::FailedPrecondition(e.to_string()),
+            e @ BlobError::TooLarge { .. } => ServiceError::invalid("artifact", e.to_string()),
+            e @ BlobError::Unsupported => ServiceError::NotFound(e.to_string()),
             BlobError::Io(msg) => ServiceError::Unavailable(format!("blob store: {msg}")),
         }
     }

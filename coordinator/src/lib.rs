@@ -12,7 +12,10 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
+#[cfg(test)]
+mod moto;
 pub mod reaper;
+pub mod scaler;
 pub mod service;
 pub mod store;
 
@@ -25,8 +28,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{
-    ApiTokenConfig, Config, ConfigError, DynamoDbConfig, JoinTokenConfig, PoolConfig, Scope,
-    StoreKind,
+    ApiTokenConfig, AsgScaling, AwsConfig, Config, ConfigError, DynamoDbConfig, FargateScaling,
+    JoinTokenConfig, PoolConfig, ScalingConfig, Scope, StoreKind, WorkerCapacity,
 };
 pub use service::Service;
 
@@ -35,6 +38,7 @@ pub struct Server {
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
     service: Arc<Service>,
+    scaler: Option<Arc<scaler::Scaler>>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
 }
@@ -75,6 +79,7 @@ impl Server {
             })?;
         let grpc_addr = grpc_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
+        service.set_public_url(default_public_url(http_addr));
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
 
@@ -124,11 +129,28 @@ impl Server {
             Ok(())
         }));
 
+        // Pools bound to an ASG or to Fargate: one scaler, under the leader
+        // lease (any number of coordinators may run it; one acts).
+        let scaler = if config.scaling_pools().next().is_some() {
+            let cloud = scaler::Cloud::connect(&config.aws).await;
+            let scaler = scaler::Scaler::new(service.clone(), cloud);
+            let stop = shutdown.clone();
+            let run = scaler.clone();
+            tasks.push(tokio::spawn(async move {
+                scaler::run(run, config.scaler_interval_ms, stop).await;
+                Ok(())
+            }));
+            Some(scaler)
+        } else {
+            None
+        };
+
         tracing::info!(%grpc_addr, %http_addr, data_dir = %config.data_dir.display(), "coordinator serving");
         Ok(Server {
             grpc_addr,
             http_addr,
             service,
+            scaler,
             shutdown,
             tasks,
         })
@@ -146,6 +168,11 @@ impl Server {
         &self.service
     }
 
+    /// The scaler, when some pool is bound to an ASG or to Fargate.
+    pub fn scaler(&self) -> Option<&Arc<scaler::Scaler>> {
+        self.scaler.as_ref()
+    }
+
     /// Stops accepting, lets in-flight requests finish, stops the reaper.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.service.close_command_streams();
@@ -158,6 +185,21 @@ impl Server {
             }
         }
         Ok(())
+    }
+}
+
+/// `http://<bound address>`, or the host name when bound to all interfaces
+/// (an unspecified address is no use to an agent on another host).
+fn default_public_url(http_addr: SocketAddr) -> String {
+    if http_addr.ip().is_unspecified() {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".to_string());
+        format!("http://{host}:{}", http_addr.port())
+    } else {
+        format!("http://{http_addr}")
     }
 }
 

@@ -42,6 +42,17 @@ struct Args {
     /// DynamoDB endpoint other than AWS's (a local emulator).
     #[arg(long, env = "DROVER_DYNAMODB_ENDPOINT")]
     dynamodb_endpoint: Option<String>,
+    /// Auto Scaling and ECS endpoint other than AWS's, for the scaler (a
+    /// local emulator).
+    #[arg(long, env = "DROVER_AWS_ENDPOINT")]
+    aws_endpoint: Option<String>,
+    /// Region of the scaler's AWS calls (default: the AWS chain's).
+    #[arg(long, env = "DROVER_AWS_REGION")]
+    aws_region: Option<String>,
+    /// The HTTP base URL agents and the CLI use to reach this coordinator
+    /// (signed artifact URLs start with it).
+    #[arg(long, env = "DROVER_PUBLIC_URL")]
+    public_url: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -70,6 +81,9 @@ fn load(args: &Args) -> anyhow::Result<Config> {
     if let Some(v) = args.http_addr {
         config.http_addr = v;
     }
+    if let Some(v) = &args.public_url {
+        config.public_url = Some(v.clone());
+    }
     if let Some(token) = &args.join_token {
         config.join_tokens.push(JoinTokenConfig {
             token: token.clone(),
@@ -96,6 +110,12 @@ fn load(args: &Args) -> anyhow::Result<Config> {
     }
     if let Some(v) = &args.dynamodb_endpoint {
         config.dynamodb.endpoint = Some(v.clone());
+    }
+    if let Some(v) = &args.aws_endpoint {
+        config.aws.endpoint = Some(v.clone());
+    }
+    if let Some(v) = &args.aws_region {
+        config.aws.region = Some(v.clone());
     }
     Ok(config)
 }

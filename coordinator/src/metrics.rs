@@ -1,7 +1,9 @@
 //! Counters an on-call engineer needs, rendered as Prometheus text.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use drover_proto::model::Pool;
 
@@ -22,6 +24,44 @@ pub struct Metrics {
     /// Sum of milliseconds from submit to lease, and count, for the mean.
     pub dispatch_ms_sum: AtomicU64,
     pub dispatch_count: AtomicU64,
+    /// Scaler evaluations by pool and outcome (`scale_out`, `launch`,
+    /// `terminate_zombie`, `none`, `cooldown`, `paused`, `backoff`, `error`).
+    pub scaler_decisions: PoolCounter,
+    /// Failed AWS calls of the scaler by pool and call.
+    pub scaler_errors: PoolCounter,
+    /// Zombie instances terminated, by pool and Auto Scaling group.
+    pub zombies_terminated: PoolCounter,
+    /// 1 while this coordinator holds the scaler lease.
+    pub scaler_leader: AtomicU64,
+}
+
+/// A counter per pool and one more label.
+#[derive(Debug, Default)]
+pub struct PoolCounter(Mutex<BTreeMap<(String, String), u64>>);
+
+impl PoolCounter {
+    pub fn inc(&self, pool: &str, label: &str) {
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *counts
+            .entry((pool.to_string(), label.to_string()))
+            .or_default() += 1;
+    }
+
+    pub fn get(&self, pool: &str, label: &str) -> u64 {
+        let counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        counts
+            .get(&(pool.to_string(), label.to_string()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str, label: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        let counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for ((pool, value), count) in counts.iter() {
+            let _ = writeln!(out, "{name}{{pool=\"{pool}\",{label}=\"{value}\"}} {count}");
+        }
+    }
 }
 
 /// A per-pool gauge: name, help, and how to read it off a pool.
@@ -110,7 +150,30 @@ impl Metrics {
                 value.load(Ordering::Relaxed)
             );
         }
-        let gauges: [PoolGauge; 4] = [
+        self.scaler_decisions.render(
+            &mut out,
+            "drover_scaler_decisions_total",
+            "Scaler evaluations, by pool and outcome.",
+            "action",
+        );
+        self.scaler_errors.render(
+            &mut out,
+            "drover_scaler_errors_total",
+            "Failed AWS calls of the scaler, by pool and call.",
+            "call",
+        );
+        self.zombies_terminated.render(
+            &mut out,
+            "drover_zombies_terminated_total",
+            "Instances terminated because their agent's session expired while they ran on.",
+            "asg",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP drover_scaler_leader 1 while this coordinator holds the scaler lease.\n# TYPE drover_scaler_leader gauge\ndrover_scaler_leader {}",
+            self.scaler_leader.load(Ordering::Relaxed)
+        );
+        let gauges: [PoolGauge; 7] = [
             (
                 "drover_pool_queued_jobs",
                 "Jobs waiting in the pool's queue.",
@@ -130,6 +193,21 @@ impl Metrics {
                 "drover_pool_oldest_queued_age_ms",
                 "Age of the oldest queued job.",
                 |p| p.oldest_queued_age_ms,
+            ),
+            (
+                "drover_pool_wanted_workers",
+                "Instances or tasks the pool's demand asks for (scaling pools).",
+                |p| p.scaling.as_ref()?.wanted.map(|v| v as i64),
+            ),
+            (
+                "drover_pool_desired_workers",
+                "The ASG's desired capacity, or Fargate tasks pending or running.",
+                |p| p.scaling.as_ref()?.desired.map(|v| v as i64),
+            ),
+            (
+                "drover_pool_actual_workers",
+                "Instances in service, or tasks ECS lists.",
+                |p| p.scaling.as_ref()?.actual.map(|v| v as i64),
             ),
         ];
         for (name, help, get) in gauges {

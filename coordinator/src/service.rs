@@ -16,6 +16,9 @@ use futures::Stream;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
+mod artifacts;
+pub use artifacts::UploadUrl;
+
 use crate::auth::{self, JoinCheck, Tokens};
 use crate::blob::BlobStore;
 use crate::clock::Clock;
@@ -55,6 +58,8 @@ pub struct Service {
     sessions: Mutex<HashMap<String, SessionAuth>>,
     /// When the reaper's circuit breaker tripped, while it holds.
     breaker_since_ms: Mutex<Option<i64>>,
+    /// Base of the signed URLs the coordinator serves (config or bound address).
+    public_url: std::sync::OnceLock<String>,
     pub metrics: Metrics,
 }
 
@@ -69,6 +74,10 @@ impl Service {
         config: Config,
     ) -> Arc<Service> {
         let tokens = Tokens::new(&config.join_tokens, &config.api_tokens);
+        let public_url = std::sync::OnceLock::new();
+        if let Some(url) = &config.public_url {
+            let _ = public_url.set(url.trim_end_matches('/').to_string());
+        }
         Arc::new(Service {
             store,
             blobs,
@@ -80,12 +89,23 @@ impl Service {
             commands: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             breaker_since_ms: Mutex::new(None),
+            public_url,
             metrics: Metrics::default(),
         })
     }
 
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The store, for the coordinator's singletons (the scaler).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Now, by the service's clock.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
     }
 
     fn now(&self) -> i64 {
@@ -213,6 +233,10 @@ impl Service {
                     .into());
                 }
             }
+            self.check_inputs(spec).await.map_err(|e| match e {
+                ServiceError::Invalid(e) => ServiceError::Invalid(at(e)),
+                e => e,
+            })?;
         }
         let jobs: Vec<NewJob> = specs
             .into_iter()
@@ -386,9 +410,11 @@ impl Service {
                     agents: 0,
                     paused: false,
                     oldest_queued_age_ms: None,
+                    scaling: None,
                 });
             }
         }
+        crate::scaler::annotate_pools(&self.config, &*self.store, &mut pools).await?;
         pools.sort_by(|a, b| a.pool.cmp(&b.pool));
         Ok(pools)
     }

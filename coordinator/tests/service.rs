@@ -142,3 +142,145 @@ async fn a_waiting_claim_is_woken_by_a_submit() {
         .unwrap();
     assert_eq!(leases.len(), 1);
 }
+
+/// `?expires=…&signature=…` of a signed URL.
+fn signed_parts(url: &str) -> (String, i64, String) {
+    let (path, query) = url.split_once('?').unwrap();
+    let object = path.split("/v1/blobs/").nth(1).unwrap().to_string();
+    let mut expires = 0;
+    let mut signature = String::new();
+    for pair in query.split('&') {
+        match pair.split_once('=').unwrap() {
+            ("expires", v) => expires = v.parse().unwrap(),
+            ("signature", v) => signature = v.to_string(),
+            _ => {}
+        }
+    }
+    (object, expires, signature)
+}
+
+#[tokio::test]
+async fn artifact_urls_are_fenced_to_the_lease_and_expire() {
+    use drover_coordinator::blob::Access;
+    let f = fixture();
+    f.service
+        .set_public_url("http://coordinator.test:7080".into());
+    let a = agent(&f, "a").await;
+    let mut spec = JobSpec::command(["true"]);
+    spec.outputs = true;
+    let id = f.service.submit(vec![spec]).await.unwrap().jobs[0]
+        .id
+        .clone();
+    let lease = f.service.claim(&a, free(), 1, 0).await.unwrap()[0]
+        .lease
+        .clone();
+
+    let upload = f.service.artifact_upload_url(&lease).await.unwrap();
+    assert!(
+        upload.url.starts_with(&format!(
+            "http://coordinator.test:7080/v1/blobs/artifacts/{id}/1.tar.zst?"
+        )),
+        "{}",
+        upload.url
+    );
+    let (object, expires, signature) = signed_parts(&upload.url);
+    assert_eq!(expires, upload.expires_at_ms);
+    let key = f
+        .service
+        .check_blob_url(&object, Access::Put, expires, &signature)
+        .unwrap();
+    assert!(
+        f.service
+            .check_blob_url(&object, Access::Get, expires, &signature)
+            .is_err(),
+        "an upload URL does not download"
+    );
+    let body: drover_coordinator::blob::ByteStream = Box::pin(futures::stream::iter(vec![Ok(
+        bytes::Bytes::from_static(b"archive"),
+    )]));
+    assert_eq!(f.service.put_blob(&key, body).await.unwrap(), 7);
+
+    // Past its expiry the URL is refused.
+    f.clock.advance_ms(3_600_001);
+    let err = f
+        .service
+        .check_blob_url(&object, Access::Put, expires, &signature)
+        .unwrap_err();
+    assert!(err.to_string().contains("expired"), "{err}");
+
+    // A lease that is no longer current gets no upload URL (fencing).
+    let stale = drover_coordinator::store::LeaseRef {
+        attempt: lease.attempt + 1,
+        ..lease.clone()
+    };
+    assert!(f.service.artifact_upload_url(&stale).await.is_err());
+
+    // Downloads name the job's latest attempt and its size.
+    let artifact = f.service.artifact(&id).await.unwrap();
+    assert_eq!((artifact.attempt, artifact.bytes), (1, 7));
+}
+
+#[tokio::test]
+async fn inputs_must_name_existing_jobs_that_declare_outputs() {
+    use drover_proto::model::InputSpec;
+    let f = fixture();
+    let plain = f
+        .service
+        .submit(vec![JobSpec::command(["true"])])
+        .await
+        .unwrap()
+        .jobs[0]
+        .id
+        .clone();
+    let consumer = |job: &str| {
+        let mut spec = JobSpec::command(["true"]);
+        spec.inputs = vec![InputSpec {
+            name: "a".into(),
+            job: job.into(),
+        }];
+        spec
+    };
+    let before = f
+        .service
+        .list_jobs(&Default::default(), None, None)
+        .await
+        .unwrap()
+        .items
+        .len();
+
+    let err = f
+        .service
+        .submit(vec![consumer("01NOSUCHJOB")])
+        .await
+        .unwrap_err();
+    assert_eq!(err.field(), Some("inputs[0].job"));
+    assert!(err.to_string().contains("not found"), "{err}");
+
+    let err = f.service.submit(vec![consumer(&plain)]).await.unwrap_err();
+    assert_eq!(err.field(), Some("inputs[0].job"));
+    assert!(
+        err.to_string().contains("does not declare outputs"),
+        "{err}"
+    );
+
+    // In a batch the error names the job's index, and nothing is written.
+    let err = f
+        .service
+        .submit(vec![JobSpec::command(["true"]), consumer(&plain)])
+        .await
+        .unwrap_err();
+    assert_eq!(err.field(), Some("jobs[1].inputs[0].job"));
+    let after = f
+        .service
+        .list_jobs(&Default::default(), None, None)
+        .await
+        .unwrap()
+        .items
+        .len();
+    assert_eq!(before, after, "a rejected submit writes nothing");
+
+    let mut twice = consumer(&plain);
+    twice.inputs.push(twice.inputs[0].clone());
+    let err = f.service.submit(vec![twice]).await.unwrap_err();
+    assert_eq!(err.field(), Some("inputs[1].name"));
+}

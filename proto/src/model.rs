@@ -57,6 +57,33 @@ pub struct JobSpec {
     /// A repeat submit with the same key returns the existing job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// Keep what the job writes to its output directory (`/output`, or
+    /// `$DROVER_OUTPUT_DIR`) as the attempt's artifact (tar + zstd), for
+    /// `drover artifacts get` and for later jobs' `inputs`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub outputs: bool,
+    /// Artifacts of earlier jobs, unpacked read-only under `/input/<name>/`
+    /// (`$DROVER_INPUT_DIR/<name>/`) before the job starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<InputSpec>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Most inputs one job may name.
+pub const MAX_INPUTS: usize = 64;
+
+/// One input of a job: the artifact of another job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    /// The directory under `/input`: a safe path component.
+    pub name: String,
+    /// The job whose artifact (its latest attempt's) is unpacked there; it
+    /// must have declared `outputs` and succeeded by the time this job starts.
+    pub job: String,
 }
 
 fn default_pool() -> String {
@@ -81,6 +108,8 @@ impl JobSpec {
             retry: RetryPolicy::default(),
             priority: 0,
             idempotency_key: None,
+            outputs: false,
+            inputs: Vec::new(),
         }
     }
 
@@ -173,6 +202,44 @@ impl JobSpec {
         if let Some(key) = &self.idempotency_key {
             if key.is_empty() || key.len() > 256 {
                 return Err(FieldError::new("idempotency_key", "must be 1 to 256 bytes"));
+            }
+        }
+        self.validate_inputs()
+    }
+
+    fn validate_inputs(&self) -> Result<(), FieldError> {
+        if self.inputs.len() > MAX_INPUTS {
+            return Err(FieldError::new(
+                "inputs",
+                format!(
+                    "names {} inputs; the limit is {MAX_INPUTS}: pack them into fewer artifacts",
+                    self.inputs.len()
+                ),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, input) in self.inputs.iter().enumerate() {
+            validate_name(&format!("inputs[{i}].name"), &input.name)?;
+            if !seen.insert(input.name.as_str()) {
+                return Err(FieldError::new(
+                    format!("inputs[{i}].name"),
+                    format!(
+                        "{:?} is used twice: each input needs its own directory name",
+                        input.name
+                    ),
+                ));
+            }
+            let id_ok = !input.job.is_empty()
+                && input.job.len() <= 64
+                && input.job.chars().all(|c| c.is_ascii_alphanumeric());
+            if !id_ok {
+                return Err(FieldError::new(
+                    format!("inputs[{i}].job"),
+                    format!(
+                        "{:?} is not a job id (as printed by drover submit)",
+                        input.job
+                    ),
+                ));
             }
         }
         Ok(())
@@ -497,6 +564,19 @@ pub struct Job {
     pub cancel_requested: bool,
 }
 
+/// `GET /v1/jobs/{id}/artifacts`: where to download the job's artifact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Artifact {
+    pub job_id: String,
+    /// The attempt that produced it (the job's latest).
+    pub attempt: u64,
+    /// Size of the archive (tar + zstd).
+    pub bytes: u64,
+    /// A signed GET, valid until `expires_at_ms`; needs no API token.
+    pub url: String,
+    pub expires_at_ms: i64,
+}
+
 /// One transition in a job's timeline.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobEvent {
@@ -595,7 +675,7 @@ pub struct AgentList {
     pub agents: Vec<Agent>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Pool {
     pub pool: String,
     pub queued: u64,
@@ -605,6 +685,67 @@ pub struct Pool {
     /// Age of the oldest job waiting to be claimed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_queued_age_ms: Option<i64>,
+    /// How the pool grows, when it is bound to an Auto Scaling group or to
+    /// a Fargate task definition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<PoolScaling>,
+}
+
+/// A pool's scaler as last seen by the coordinator that runs it. Scale-out
+/// only: workers leave by themselves when idle.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolScaling {
+    /// `asg` or `fargate`.
+    pub kind: String,
+    /// The Auto Scaling group, or `<cluster>/<task definition>`.
+    pub target: String,
+    /// Jobs one instance or task runs at a time.
+    pub slots_per_worker: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u64>,
+    /// Queued jobs the workers can run plus running jobs, in slots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub demand_slots: Option<u64>,
+    /// Workers the demand asks for: `clamp(ceil(demand / slots), min, max)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wanted: Option<u64>,
+    /// ASG: its desired capacity. Fargate: tasks pending or running,
+    /// including those just launched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<u64>,
+    /// ASG: instances in service. Fargate: tasks ECS lists as pending or
+    /// running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actual: Option<u64>,
+    /// The outcome of the latest evaluation (a hold, an action or an error),
+    /// timed from when it was first reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_decision: Option<ScalingDecision>,
+    /// The latest change the scaler made (scale-out, task launch, zombie
+    /// termination).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_action: Option<ScalingDecision>,
+    /// The latest AWS error, while the scaler backs off because of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// No scale-out before this time (after errors or capacity failures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_until_ms: Option<i64>,
+    /// When the scaler last looked at the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evaluated_at_ms: Option<i64>,
+}
+
+/// One decision of a pool's scaler.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScalingDecision {
+    pub at_ms: i64,
+    /// `scale_out`, `launch`, `terminate_zombie`, `none`, `cooldown`,
+    /// `paused`, `backoff` or `error`.
+    pub action: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -2,7 +2,10 @@
 //! agents started from the workspace's built binaries, plus the CLI's HTTP
 //! client to drive them. Tests wait on conditions, never on sleeps.
 
+pub mod aws;
 pub mod bench;
+pub mod ecs_metadata;
+pub mod imds;
 pub mod timed_store;
 
 use std::future::Future;
@@ -206,6 +209,16 @@ impl Sandbox {
     /// Starts one more agent with extra `KEY=VALUE` environment, and waits
     /// until it has registered.
     pub async fn add_agent(&mut self, extra_env: &[(&str, &str)]) -> usize {
+        let env: Vec<(String, String)> = extra_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.add_agent_env(&env).await
+    }
+
+    /// [`add_agent`](Self::add_agent) with owned environment. Agents are
+    /// `local` unless `DROVER_PLATFORM` says otherwise.
+    pub async fn add_agent_env(&mut self, extra_env: &[(String, String)]) -> usize {
         let index = self.agents.len();
         let agent_id = format!("agent-{index}");
         let data_dir = self.dir.path().join(&agent_id);
@@ -226,6 +239,8 @@ impl Sandbox {
             .env("DROVER_CLAIM_WAIT_MS", "5000")
             // Scenarios run shell commands on the host, not container images.
             .env("DROVER_RUNTIME", "process")
+            // Never probe a link-local IMDS from a test host.
+            .env("DROVER_PLATFORM", "local")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -240,6 +255,12 @@ impl Sandbox {
         });
         self.wait_agent_live(&agent_id).await;
         index
+    }
+
+    /// The agent's `/health` URL, from the address it advertised.
+    pub async fn health_url(&self, agent_id: &str) -> String {
+        let agent = self.wait_agent_live(agent_id).await;
+        format!("http://{}/health", agent.health_addr)
     }
 
     /// Waits until the agent has a live session.

@@ -157,4 +157,35 @@ impl<S: Store> Store for TimedStore<S> {
     async fn pool_capacity(&self, pool: &str) -> StoreResult<PoolCapacity> {
         self.inner.pool_capacity(pool).await
     }
+    async fn queued_needs(&self, pool: &str, limit: usize) -> StoreResult<Vec<JobNeeds>> {
+        self.inner.queued_needs(pool, limit).await
+    }
+    async fn lost_sessions(&self, since_ms: i64, now_ms: i64) -> StoreResult<Vec<LostSession>> {
+        self.inner.lost_sessions(since_ms, now_ms).await
+    }
+    async fn try_acquire_leader(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl_ms: u64,
+        now_ms: i64,
+    ) -> StoreResult<Option<LeaderLease>> {
+        self.inner
+            .try_acquire_leader(name, holder, ttl_ms, now_ms)
+            .await
+    }
+    async fn release_leader(&self, lease: &LeaderLease) -> StoreResult<()> {
+        self.inner.release_leader(lease).await
+    }
+    async fn scaler_states(&self) -> StoreResult<std::collections::BTreeMap<String, String>> {
+        self.inner.scaler_states().await
+    }
+    async fn put_scaler_state(
+        &self,
+        pool: &str,
+        state: &str,
+        lease: &LeaderLease,
+    ) -> StoreResult<()> {
+        self.inner.put_scaler_state(pool, state, lease).await
+    }
 }

@@ -126,3 +126,87 @@ async fn dev_demo_runs_real_jobs_and_exits_zero() {
     // It left a CLI config behind that points at a coordinator that is gone.
     assert!(dir.path().join(".drover/cli.toml").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_outputs_feed_another_job_and_download_with_artifacts_get() {
+    let sandbox = Sandbox::start(1, CoordinatorSettings::default()).await;
+    let out = drover(
+        &sandbox,
+        &[
+            "--json",
+            "submit",
+            "--wait",
+            "--outputs",
+            "--",
+            "sh",
+            "-c",
+            "echo 6 > $DROVER_OUTPUT_DIR/x",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let producer: drover_proto::model::Job =
+        serde_json::from_slice(&out.stdout).expect("submit --wait --json prints the job");
+
+    let input = format!("a={}", producer.id);
+    let out = drover(
+        &sandbox,
+        &[
+            "submit",
+            "--wait",
+            "--input",
+            &input,
+            "--",
+            "sh",
+            "-c",
+            "echo $(( $(cat $DROVER_INPUT_DIR/a/x) * 7 ))",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("42"), "{}", text(&out.stdout));
+
+    let dir = tempfile::tempdir().unwrap();
+    let into = dir.path().join("unpacked");
+    let out = drover(
+        &sandbox,
+        &[
+            "--json",
+            "artifacts",
+            "get",
+            &producer.id,
+            "-x",
+            into.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["attempt"], 1);
+    assert_eq!(std::fs::read_to_string(into.join("x")).unwrap(), "6\n");
+
+    let archive = dir.path().join("a.tar.zst");
+    let out = drover(
+        &sandbox,
+        &[
+            "artifacts",
+            "get",
+            &producer.id,
+            "-o",
+            archive.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(std::fs::metadata(&archive).unwrap().len() > 0);
+
+    // An input naming a job without outputs is refused before anything runs.
+    let bad = format!("a={}", producer.id.replace(&producer.id[..1], "Z"));
+    let out = drover(&sandbox, &["submit", "--input", &bad, "--", "true"]).await;
+    assert_eq!(out.status.code(), Some(2), "bad input exits 2");
+    assert!(
+        text(&out.stderr).contains("inputs[0].job"),
+        "{}",
+        text(&out.stderr)
+    );
+}

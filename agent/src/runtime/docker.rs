@@ -35,13 +35,19 @@ use bollard::Docker;
 use futures::StreamExt;
 use tokio::sync::{mpsc, OnceCell};
 
-use super::{ExitStatus, OutputChunk, RunSpec, RunningJob, Runtime, RuntimeError, Started, Stream};
+use super::{
+    ExitStatus, JobDirs, OutputChunk, RunSpec, RunningJob, Runtime, RuntimeError, Started, Stream,
+};
 
 mod pull;
+mod registry_auth;
 #[cfg(any(test, feature = "test-image"))]
 pub mod test_image;
 
 pub use pull::{classify_pull_error, split_reference, Anonymous, PullPolicy, RegistryAuth};
+pub use registry_auth::{
+    ChainAuth, DockerConfigAuth, EcrAuth, EcrRegistry, Registry, DOCKER_HUB_KEY,
+};
 
 /// Label keys on every container the runtime creates.
 pub const LABEL_JOB: &str = "drover.job";
@@ -82,13 +88,14 @@ impl std::fmt::Debug for DockerRuntime {
 
 impl DockerRuntime {
     /// A runtime for the Engine at the local socket (`DOCKER_HOST` when it is
-    /// a `unix://` URL, else `/var/run/docker.sock`). Does not contact it.
+    /// a `unix://` URL, else `/var/run/docker.sock`), pulling with
+    /// [`ChainAuth`] (ECR through AWS itself). Does not contact it.
     pub fn new(data_dir: impl AsRef<Path>, agent_id: &str) -> DockerRuntime {
         DockerRuntime {
             docker: OnceCell::new(),
             attempt_root: data_dir.as_ref().join("docker"),
             agent_id: agent_id.to_string(),
-            auth: Arc::new(Anonymous),
+            auth: Arc::new(ChainAuth::default()),
             engine_version: OnceLock::new(),
             disk_limit_supported: AtomicBool::new(true),
         }
@@ -153,12 +160,15 @@ impl DockerRuntime {
     fn container_body(
         &self,
         spec: &RunSpec,
-        dirs: &AttemptDirs,
+        dirs: &JobDirs,
         disk_limit: bool,
     ) -> ContainerCreateBody {
         let mut env = vec![
             format!("DROVER_JOB_ID={}", spec.job_id),
             format!("DROVER_ATTEMPT={}", spec.attempt),
+            "DROVER_INPUT_DIR=/input".to_string(),
+            "DROVER_OUTPUT_DIR=/output".to_string(),
+            "DROVER_SCRATCH_DIR=/scratch".to_string(),
         ];
         env.extend(spec.env.iter().map(|(k, v)| format!("{k}={v}")));
         let res = &spec.resources;
@@ -216,7 +226,7 @@ impl DockerRuntime {
         docker: &Docker,
         name: &str,
         spec: &RunSpec,
-        dirs: &AttemptDirs,
+        dirs: &JobDirs,
     ) -> Result<String, RuntimeError> {
         let options = || CreateContainerOptions {
             name: Some(name.to_string()),
@@ -295,50 +305,31 @@ fn safe_name(job_id: &str) -> String {
         .collect()
 }
 
-/// The attempt's managed mounts on the host.
+/// The attempt's managed mounts: the agent's (with the inputs unpacked,
+/// packed and removed by the agent afterwards), or made here for a spec that
+/// brings none and removed with the container.
 struct AttemptDirs {
-    root: PathBuf,
-    input: PathBuf,
-    output: PathBuf,
-    scratch: PathBuf,
+    dirs: JobDirs,
+    owned: bool,
 }
 
 impl AttemptDirs {
-    async fn create(root: PathBuf) -> Result<AttemptDirs, RuntimeError> {
-        let dirs = AttemptDirs {
-            input: root.join("input"),
-            output: root.join("output"),
-            scratch: root.join("scratch"),
-            root,
-        };
-        let make = async {
-            use std::os::unix::fs::PermissionsExt;
-            for (dir, mode) in [
-                (&dirs.input, 0o755),
-                (&dirs.output, 0o777),
-                (&dirs.scratch, 0o777),
-            ] {
-                tokio::fs::create_dir_all(dir).await?;
-                // The job may run as any user; the attempt root keeps others out.
-                tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).await?;
-            }
-            Ok::<_, std::io::Error>(())
-        };
-        if let Err(e) = make.await {
-            dirs.remove().await;
-            return Err(RuntimeError::Infra(format!(
-                "cannot create the attempt's dirs under {}: {e} — is the data dir writable? (DROVER_DATA_DIR)",
-                dirs.root.display()
-            )));
-        }
-        Ok(dirs)
+    async fn for_spec(spec: &RunSpec, root: PathBuf) -> Result<AttemptDirs, RuntimeError> {
+        Ok(match &spec.dirs {
+            Some(dirs) => AttemptDirs {
+                dirs: dirs.clone(),
+                owned: false,
+            },
+            None => AttemptDirs {
+                dirs: JobDirs::create(root).await?,
+                owned: true,
+            },
+        })
     }
 
     async fn remove(&self) {
-        if let Err(e) = tokio::fs::remove_dir_all(&self.root).await {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(dir = %self.root.display(), "cannot remove the attempt's dirs: {e}");
-            }
+        if self.owned {
+            self.dirs.remove().await;
         }
     }
 }
@@ -436,8 +427,8 @@ impl Runtime for DockerRuntime {
             spec.attempt,
             rand::random::<u32>()
         );
-        let dirs = AttemptDirs::create(self.attempt_root.join(&name)).await?;
-        let id = match self.create(docker, &name, &spec, &dirs).await {
+        let dirs = AttemptDirs::for_spec(&spec, self.attempt_root.join(&name)).await?;
+        let id = match self.create(docker, &name, &spec, &dirs.dirs).await {
             Ok(id) => id,
             Err(e) => {
                 dirs.remove().await;

@@ -47,6 +47,81 @@ pub struct RunSpec {
     /// `None`: the default for the image reference (see
     /// [`docker::PullPolicy::default_for`]).
     pub pull_policy: Option<docker::PullPolicy>,
+    /// The attempt's input, output and scratch directories, made by the
+    /// agent (inputs already unpacked) and removed by it after the output is
+    /// packed. `None`: the docker runtime makes its own, the process runtime
+    /// has none.
+    pub dirs: Option<JobDirs>,
+}
+
+/// An attempt's managed directories on the host. The job sees them as
+/// `/input` (read-only), `/output` and `/scratch` in a container, and as
+/// `$DROVER_INPUT_DIR`, `$DROVER_OUTPUT_DIR`, `$DROVER_SCRATCH_DIR` in
+/// every runtime.
+#[derive(Debug, Clone)]
+pub struct JobDirs {
+    pub root: PathBuf,
+    pub input: PathBuf,
+    pub output: PathBuf,
+    pub scratch: PathBuf,
+}
+
+impl JobDirs {
+    /// Makes `root/{input,output,scratch}`; the job may run as any user, so
+    /// `output` and `scratch` are writable by all while `root` keeps others
+    /// from listing its neighbours.
+    pub async fn create(root: PathBuf) -> Result<JobDirs, RuntimeError> {
+        let dirs = JobDirs {
+            input: root.join("input"),
+            output: root.join("output"),
+            scratch: root.join("scratch"),
+            root,
+        };
+        let make = async {
+            use std::os::unix::fs::PermissionsExt;
+            // A leftover of a crashed run of the same attempt must not leak in.
+            match tokio::fs::remove_dir_all(&dirs.root).await {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            tokio::fs::create_dir_all(&dirs.root).await?;
+            tokio::fs::set_permissions(&dirs.root, std::fs::Permissions::from_mode(0o711)).await?;
+            for (dir, mode) in [
+                (&dirs.input, 0o755),
+                (&dirs.output, 0o777),
+                (&dirs.scratch, 0o777),
+            ] {
+                tokio::fs::create_dir_all(dir).await?;
+                tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).await?;
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        if let Err(e) = make.await {
+            dirs.remove().await;
+            return Err(RuntimeError::Infra(format!(
+                "cannot create the attempt's dirs under {}: {e} — is the data dir writable? (DROVER_DATA_DIR)",
+                dirs.root.display()
+            )));
+        }
+        Ok(dirs)
+    }
+
+    pub async fn remove(&self) {
+        if let Err(e) = tokio::fs::remove_dir_all(&self.root).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %self.root.display(), "cannot remove the attempt's dirs: {e}");
+            }
+        }
+    }
+
+    /// For the job's environment.
+    pub fn env(&self) -> [(&'static str, &Path); 3] {
+        [
+            ("DROVER_INPUT_DIR", self.input.as_path()),
+            ("DROVER_OUTPUT_DIR", self.output.as_path()),
+            ("DROVER_SCRATCH_DIR", self.scratch.as_path()),
+        ]
+    }
 }
 
 impl std::fmt::Debug for RunSpec {
@@ -83,6 +158,7 @@ impl RunSpec {
             gpus: Vec::new(),
             session: String::new(),
             pull_policy: None,
+            dirs: None,
         }
     }
 }
@@ -228,19 +304,25 @@ pub enum RuntimeChoice {
 
 /// Builds the configured runtime. `Auto` falls back to `process` (with one
 /// info line) when no Docker Engine answers; a forced `docker` that cannot
-/// reach the Engine is an error.
+/// reach the Engine is an error. Docker pulls use [`docker::ChainAuth`], its
+/// ECR calls going to `aws_endpoint` when set.
 pub async fn select(
     choice: RuntimeChoice,
     data_dir: &Path,
     agent_id: &str,
+    aws_endpoint: Option<&str>,
 ) -> Result<Arc<dyn Runtime>, RuntimeError> {
     let process = || Arc::new(process::ProcessRuntime::new(data_dir)) as Arc<dyn Runtime>;
+    let docker = || async {
+        let auth = Arc::new(docker::ChainAuth::new(aws_endpoint));
+        docker::DockerRuntime::connect(data_dir, agent_id)
+            .await
+            .map(|rt| rt.with_registry_auth(auth))
+    };
     match choice {
         RuntimeChoice::Process => Ok(process()),
-        RuntimeChoice::Docker => Ok(Arc::new(
-            docker::DockerRuntime::connect(data_dir, agent_id).await?,
-        )),
-        RuntimeChoice::Auto => match docker::DockerRuntime::connect(data_dir, agent_id).await {
+        RuntimeChoice::Docker => Ok(Arc::new(docker().await?)),
+        RuntimeChoice::Auto => match docker().await {
             Ok(rt) => Ok(Arc::new(rt)),
             Err(e) => {
                 tracing::info!("using the process runtime: {e}");

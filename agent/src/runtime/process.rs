@@ -110,6 +110,7 @@ impl Runtime for ProcessRuntime {
             .env("HOME", &workdir)
             .env("DROVER_JOB_ID", &spec.job_id)
             .env("DROVER_ATTEMPT", spec.attempt.to_string())
+            .envs(spec.dirs.iter().flat_map(|d| d.env()))
             .envs(&spec.env)
             .envs(gpu_env(&spec.gpus))
             .current_dir(&workdir)

@@ -23,6 +23,8 @@ pub fn agents_table(agents: &[Agent], now_ms: i64) -> Table {
         "STATE",
         "RUNNING",
         "CAPACITY",
+        "PLATFORM",
+        "AZ",
         "RUNTIME",
         "LAST HEARTBEAT",
         "LABELS",
@@ -34,17 +36,44 @@ pub fn agents_table(agents: &[Agent], now_ms: i64) -> Table {
             agent.state.as_str().to_string(),
             agent.running.to_string(),
             capacity(&agent.capacity),
+            platform(agent),
+            agent
+                .labels
+                .get("az")
+                .cloned()
+                .unwrap_or_else(|| "-".into()),
             agent.runtime.clone(),
             format!("{} ago", human::age(now_ms, agent.last_heartbeat_ms)),
             agent
                 .labels
                 .iter()
+                .filter(|(k, _)| !SHOWN_LABELS.contains(&k.as_str()))
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect::<Vec<_>>()
                 .join(","),
         ]);
     }
     table
+}
+
+/// Labels with a column of their own.
+const SHOWN_LABELS: [&str; 4] = ["platform", "instance_type", "spot", "az"];
+
+/// Where the agent runs, from its labels: `ec2/m5.large/spot`,
+/// `ec2/c6i.xlarge/on-demand`, `fargate`, `local`.
+pub fn platform(agent: &Agent) -> String {
+    let label = |k: &str| agent.labels.get(k).map(String::as_str);
+    let mut out = label("platform").unwrap_or("-").to_string();
+    if let Some(instance_type) = label("instance_type") {
+        out.push('/');
+        out.push_str(instance_type);
+    }
+    match label("spot") {
+        Some("true") => out.push_str("/spot"),
+        Some("false") => out.push_str("/on-demand"),
+        _ => {}
+    }
+    out
 }
 
 /// Compact capacity for a table cell: `4000m/8192Mi/1gpu`.
@@ -91,6 +120,10 @@ mod tests {
             labels: BTreeMap::from([
                 ("arch".into(), "x86_64".into()),
                 ("spot".into(), "false".into()),
+                ("platform".into(), "ec2".into()),
+                ("instance_type".into(), "g4dn.xlarge".into()),
+                ("az".into(), "eu-west-1a".into()),
+                ("instance_id".into(), "i-0abc".into()),
             ]),
             capacity: Resources {
                 cpu_millis: 4000,
@@ -107,7 +140,10 @@ mod tests {
             running: 2,
             health_addr: String::new(),
         };
-        let out = agents_table(&[agent], 100_000).render();
+        let mut local = agent.clone();
+        local.agent_id = "laptop".into();
+        local.labels = BTreeMap::from([("platform".into(), "local".into())]);
+        let out = agents_table(&[agent, local], 100_000).render();
         let row: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
         assert_eq!(
             row,
@@ -117,11 +153,15 @@ mod tests {
                 "active",
                 "2",
                 "4000m/8192Mi/1gpu(T4)",
+                "ec2/g4dn.xlarge/on-demand",
+                "eu-west-1a",
                 "process",
                 "3s",
                 "ago",
-                "arch=x86_64,spot=false"
+                "arch=x86_64,instance_id=i-0abc"
             ]
         );
+        let row: Vec<&str> = out.lines().nth(2).unwrap().split_whitespace().collect();
+        assert_eq!(row[5..7], ["local", "-"]);
     }
 }

@@ -1,6 +1,7 @@
 //! One module per group of commands; [`run`] dispatches a parsed command line.
 
 pub mod agents;
+pub mod artifacts;
 pub mod jobs;
 pub mod pools;
 pub mod submit;
@@ -34,6 +35,7 @@ pub async fn run(
         Command::Retry { job } => jobs::retry(&client, job, json).await?,
         Command::Agents => agents::list(&client, json).await?,
         Command::Drain { agent } => agents::drain(&client, agent, json).await?,
+        Command::Artifacts { action } => artifacts::run(&client, action, json).await?,
         Command::Pools { action } => pools::run(&client, action.as_ref(), json).await?,
         Command::Dev(_) => unreachable!("handled above"),
     }

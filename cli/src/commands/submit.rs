@@ -238,6 +238,16 @@ pub fn apply_flags(spec: &mut JobSpec, args: &SubmitArgs) {
     for (key, value) in &args.constraints {
         spec.constraints.insert(key.clone(), value.clone());
     }
+    if args.outputs {
+        spec.outputs = true;
+    }
+    for (name, job) in &args.inputs {
+        spec.inputs.retain(|i| &i.name != name);
+        spec.inputs.push(drover_proto::model::InputSpec {
+            name: name.clone(),
+            job: job.clone(),
+        });
+    }
 }
 
 /// The exit code `submit --wait` ends with: the job's own exit code.

@@ -74,36 +74,41 @@ impl AgentService for AgentGrpc {
             .claim(&session, free, body.max_jobs, body.wait_ms)
             .await?;
         let kill_grace_ms = self.service.config().kill_grace_ms;
-        let leases = claimed
-            .into_iter()
-            .map(|c| {
-                let spec = c.spec;
-                v1::Lease {
-                    lease: Some(lease_to_wire(&c.lease)),
-                    job: Some(v1::JobPayload {
-                        command: spec.argv(),
-                        secret_env: spec
-                            .env
-                            .iter()
-                            .filter(|(_, v)| v.is_secret())
-                            .map(|(k, _)| k.clone())
-                            .collect(),
-                        env: spec
-                            .env
-                            .iter()
-                            .map(|(k, v)| (k.clone(), v.value().to_string()))
-                            .collect(),
-                        name: spec.name,
-                        image: spec.image,
-                        workdir: spec.workdir,
-                        user: spec.user,
-                        resources: Some(resources_to_wire(&spec.resources)),
-                        timeout_ms: spec.timeout_secs * 1000,
-                        kill_grace_ms,
-                    }),
-                }
-            })
-            .collect();
+        let mut leases = Vec::with_capacity(claimed.len());
+        for c in claimed {
+            let spec = c.spec;
+            let inputs = if spec.inputs.is_empty() {
+                Vec::new()
+            } else {
+                self.service.input_artifacts(&spec).await
+            };
+            leases.push(v1::Lease {
+                lease: Some(lease_to_wire(&c.lease)),
+                job: Some(v1::JobPayload {
+                    command: spec.argv(),
+                    secret_env: spec
+                        .env
+                        .iter()
+                        .filter(|(_, v)| v.is_secret())
+                        .map(|(k, _)| k.clone())
+                        .collect(),
+                    env: spec
+                        .env
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.value().to_string()))
+                        .collect(),
+                    name: spec.name,
+                    image: spec.image,
+                    workdir: spec.workdir,
+                    user: spec.user,
+                    resources: Some(resources_to_wire(&spec.resources)),
+                    timeout_ms: spec.timeout_secs * 1000,
+                    kill_grace_ms,
+                    inputs,
+                    outputs: spec.outputs,
+                }),
+            });
+        }
         Ok(Response::new(v1::ClaimResponse { leases }))
     }
 
@@ -171,6 +176,19 @@ impl AgentService for AgentGrpc {
             .append_logs(&lease, req.into_inner().chunks)
             .await?;
         Ok(Response::new(v1::AppendLogsResponse { stored_bytes }))
+    }
+
+    async fn artifact_upload_url(
+        &self,
+        req: Request<v1::ArtifactUploadUrlRequest>,
+    ) -> Result<Response<v1::ArtifactUploadUrlResponse>, Status> {
+        let lease = self.lease_session(&req, &req.get_ref().lease).await?;
+        let upload = self.service.artifact_upload_url(&lease).await?;
+        Ok(Response::new(v1::ArtifactUploadUrlResponse {
+            url: upload.url,
+            expires_at_ms: upload.expires_at_ms.max(0) as u64,
+            max_bytes: upload.max_bytes,
+        }))
     }
 
     async fn complete(

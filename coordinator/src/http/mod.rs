@@ -19,6 +19,7 @@ use crate::error::ServiceError;
 use crate::service::Service;
 use crate::store::JobFilter;
 
+mod blobs;
 mod openapi;
 pub use openapi::openapi_document;
 
@@ -39,6 +40,13 @@ pub fn router(service: Arc<Service>) -> Router {
         .route("/v1/jobs/{id}/retry", post(retry))
         .route("/v1/jobs/{id}/events", get(events))
         .route("/v1/jobs/{id}/logs", get(logs))
+        .route("/v1/jobs/{id}/artifacts", get(blobs::artifact))
+        .route(
+            "/v1/blobs/{*object}",
+            get(blobs::get_blob)
+                .put(blobs::put_blob)
+                .layer(DefaultBodyLimit::disable()),
+        )
         .route("/v1/agents", get(agents))
         .route("/v1/agents/{id}/drain", post(drain))
         .route("/v1/pools", get(pools))

@@ -77,13 +77,45 @@ pub fn openapi_document() -> Value {
         { "name": "follow", "in": "query", "schema": { "type": "boolean" } }
     ]);
     paths.insert("/v1/jobs/{id}/logs".into(), json!({ "get": logs }));
+    paths.insert(
+        "/v1/jobs/{id}/artifacts".into(),
+        json!({ "get": with_id(op("A signed, expiring download URL of the job's artifact (tar + zstd of its output directory)", Some("read"), "Artifact"), "id") }),
+    );
+    let blob_params = json!([
+        { "name": "object", "in": "path", "required": true, "schema": { "type": "string" }, "description": "artifacts/<job>/<attempt>.tar.zst" },
+        { "name": "expires", "in": "query", "required": true, "schema": { "type": "integer" } },
+        { "name": "signature", "in": "query", "required": true, "schema": { "type": "string" } }
+    ]);
+    let mut blob_get = op(
+        "Download through a signed URL (local blob store); the signature is the credential",
+        None,
+        "application/zstd",
+    );
+    blob_get["parameters"] = blob_params.clone();
+    let mut blob_put = op(
+        "Upload through a signed URL (agents, local blob store)",
+        None,
+        "201: {object, bytes}",
+    );
+    blob_put["parameters"] = blob_params;
+    paths.insert(
+        "/v1/blobs/{object}".into(),
+        json!({ "get": blob_get, "put": blob_put }),
+    );
     paths.insert("/v1/agents".into(), json!({ "get": op("Agents with live sessions and recently gone ones", Some("read"), "AgentList") }));
     paths.insert(
         "/v1/agents/{id}/drain".into(),
         json!({ "post": with_id(op("Ask an agent to drain", Some("admin"), "Agent"), "id") }),
     );
-    paths.insert("/v1/pools".into(), json!({ "get": op("Queue depth, running jobs and agents per pool", Some("read"), "PoolList") }));
-    paths.insert("/v1/pools/{pool}/pause".into(), json!({ "post": with_id(op("Stop dispatching the pool's jobs", Some("admin"), "Pool"), "pool") }));
+    let mut pools = op(
+        "Queue depth, running jobs and agents per pool; for pools bound to an ASG or Fargate, the scaler's desired vs actual workers and last decision",
+        Some("read"),
+        "PoolList",
+    );
+    pools["responses"]["200"]["content"] =
+        json!({ "application/json": { "schema": { "$ref": "#/components/schemas/PoolList" } } });
+    paths.insert("/v1/pools".into(), json!({ "get": pools }));
+    paths.insert("/v1/pools/{pool}/pause".into(), json!({ "post": with_id(op("Stop dispatching the pool's jobs and scaling it out", Some("admin"), "Pool"), "pool") }));
     paths.insert("/v1/pools/{pool}/resume".into(), json!({ "post": with_id(op("Dispatch the pool's jobs again", Some("admin"), "Pool"), "pool") }));
     paths.insert(
         "/health".into(),
@@ -106,6 +138,24 @@ pub fn openapi_document() -> Value {
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
             "responses": { "Error": { "description": "ApiErrorBody", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ApiErrorBody" } } } } },
             "schemas": {
+                "PoolList": { "type": "object", "required": ["pools"], "properties": { "pools": { "type": "array", "items": { "$ref": "#/components/schemas/Pool" } } } },
+                "Pool": { "type": "object", "required": ["pool", "queued", "running", "agents", "paused"], "properties": {
+                    "pool": { "type": "string" }, "queued": { "type": "integer" }, "running": { "type": "integer" }, "agents": { "type": "integer" },
+                    "paused": { "type": "boolean" }, "oldest_queued_age_ms": { "type": "integer" },
+                    "scaling": { "$ref": "#/components/schemas/PoolScaling" } } },
+                "PoolScaling": { "type": "object", "description": "Present when the pool is bound to an Auto Scaling group or a Fargate task definition. Scale-out only.", "required": ["kind", "target", "slots_per_worker"], "properties": {
+                    "kind": { "type": "string", "enum": ["asg", "fargate"] }, "target": { "type": "string", "description": "ASG name, or <cluster>/<task definition>" },
+                    "slots_per_worker": { "type": "integer" }, "min": { "type": "integer" }, "max": { "type": "integer" },
+                    "demand_slots": { "type": "integer", "description": "queued jobs a worker can run + running jobs" },
+                    "wanted": { "type": "integer", "description": "clamp(ceil(demand_slots / slots_per_worker), min, max)" },
+                    "desired": { "type": "integer", "description": "ASG desired capacity, or Fargate tasks pending/running incl. just launched" },
+                    "actual": { "type": "integer", "description": "ASG instances InService, or tasks ECS lists" },
+                    "last_decision": { "$ref": "#/components/schemas/ScalingDecision" }, "last_action": { "$ref": "#/components/schemas/ScalingDecision" },
+                    "last_error": { "type": "string" }, "backoff_until_ms": { "type": "integer" }, "evaluated_at_ms": { "type": "integer" } } },
+                "ScalingDecision": { "type": "object", "required": ["at_ms", "action", "reason"], "properties": {
+                    "at_ms": { "type": "integer" },
+                    "action": { "type": "string", "enum": ["scale_out", "launch", "terminate_zombie", "none", "cooldown", "paused", "backoff", "error"] },
+                    "reason": { "type": "string" } } },
                 "SubmitRequest": { "oneOf": [ { "$ref": "#/components/schemas/JobSpec" }, { "type": "object", "required": ["jobs"], "properties": { "jobs": { "type": "array", "items": { "$ref": "#/components/schemas/JobSpec" } } } } ] },
                 "JobSpec": { "type": "object", "required": ["command"], "additionalProperties": false, "properties": {
                     "name": { "type": "string" }, "pool": { "type": "string", "default": "default" }, "image": { "type": "string" },

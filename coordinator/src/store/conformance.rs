@@ -856,6 +856,252 @@ pub async fn retry_requeues_a_finished_job_as_a_fresh_run<S: Store>(store: S) {
     );
 }
 
+pub async fn leader_lease_is_exclusive_until_it_expires<S: Store>(store: S) {
+    let a = store
+        .try_acquire_leader("scaler", "a", TTL, T0)
+        .await
+        .unwrap()
+        .expect("a free lease is granted");
+    assert_eq!(a.expires_at_ms, T0 + TTL as i64);
+    assert_eq!(
+        store
+            .try_acquire_leader("scaler", "b", TTL, T0 + 1)
+            .await
+            .unwrap(),
+        None,
+        "held by a"
+    );
+    assert!(
+        store
+            .try_acquire_leader("other", "b", TTL, T0 + 1)
+            .await
+            .unwrap()
+            .is_some(),
+        "leases are per name"
+    );
+    let renewed = store
+        .try_acquire_leader("scaler", "a", TTL, T0 + 10_000)
+        .await
+        .unwrap()
+        .expect("the holder renews");
+    assert_eq!(renewed.epoch, a.epoch, "a renewal keeps the epoch");
+    assert_eq!(renewed.expires_at_ms, T0 + 10_000 + TTL as i64);
+    assert_eq!(
+        store
+            .try_acquire_leader("scaler", "b", TTL, renewed.expires_at_ms)
+            .await
+            .unwrap(),
+        None,
+        "live up to its expiry"
+    );
+    let b = store
+        .try_acquire_leader("scaler", "b", TTL, renewed.expires_at_ms + 1)
+        .await
+        .unwrap()
+        .expect("an expired lease is taken over");
+    assert_eq!(b.epoch, a.epoch + 1, "a new holder gets a new epoch");
+    assert_eq!(
+        store
+            .try_acquire_leader("scaler", "a", TTL, renewed.expires_at_ms + 2)
+            .await
+            .unwrap(),
+        None,
+        "the old holder is out"
+    );
+}
+
+pub async fn leader_lease_goes_to_one_of_many_concurrent_takers<S: Store>(store: S) {
+    let store = Arc::new(store);
+    let mut takers = Vec::new();
+    for i in 0..12 {
+        let store = store.clone();
+        takers.push(tokio::spawn(async move {
+            store
+                .try_acquire_leader("scaler", &format!("c{i}"), TTL, T0)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut granted = Vec::new();
+    for taker in takers {
+        granted.extend(taker.await.unwrap());
+    }
+    assert_eq!(granted.len(), 1, "exactly one holder: {granted:?}");
+}
+
+pub async fn scaler_records_are_fenced_by_the_leader_lease<S: Store>(store: S) {
+    let a = store
+        .try_acquire_leader("scaler", "a", TTL, T0)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .put_scaler_state("gpu", "{\"v\":1}", &a)
+        .await
+        .unwrap();
+    store
+        .put_scaler_state("cpu", "{\"v\":2}", &a)
+        .await
+        .unwrap();
+    // Expired but not taken over: still holds.
+    store
+        .put_scaler_state("gpu", "{\"v\":3}", &a)
+        .await
+        .unwrap();
+    let b = store
+        .try_acquire_leader("scaler", "b", TTL, T0 + TTL as i64 + 1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(
+            store.put_scaler_state("gpu", "{\"v\":4}", &a).await,
+            Err(StoreError::Conflict(_))
+        ),
+        "the old leader is fenced"
+    );
+    let forged = LeaderLease {
+        holder: "b".into(),
+        ..a.clone()
+    };
+    assert!(
+        matches!(
+            store.put_scaler_state("gpu", "{\"v\":5}", &forged).await,
+            Err(StoreError::Conflict(_))
+        ),
+        "the epoch fences too"
+    );
+    store
+        .put_scaler_state("cpu", "{\"v\":6}", &b)
+        .await
+        .unwrap();
+    let states = store.scaler_states().await.unwrap();
+    assert_eq!(
+        states,
+        BTreeMap::from([
+            ("cpu".to_string(), "{\"v\":6}".to_string()),
+            ("gpu".to_string(), "{\"v\":3}".to_string()),
+        ])
+    );
+}
+
+pub async fn released_leader_lease_is_taken_over_at_once<S: Store>(store: S) {
+    let a = store
+        .try_acquire_leader("scaler", "a", TTL, T0)
+        .await
+        .unwrap()
+        .unwrap();
+    // A stale release (another epoch) changes nothing.
+    store
+        .release_leader(&LeaderLease {
+            epoch: a.epoch + 7,
+            ..a.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .try_acquire_leader("scaler", "b", TTL, T0 + 1)
+            .await
+            .unwrap(),
+        None
+    );
+    store.release_leader(&a).await.unwrap();
+    let b = store
+        .try_acquire_leader("scaler", "b", TTL, T0 + 2)
+        .await
+        .unwrap()
+        .expect("released: free at once");
+    assert_eq!(b.epoch, a.epoch + 1);
+    assert!(matches!(
+        store.put_scaler_state("p", "{}", &a).await,
+        Err(StoreError::Conflict(_))
+    ));
+}
+
+pub async fn lost_sessions_are_the_expired_ones_not_those_that_left<S: Store>(store: S) {
+    let labels = BTreeMap::from([("instance_id".to_string(), "i-1".to_string())]);
+    session_with(&store, "lost", labels.clone(), T0).await;
+    session(&store, "left", T0).await;
+    session(&store, "live", T0).await;
+    store
+        .end_session("left", "agent left", T0 + 1000)
+        .await
+        .unwrap();
+    let expired_at = T0 + TTL as i64 + 1;
+    store
+        .end_session("lost", "agent lost: session expired", expired_at)
+        .await
+        .unwrap();
+    let lost = store.lost_sessions(T0, expired_at).await.unwrap();
+    assert_eq!(
+        lost,
+        vec![LostSession {
+            session_id: "lost".into(),
+            agent_id: "agent-lost".into(),
+            pool: "default".into(),
+            labels,
+            ended_at_ms: expired_at,
+        }]
+    );
+    assert!(
+        store
+            .lost_sessions(expired_at + 1, expired_at + 1)
+            .await
+            .unwrap()
+            .is_empty(),
+        "since bounds the list"
+    );
+}
+
+pub async fn queued_needs_list_what_queued_jobs_ask_for<S: Store>(store: S) {
+    let mut gpu = spec("gpu");
+    gpu.resources.gpus = 1;
+    gpu.resources.gpu_model = Some("a100".into());
+    gpu.constraints = BTreeMap::from([("arch".to_string(), "arm64".to_string())]);
+    let mut flaky = spec("flaky");
+    flaky.retry = RetryPolicy {
+        max_attempts: 2,
+        backoff_secs: 600,
+        ..RetryPolicy::default()
+    };
+    let mut other = spec("other");
+    other.pool = "elsewhere".into();
+    submit(&store, vec![gpu.clone(), flaky, spec("leased"), other], T0).await;
+    let mut offer = session(&store, "s1", T0).await;
+    offer.max_jobs = 2;
+    // Leases "flaky" and "leased" (the GPU job does not fit the offer's labels).
+    let claimed = store.claim(&offer, 64, T0).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    let flaky_lease = claimed
+        .iter()
+        .find(|c| c.spec.name == "flaky")
+        .unwrap()
+        .lease
+        .clone();
+    store
+        .complete(&flaky_lease, &done(OutcomeKind::Failed, Some(1)), T0)
+        .await
+        .unwrap();
+    let mut needs = store.queued_needs("default", 100).await.unwrap();
+    needs.sort_by_key(|n| n.resources.gpus);
+    assert_eq!(
+        needs,
+        vec![
+            JobNeeds {
+                resources: spec("x").resources,
+                constraints: BTreeMap::new(),
+            },
+            JobNeeds {
+                resources: gpu.resources.clone(),
+                constraints: gpu.constraints.clone(),
+            },
+        ],
+        "queued (ready or in backoff), not leased, not other pools"
+    );
+    assert_eq!(store.queued_needs("default", 1).await.unwrap().len(), 1);
+}
+
 /// Expands every conformance test for one backend.
 macro_rules! store_conformance {
     ($backend:ident, $make:expr) => {
@@ -886,6 +1132,12 @@ macro_rules! store_conformance {
                 paused_pool_dispatches_nothing,
                 pools_count_queued_running_and_agents,
                 retry_requeues_a_finished_job_as_a_fresh_run,
+                leader_lease_is_exclusive_until_it_expires,
+                leader_lease_goes_to_one_of_many_concurrent_takers,
+                scaler_records_are_fenced_by_the_leader_lease,
+                released_leader_lease_is_taken_over_at_once,
+                lost_sessions_are_the_expired_ones_not_those_that_left,
+                queued_needs_list_what_queued_jobs_ask_for,
             );
         }
     };

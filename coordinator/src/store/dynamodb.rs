@@ -11,6 +11,9 @@
 //! | idempotency key | `IDEM#<key>` | `IDEM` | |
 //! | session | `SESSION#<id>` | `SESSION` | gsi2 `SESSIONS` while live, `GONE#<day>` after |
 //! | pool (paused, largest agent) | `POOL#<name>` | `POOL` | gsi2 `POOLS` |
+//! | leader lease (scaler) | `LEADER#<name>` | `LEADER` | |
+//! | scaler record of a pool | `SCALER` | `<pool>` | |
+//! | lost session (expired, for zombie reaping) | `LOST#<day>` | `<ended ms>#<session>` | |
 //! | listing horizon | `META` | `LISTING` | |
 //!
 //! - **gsi1 (queue)**, projection INCLUDE of the claim attributes: ready jobs
@@ -54,6 +57,7 @@
 //! history (and a get of it fails loudly).
 
 mod item;
+mod scaler;
 mod table;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -78,9 +82,9 @@ use self::item::{b, get_b, get_n, get_s, key, n, req_n, req_s, s, Expr, Item};
 pub use self::table::create_table;
 use self::table::{LIST_INDEX, OWNER_INDEX, QUEUE_INDEX, TTL_ATTRIBUTE};
 use super::{
-    ClaimOffer, ClaimedJob, Completion, EndedSession, HeartbeatAnswer, JobFilter, LeaseRef, NewJob,
-    NewSession, OutcomeKind, Page, PoolCapacity, ReapedJobs, SessionAuth, Store, StoreError,
-    StoreResult,
+    ClaimOffer, ClaimedJob, Completion, EndedSession, HeartbeatAnswer, JobFilter, JobNeeds,
+    LeaderLease, LeaseRef, LostSession, NewJob, NewSession, OutcomeKind, Page, PoolCapacity,
+    ReapedJobs, SessionAuth, Store, StoreError, StoreResult,
 };
 use crate::config::DynamoDbConfig;
 
@@ -2053,12 +2057,18 @@ impl Store for DynamoStore {
                 )
                 .set(TTL_ATTRIBUTE, ttl_secs(now_ms + self.retention_ms))
                 .when_eq("gone", b(false));
-            self.update_item(
-                key(session_pk(session_id), "SESSION"),
-                &expr,
-                ReturnValue::None,
-            )
-            .await?;
+            let ended_it = self
+                .update_item(
+                    key(session_pk(session_id), "SESSION"),
+                    &expr,
+                    ReturnValue::None,
+                )
+                .await?
+                .is_some();
+            // Ended after its expiry: the agent was lost, not leaving.
+            if ended_it && get_n::<i64>(&item, "expires").is_some_and(|e| e < now_ms) {
+                self.mark_lost(&item, now_ms).await?;
+            }
         }
         let mut ended = EndedSession {
             session_id: session_id.to_string(),
@@ -2221,6 +2231,7 @@ impl Store for DynamoStore {
                     agents: 0,
                     paused: get_b(&item, "paused"),
                     oldest_queued_age_ms: None,
+                    scaling: None,
                 },
             );
         }
@@ -2258,6 +2269,7 @@ impl Store for DynamoStore {
                 agents: 0,
                 paused: false,
                 oldest_queued_age_ms: None,
+                scaling: None,
             });
             pool.running += running;
             if get_n::<i64>(&session, "expires").is_some_and(|e| e >= now_ms) {
@@ -2284,6 +2296,42 @@ impl Store for DynamoStore {
         self.update_item(key(pool_pk(pool), "POOL"), &expr, ReturnValue::None)
             .await?;
         Ok(())
+    }
+
+    async fn queued_needs(&self, pool: &str, limit: usize) -> StoreResult<Vec<JobNeeds>> {
+        self.queued_needs_impl(pool, limit).await
+    }
+
+    async fn lost_sessions(&self, since_ms: i64, now_ms: i64) -> StoreResult<Vec<LostSession>> {
+        self.lost_sessions_impl(since_ms, now_ms).await
+    }
+
+    async fn try_acquire_leader(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl_ms: u64,
+        now_ms: i64,
+    ) -> StoreResult<Option<LeaderLease>> {
+        self.try_acquire_leader_impl(name, holder, ttl_ms, now_ms)
+            .await
+    }
+
+    async fn release_leader(&self, lease: &LeaderLease) -> StoreResult<()> {
+        self.release_leader_impl(lease).await
+    }
+
+    async fn scaler_states(&self) -> StoreResult<BTreeMap<String, String>> {
+        self.scaler_states_impl().await
+    }
+
+    async fn put_scaler_state(
+        &self,
+        pool: &str,
+        state: &str,
+        lease: &LeaderLease,
+    ) -> StoreResult<()> {
+        self.put_scaler_state_impl(pool, state, lease).await
     }
 
     async fn pool_capacity(&self, pool: &str) -> StoreResult<PoolCapacity> {

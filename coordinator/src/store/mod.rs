@@ -206,6 +206,34 @@ pub struct PoolCapacity {
     pub paused: bool,
 }
 
+/// A singleton's lease (the scaler's) as held by one coordinator. The
+/// `epoch` grows with every change of holder and fences the holder's writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderLease {
+    pub name: String,
+    pub holder: String,
+    pub epoch: u64,
+    pub expires_at_ms: i64,
+}
+
+/// A session that expired (its agent stopped heartbeating and the reaper
+/// ended it), as opposed to one whose agent left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostSession {
+    pub session_id: String,
+    pub agent_id: String,
+    pub pool: String,
+    pub labels: BTreeMap<String, String>,
+    pub ended_at_ms: i64,
+}
+
+/// What one queued job asks of a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobNeeds {
+    pub resources: Resources,
+    pub constraints: BTreeMap<String, String>,
+}
+
 /// The largest agent a pool has seen, per dimension, after `capacity` joined.
 pub fn largest_of(largest: Option<Resources>, capacity: &Resources) -> Resources {
     match largest {
@@ -429,4 +457,45 @@ pub trait Store: Send + Sync + 'static {
     async fn set_pool_paused(&self, pool: &str, paused: bool) -> StoreResult<()>;
 
     async fn pool_capacity(&self, pool: &str) -> StoreResult<PoolCapacity>;
+
+    /// What up to `limit` QUEUED jobs of `pool` (ready or waiting out a
+    /// backoff) ask for: the scaler's demand. Leased jobs are not listed.
+    async fn queued_needs(&self, pool: &str, limit: usize) -> StoreResult<Vec<JobNeeds>>;
+
+    /// Sessions that expired (ended after their expiry, by the reaper or a
+    /// late resume) between `since_ms` and `now_ms`; sessions whose agent
+    /// left while live are not listed.
+    async fn lost_sessions(&self, since_ms: i64, now_ms: i64) -> StoreResult<Vec<LostSession>>;
+
+    /// Takes or renews the singleton lease `name` for `holder` until
+    /// `now_ms + ttl_ms`. Granted when nobody holds it, when its holder's
+    /// lease has expired (`expires_at_ms < now_ms`), or to its holder again
+    /// (a renewal keeps the epoch); a new holder gets the epoch plus one.
+    /// Atomic: of concurrent callers at most one is granted a live lease.
+    /// `None` while another holder's lease is live.
+    async fn try_acquire_leader(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl_ms: u64,
+        now_ms: i64,
+    ) -> StoreResult<Option<LeaderLease>>;
+
+    /// Gives the lease up (shutdown) when `lease` still holds it, so another
+    /// coordinator can take over at once; otherwise does nothing.
+    async fn release_leader(&self, lease: &LeaderLease) -> StoreResult<()>;
+
+    /// Every pool's scaler record, by pool: JSON the scaler wrote, opaque to
+    /// the store.
+    async fn scaler_states(&self) -> StoreResult<BTreeMap<String, String>>;
+
+    /// Replaces the pool's scaler record. Fenced: applies only while the
+    /// leader item still names `lease`'s holder and epoch (an expired lease
+    /// nobody took over still holds); otherwise `Conflict`, nothing written.
+    async fn put_scaler_state(
+        &self,
+        pool: &str,
+        state: &str,
+        lease: &LeaderLease,
+    ) -> StoreResult<()>;
 }

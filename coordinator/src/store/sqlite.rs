@@ -16,9 +16,9 @@ use drover_proto::model::{
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 
 use super::{
-    ClaimOffer, ClaimedJob, Completion, EndedSession, HeartbeatAnswer, JobFilter, LeaseRef, NewJob,
-    NewSession, OutcomeKind, Page, PoolCapacity, ReapedJobs, SessionAuth, Store, StoreError,
-    StoreResult,
+    ClaimOffer, ClaimedJob, Completion, EndedSession, HeartbeatAnswer, JobFilter, JobNeeds,
+    LeaderLease, LeaseRef, LostSession, NewJob, NewSession, OutcomeKind, Page, PoolCapacity,
+    ReapedJobs, SessionAuth, Store, StoreError, StoreResult,
 };
 
 const SCHEMA: &str = r#"
@@ -104,6 +104,17 @@ CREATE TABLE IF NOT EXISTS pools (
     name TEXT PRIMARY KEY,
     paused INTEGER NOT NULL DEFAULT 0,
     largest TEXT
+);
+CREATE INDEX IF NOT EXISTS sessions_ended ON sessions(ended_at_ms) WHERE gone = 1;
+CREATE TABLE IF NOT EXISTS leaders (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS scaler_states (
+    pool TEXT PRIMARY KEY,
+    state TEXT NOT NULL
 );
 "#;
 
@@ -1392,6 +1403,85 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn queued_needs(&self, pool: &str, limit: usize) -> StoreResult<Vec<JobNeeds>> {
+        self.queued_needs_impl(pool, limit).await
+    }
+
+    async fn lost_sessions(&self, since_ms: i64, _now_ms: i64) -> StoreResult<Vec<LostSession>> {
+        self.lost_sessions_impl(since_ms).await
+    }
+
+    async fn try_acquire_leader(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl_ms: u64,
+        now_ms: i64,
+    ) -> StoreResult<Option<LeaderLease>> {
+        self.try_acquire_leader_impl(name, holder, ttl_ms, now_ms)
+            .await
+    }
+
+    async fn release_leader(&self, lease: &LeaderLease) -> StoreResult<()> {
+        let lease = lease.clone();
+        self.tx(move |tx| {
+            tx.execute(
+                "UPDATE leaders SET expires_at_ms = ?4 \
+                 WHERE name = ?1 AND holder = ?2 AND epoch = ?3",
+                params![lease.name, lease.holder, lease.epoch as i64, i64::MIN],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn scaler_states(&self) -> StoreResult<BTreeMap<String, String>> {
+        self.tx(|tx| {
+            let mut stmt = tx
+                .prepare_cached("SELECT pool, state FROM scaler_states")
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(backend)?;
+            rows.collect::<Result<_, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn put_scaler_state(
+        &self,
+        pool: &str,
+        state: &str,
+        lease: &LeaderLease,
+    ) -> StoreResult<()> {
+        let (pool, state, lease) = (pool.to_string(), state.to_string(), lease.clone());
+        self.tx(move |tx| {
+            let holds: Option<i64> = tx
+                .query_row(
+                    "SELECT 1 FROM leaders WHERE name = ?1 AND holder = ?2 AND epoch = ?3",
+                    params![lease.name, lease.holder, lease.epoch as i64],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(backend)?;
+            if holds.is_none() {
+                return Err(StoreError::Conflict(format!(
+                    "the {} lease (epoch {}) is no longer held by {}",
+                    lease.name, lease.epoch, lease.holder
+                )));
+            }
+            tx.execute(
+                "INSERT INTO scaler_states (pool, state) VALUES (?1, ?2) \
+                 ON CONFLICT (pool) DO UPDATE SET state = excluded.state",
+                params![pool, state],
+            )
+            .map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn pool_capacity(&self, pool: &str) -> StoreResult<PoolCapacity> {
         let pool = pool.to_string();
         self.tx(move |tx| {
@@ -1418,6 +1508,128 @@ impl Store for SqliteStore {
     }
 }
 
+/// The scaler's side of the store: demand, lost sessions, its leader lease
+/// and its per-pool records.
+impl SqliteStore {
+    async fn queued_needs_impl(&self, pool: &str, limit: usize) -> StoreResult<Vec<JobNeeds>> {
+        let pool = pool.to_string();
+        self.tx(move |tx| {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT cpu_millis, memory_mib, gpus, disk_gib, gpu_model, constraints \
+                     FROM jobs INDEXED BY jobs_queue WHERE pool = ?1 AND state = 'QUEUED' \
+                     ORDER BY priority DESC, rowid ASC LIMIT ?2",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map(params![pool, limit as i64], |r| {
+                    Ok((
+                        Resources {
+                            cpu_millis: r.get(0)?,
+                            memory_mib: r.get::<_, i64>(1)? as u64,
+                            gpus: r.get(2)?,
+                            disk_gib: r.get(3)?,
+                            gpu_model: r.get(4)?,
+                        },
+                        r.get::<_, Option<String>>(5)?,
+                    ))
+                })
+                .map_err(backend)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (resources, constraints) = row.map_err(backend)?;
+                let constraints = match constraints {
+                    Some(c) => serde_json::from_str(&c).map_err(json_err)?,
+                    None => BTreeMap::new(),
+                };
+                out.push(JobNeeds {
+                    resources,
+                    constraints,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn lost_sessions_impl(&self, since_ms: i64) -> StoreResult<Vec<LostSession>> {
+        self.tx(move |tx| {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT session_id, agent_id, pool, labels, ended_at_ms FROM sessions \
+                     WHERE gone = 1 AND ended_at_ms >= ?1 AND ended_at_ms > expires_at_ms \
+                     ORDER BY ended_at_ms, session_id",
+                )
+                .map_err(backend)?;
+            let rows = stmt
+                .query_map([since_ms], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, i64>(4)?,
+                    ))
+                })
+                .map_err(backend)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (session_id, agent_id, pool, labels, ended_at_ms) = row.map_err(backend)?;
+                out.push(LostSession {
+                    session_id,
+                    agent_id,
+                    pool,
+                    labels: serde_json::from_str(&labels).map_err(json_err)?,
+                    ended_at_ms,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn try_acquire_leader_impl(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl_ms: u64,
+        now_ms: i64,
+    ) -> StoreResult<Option<LeaderLease>> {
+        let (name, holder) = (name.to_string(), holder.to_string());
+        self.tx(move |tx| {
+            let current: Option<(String, i64, i64)> = tx
+                .query_row(
+                    "SELECT holder, epoch, expires_at_ms FROM leaders WHERE name = ?1",
+                    [&name],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()
+                .map_err(backend)?;
+            let epoch = match current {
+                None => 1,
+                Some((h, epoch, _)) if h == holder => epoch,
+                Some((_, epoch, expires)) if expires < now_ms => epoch + 1,
+                Some(_) => return Ok(None),
+            };
+            let expires_at_ms = now_ms + ttl_ms as i64;
+            tx.execute(
+                "INSERT INTO leaders (name, holder, epoch, expires_at_ms) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, \
+                 epoch = excluded.epoch, expires_at_ms = excluded.expires_at_ms",
+                params![name, holder, epoch, expires_at_ms],
+            )
+            .map_err(backend)?;
+            Ok(Some(LeaderLease {
+                name,
+                holder,
+                epoch: epoch as u64,
+                expires_at_ms,
+            }))
+        })
+        .await
+    }
+}
+
 fn pool_entry<'a>(pools: &'a mut BTreeMap<String, Pool>, name: &str) -> &'a mut Pool {
     pools.entry(name.to_string()).or_insert_with(|| Pool {
         pool: name.to_string(),
@@ -1426,5 +1638,6 @@ fn pool_entry<'a>(pools: &'a mut BTreeMap<String, Pool>, name: &str) -> &'a mut 
         agents: 0,
         paused: false,
         oldest_queued_age_ms: None,
+        scaling: None,
     })
 }

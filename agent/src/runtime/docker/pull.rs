@@ -1,6 +1,7 @@
 //! Getting a job's image onto the host: the pull policy, registry
-//! credentials (a seam: anonymous for now) and the classification of pull
-//! errors into job failures and infra retries.
+//! credentials (the [`RegistryAuth`] seam; implementations in
+//! `registry_auth.rs`) and the classification of pull errors into job
+//! failures and infra retries.
 
 use std::time::Duration;
 
@@ -59,9 +60,9 @@ pub fn split_reference(image: &str) -> (&str, Option<&str>, Option<&str>) {
     }
 }
 
-/// Where pull credentials come from. The seam for ECR (`GetAuthorizationToken`
-/// through aws-sdk-ecr) and for the Docker config's credentials; neither
-/// exists yet, so pulls are anonymous.
+/// Where pull credentials come from: ECR (`GetAuthorizationToken`), the
+/// Docker config, both ([`ChainAuth`](super::ChainAuth), the default) or
+/// none ([`Anonymous`]).
 #[async_trait]
 pub trait RegistryAuth: Send + Sync + 'static {
     /// Credentials for pulling `image`, or `None` for an anonymous pull. An
@@ -199,6 +200,7 @@ pub fn classify_pull_error(image: &str, status: Option<u16>, message: &str) -> R
         "access denied",
         "access to the resource is denied",
         "authentication required",
+        "no basic auth credentials",
         "forbidden",
     ];
     if TRANSIENT.iter().any(|t| m.contains(t)) {
@@ -262,6 +264,7 @@ mod tests {
             (Some(404), "manifest for x:1 not found: manifest unknown: manifest unknown"),
             (Some(404), "pull access denied for x, repository does not exist or may require 'docker login': denied: requested access to the resource is denied"),
             (Some(500), "unauthorized: authentication required"),
+            (Some(500), "Head \"http://127.0.0.1:5000/v2/x/manifests/1\": no basic auth credentials"),
             (Some(400), "invalid reference format: repository name must be lowercase"),
         ];
         for (status, msg) in job {

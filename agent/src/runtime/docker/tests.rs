@@ -308,8 +308,8 @@ async fn a_disk_limit_the_storage_driver_cannot_enforce_does_not_fail_the_job() 
     cx.rt.assert_nothing_left().await;
 }
 
-fn attempt_dirs() -> AttemptDirs {
-    AttemptDirs {
+fn attempt_dirs() -> crate::runtime::JobDirs {
+    crate::runtime::JobDirs {
         root: "/attempt".into(),
         input: "/attempt/input".into(),
         output: "/attempt/output".into(),

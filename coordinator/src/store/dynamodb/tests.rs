@@ -1,15 +1,11 @@
-//! Runs the DynamoDB store against moto's server: one server per test
-//! process on a free loopback port, a fresh table per test.
+//! Runs the DynamoDB store against moto's server (`crate::moto`: one server
+//! per test process on a free loopback port), a fresh table per test.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
 
 use aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef;
-use aws_sdk_dynamodb::config::{ConfigBag, Credentials, Intercept, Region, RuntimeComponents};
+use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_dynamodb::error::BoxError;
 use aws_sdk_dynamodb::Client;
 use drover_proto::model::JobSpec;
@@ -17,83 +13,12 @@ use drover_proto::model::JobSpec;
 use super::*;
 use crate::store::{ClaimOffer, NewJob, NewSession};
 
-struct Moto {
-    endpoint: String,
-    /// `sh` waits on its stdin and kills moto when this process exits and
-    /// the pipe closes; holding the child keeps the pipe open.
-    _guard: Child,
-}
-
-const SERIAL_MOTO: &str = "\
-import sys
-from werkzeug.serving import run_simple
-from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
-run_simple('127.0.0.1', int(sys.argv[1]), DomainDispatcherApplication(create_backend_app), threaded=False)
-";
-
-fn moto_binary() -> PathBuf {
-    if let Ok(path) = std::env::var("DROVER_MOTO_SERVER") {
-        return PathBuf::from(path);
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server")
-}
-
-fn moto() -> &'static Moto {
-    static MOTO: OnceLock<Moto> = OnceLock::new();
-    MOTO.get_or_init(|| {
-        let binary = moto_binary();
-        assert!(
-            binary.exists(),
-            "moto_server not found at {}: run scripts/test.sh (it installs moto[server] into .venv) \
-             or point DROVER_MOTO_SERVER at a moto_server binary",
-            binary.display()
-        );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
-        // moto_server's werkzeug server is threaded, and moto checks a
-        // condition and applies the write without a lock: two concurrent
-        // conditional updates can both pass (AWS never does that). Serve
-        // moto's app single-threaded with the same venv's Python instead.
-        let python = binary.with_file_name("python");
-        let guard = Command::new("sh")
-            .arg("-c")
-            .arg(r#""$0" -c "$2" "$1" </dev/null >/dev/null 2>&1 & pid=$!; cat >/dev/null; kill $pid"#)
-            .arg(&python)
-            .arg(port.to_string())
-            .arg(SERIAL_MOTO)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting moto_server");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-                let _ = conn.write_all(b"GET /moto-api/ HTTP/1.0\r\n\r\n");
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "moto_server ({}) did not listen on port {port} within 60s",
-                binary.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Moto {
-            endpoint: format!("http://127.0.0.1:{port}"),
-            _guard: guard,
-        }
-    })
-}
-
 fn client(interceptor: Option<WriteCounter>) -> Client {
     let mut config = aws_sdk_dynamodb::Config::builder()
         .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .credentials_provider(Credentials::new("test", "test", None, None, "static"))
-        .endpoint_url(&moto().endpoint)
+        .region(crate::moto::region())
+        .credentials_provider(crate::moto::credentials())
+        .endpoint_url(crate::moto::endpoint())
         .http_client(https_client());
     if let Some(interceptor) = interceptor {
         config = config.interceptor(interceptor);

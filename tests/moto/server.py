@@ -1,0 +1,322 @@
+"""moto's server with the Auto Scaling behaviour moto lacks, for Drover's tests.
+
+Run with the venv's python (next to $DROVER_MOTO_SERVER):
+
+    .venv/bin/python tests/moto/server.py [PORT]
+
+It prints `port N` once it listens (PORT 0 or none: a free loopback port) and
+exits when its standard input closes, so it never outlives the test that
+started it. What it adds to moto (see shared/AWS-EMULATION.md):
+
+- TerminateInstanceInAutoScalingGroup with ShouldDecrementDesiredCapacity=true
+  at min size is refused as AWS does: HTTP 400 ValidationError "Currently,
+  desiredSize equals minSize (N). ...".
+- A group with an autoscaling:EC2_INSTANCE_TERMINATING hook holds an instance
+  it terminates in Terminating:Wait until CompleteLifecycleAction, or until the
+  hook's heartbeat timeout passes (then the default result applies; for a
+  terminating hook both CONTINUE and ABANDON terminate).
+- RecordLifecycleActionHeartbeat (restarts the heartbeat timeout) and
+  CompleteLifecycleAction.
+
+Harness endpoints (not AWS; for assertions):
+
+- GET  /_drover/calls          every AWS request received: service, action,
+                               params, HTTP status, time (unix ms)
+- POST /_drover/faults         {"action", "code", "message", "status", "count"}:
+                               the next `count` requests of `action` fail
+                               with that error (Query-protocol XML)
+- GET  /_drover/instance/<id>  {"group", "lifecycle_state", "protected"} of an
+                               instance in an Auto Scaling group (404 if none)
+"""
+
+import io
+import json
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+from urllib.parse import parse_qsl
+
+from werkzeug.serving import WSGIRequestHandler, make_server
+
+from moto.autoscaling import models as asg_models
+from moto.autoscaling.exceptions import ValidationError
+from moto.autoscaling.responses import AutoScalingResponse
+from moto.core.responses import EmptyResult
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+
+LOCK = threading.RLock()
+TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
+MIN_SIZE = (
+    "Currently, desiredSize equals minSize ({n}). Terminating instance without "
+    "replacement will violate group's min size constraint. Either set "
+    "shouldDecrementDesiredCapacity flag to false or lower group's min size."
+)
+
+
+class PendingAction:
+    """An instance in Terminating:Wait for one hook."""
+
+    def __init__(self, backend, group, state, hook):
+        self.backend = backend
+        self.group = group
+        self.state = state
+        self.hook = hook
+        self.token = str(uuid.uuid4())
+        self.timer = None
+        self.restart_timer()
+
+    def restart_timer(self):
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = threading.Timer(
+            float(self.hook.heartbeat_timeout), self.timed_out
+        )
+        self.timer.daemon = True
+        self.timer.start()
+
+    def timed_out(self):
+        with LOCK:
+            if PENDING.get(self.state.instance.id) is self:
+                finish(self.state.instance.id, self.hook.default_result)
+
+
+# instance id -> PendingAction
+PENDING = {}
+
+
+def finish(instance_id, result):
+    """Ends a lifecycle wait: the instance leaves the group and terminates."""
+    pending = PENDING.pop(instance_id)
+    if pending.timer is not None:
+        pending.timer.cancel()
+    group = pending.group
+    group.instance_states = [
+        s for s in group.instance_states if s.instance.id != instance_id
+    ]
+    backend = pending.backend
+    backend.ec2_backend.delete_tags(
+        [instance_id], {asg_models.ASG_NAME_TAG: group.name}
+    )
+    backend.ec2_backend.terminate_instances([instance_id])
+
+
+def terminating_hook(backend, group_name):
+    for hook in backend.lifecycle_hooks.values():
+        if (
+            hook.auto_scaling_group_name == group_name
+            and hook.lifecycle_transition == TERMINATING
+        ):
+            return hook
+    return None
+
+
+def find_state(backend, instance_id):
+    for group in backend.autoscaling_groups.values():
+        for state in group.instance_states:
+            if state.instance.id == instance_id:
+                return group, state
+    return None, None
+
+
+original_terminate = asg_models.AutoScalingBackend.terminate_instance
+
+
+def terminate_instance(self, instance_id, should_decrement):
+    with LOCK:
+        group, state = find_state(self, instance_id)
+        if state is None:
+            raise ValidationError(
+                f"Instance Id not found - No managed instance found for instance ID: {instance_id}"
+            )
+        if should_decrement and group.desired_capacity <= group.min_size:
+            raise ValidationError(MIN_SIZE.format(n=group.min_size))
+        hook = terminating_hook(self, group.name)
+        if hook is None:
+            return original_terminate(self, instance_id, should_decrement)
+        original_size = group.desired_capacity
+        if instance_id not in PENDING:
+            state.lifecycle_state = "Terminating:Wait"
+            if should_decrement:
+                group.desired_capacity -= 1
+            else:
+                # The instance no longer counts as in service: replace it.
+                group.set_desired_capacity(group.desired_capacity)
+            PENDING[instance_id] = PendingAction(self, group, state, hook)
+        return asg_models.TerminateInstanceActivity(state.instance, original_size)
+
+
+asg_models.AutoScalingBackend.terminate_instance = terminate_instance
+
+
+def pending_action(response):
+    """The PendingAction a heartbeat or completion names, or ValidationError."""
+    group_name = response._get_param("AutoScalingGroupName")
+    hook_name = response._get_param("LifecycleHookName")
+    instance_id = response._get_param("InstanceId")
+    token = response._get_param("LifecycleActionToken")
+    if instance_id is None and token is not None:
+        instance_id = next(
+            (i for i, p in PENDING.items() if p.token == token), None
+        )
+    pending = PENDING.get(instance_id)
+    if (
+        pending is None
+        or pending.group.name != group_name
+        or pending.hook.name != hook_name
+    ):
+        raise ValidationError(
+            f"No active Lifecycle Action found with instance ID {instance_id}"
+        )
+    return instance_id, pending
+
+
+def record_lifecycle_action_heartbeat(self):
+    with LOCK:
+        _, pending = pending_action(self)
+        pending.restart_timer()
+    return EmptyResult()
+
+
+def complete_lifecycle_action(self):
+    result = self._get_param("LifecycleActionResult")
+    if result not in ("CONTINUE", "ABANDON"):
+        raise ValidationError(
+            f"1 validation error detected: Value '{result}' at 'lifecycleActionResult' "
+            "failed to satisfy constraint: Member must be CONTINUE or ABANDON"
+        )
+    with LOCK:
+        instance_id, _ = pending_action(self)
+        finish(instance_id, result)
+    return EmptyResult()
+
+
+AutoScalingResponse.record_lifecycle_action_heartbeat = record_lifecycle_action_heartbeat
+AutoScalingResponse.complete_lifecycle_action = complete_lifecycle_action
+
+
+# --- harness endpoints and call log ----------------------------------------
+
+CALLS = []
+FAULTS = []  # dicts: action, code, message, status, count
+SCOPE = re.compile(r"Credential=[^/]+/[^/]+/([^/]+)/([^/]+)/")
+
+
+def error_xml(code, message):
+    return (
+        '<ErrorResponse xmlns="http://autoscaling.amazonaws.com/doc/2011-01-01/">'
+        f"<Error><Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error>"
+        f"<RequestId>{uuid.uuid4()}</RequestId></ErrorResponse>"
+    ).encode()
+
+
+def instance_info(instance_id):
+    for backend in all_autoscaling_backends():
+        with LOCK:
+            group, state = find_state(backend, instance_id)
+            if state is not None:
+                return {
+                    "group": group.name,
+                    "lifecycle_state": state.lifecycle_state,
+                    "protected": bool(state.protected_from_scale_in),
+                }
+    return None
+
+
+def all_autoscaling_backends():
+    for account in asg_models.autoscaling_backends.values():
+        for backend in account.values():
+            yield backend
+
+
+def respond(start_response, status, body, content_type="application/json"):
+    start_response(
+        status, [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+    )
+    return [body]
+
+
+def harness(app):
+    def wrapped(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        method = environ.get("REQUEST_METHOD", "GET")
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(length) if length else b""
+        environ["wsgi.input"] = io.BytesIO(body)
+        if path == "/_drover/calls":
+            with LOCK:
+                data = json.dumps(CALLS).encode()
+            return respond(start_response, "200 OK", data)
+        if path == "/_drover/faults" and method == "POST":
+            fault = json.loads(body)
+            with LOCK:
+                FAULTS.append(fault)
+            return respond(start_response, "200 OK", b"{}")
+        if path.startswith("/_drover/instance/"):
+            info = instance_info(path.rsplit("/", 1)[1])
+            if info is None:
+                return respond(start_response, "404 Not Found", b"{}")
+            return respond(start_response, "200 OK", json.dumps(info).encode())
+
+        scope = SCOPE.search(environ.get("HTTP_AUTHORIZATION", ""))
+        service = scope.group(2) if scope else ""
+        params = dict(parse_qsl(body.decode("utf-8", "replace")))
+        action = params.pop("Action", "")
+        record = {
+            "service": service,
+            "action": action,
+            "params": params,
+            "time_ms": int(time.time() * 1000),
+            "status": 0,
+        }
+        with LOCK:
+            CALLS.append(record)
+            fault = next(
+                (f for f in FAULTS if f["action"] == action and f["count"] > 0), None
+            )
+            if fault is not None:
+                fault["count"] -= 1
+        if fault is not None:
+            record["status"] = int(fault.get("status", 400))
+            reason = "Bad Request" if record["status"] < 500 else "Service Unavailable"
+            return respond(
+                start_response,
+                f"{record['status']} {reason}",
+                error_xml(fault["code"], fault["message"]),
+                "text/xml",
+            )
+
+        def capture(status, headers, exc_info=None):
+            record["status"] = int(status.split()[0])
+            return start_response(status, headers, exc_info)
+
+        return app(environ, capture)
+
+    return wrapped
+
+
+class QuietHandler(WSGIRequestHandler):
+    def log_request(self, *args, **kwargs):
+        pass
+
+
+def main():
+    port = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+    app = harness(DomainDispatcherApplication(create_backend_app))
+    server = make_server(
+        "127.0.0.1", port, app, threaded=True, request_handler=QuietHandler
+    )
+
+    def exit_when_stdin_closes():
+        sys.stdin.read()
+        os._exit(0)
+
+    threading.Thread(target=exit_when_stdin_closes, daemon=True).start()
+    print(f"port {server.server_port}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
