@@ -543,7 +543,15 @@ async fn agent_calls_need_the_right_tokens() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(ok.session_remaining_ms, session.session_ttl_ms);
+    // Renewals are written lazily: right after Register the session keeps
+    // (nearly) its whole TTL.
+    assert!(
+        ok.session_remaining_ms > session.session_ttl_ms * 2 / 3
+            && ok.session_remaining_ms <= session.session_ttl_ms,
+        "{} of {}",
+        ok.session_remaining_ms,
+        session.session_ttl_ms
+    );
     // After Leave the token is worthless.
     let mut leave = tonic::Request::new(v1::LeaveRequest {
         session_id: session.session_id.clone(),

@@ -710,7 +710,11 @@ pub async fn heartbeat_reports_lost_leases_and_requeues_unreported_ones<S: Store
         first.requeued_unreported.is_empty(),
         "one missed report is tolerated"
     );
-    assert_eq!(first.remaining_ms, TTL);
+    assert_eq!(
+        first.remaining_ms,
+        TTL - TTL / 6 - 1,
+        "a sixth of the TTL after registering, no renewal is due yet"
+    );
     let second = store
         .heartbeat("s1", std::slice::from_ref(&reported), false, later + 1)
         .await
@@ -726,6 +730,58 @@ pub async fn heartbeat_reports_lost_leases_and_requeues_unreported_ones<S: Store
     assert_eq!(
         store.get_job(&ids[2]).await.unwrap().state,
         JobState::Succeeded
+    );
+}
+
+/// Heartbeats write the renewal only once a third of the TTL has passed
+/// (`renewal_due`); in between they answer the stored lifetime.
+pub async fn session_renewal_is_written_lazily<S: Store>(store: S) {
+    session(&store, "s1", T0).await;
+    let ttl = TTL as i64;
+    let soon = store.heartbeat("s1", &[], false, T0 + 1_000).await.unwrap();
+    assert_eq!(soon.remaining_ms, TTL - 1_000, "not renewed yet");
+    let due = T0 + ttl / 3 + 1;
+    let renewed = store.heartbeat("s1", &[], false, due).await.unwrap();
+    assert_eq!(
+        renewed.remaining_ms, TTL,
+        "renewed once a third of the TTL passed"
+    );
+    let after = store.heartbeat("s1", &[], false, due + 1).await.unwrap();
+    assert_eq!(after.remaining_ms, TTL - 1);
+    // The renewal holds: not expired where the first lifetime would have ended.
+    assert!(store
+        .expired_sessions(T0 + ttl + 1)
+        .await
+        .unwrap()
+        .is_empty());
+    // A drain flag is written at once, renewal due or not.
+    store.heartbeat("s1", &[], true, due + 2).await.unwrap();
+    let agent = store
+        .list_agents(due + 2, 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|a| a.session_id == "s1")
+        .unwrap();
+    assert_eq!(
+        agent.state,
+        drover_proto::model::AgentState::Draining,
+        "{agent:?}"
+    );
+    // Heartbeats keep it alive indefinitely; silence lets it expire.
+    let mut now = due;
+    for _ in 0..10 {
+        now += ttl / 6;
+        store.heartbeat("s1", &[], false, now).await.unwrap();
+    }
+    assert!(store
+        .expired_sessions(now + ttl / 2)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store.expired_sessions(now + ttl + 1).await.unwrap(),
+        vec!["s1".to_string()]
     );
 }
 
@@ -1127,6 +1183,7 @@ macro_rules! store_conformance {
                 complete_is_idempotent_and_recorded_once,
                 heartbeat_reports_lost_leases_and_requeues_unreported_ones,
                 expired_session_can_neither_claim_nor_heartbeat,
+                session_renewal_is_written_lazily,
                 resume_renews_the_session_and_returns_its_leases,
                 reaper_times_out_running_jobs_and_requeues_unstarted_ones,
                 paused_pool_dispatches_nothing,

@@ -81,6 +81,7 @@ use drover_proto::model::{
 use self::item::{b, get_b, get_n, get_s, key, n, req_n, req_s, s, Expr, Item};
 pub use self::table::create_table;
 use self::table::{LIST_INDEX, OWNER_INDEX, QUEUE_INDEX, TTL_ATTRIBUTE};
+use super::renewal_due;
 use super::{
     ClaimOffer, ClaimedJob, Completion, EndedSession, HeartbeatAnswer, JobFilter, JobNeeds,
     LeaderLease, LeaseRef, LostSession, NewJob, NewSession, OutcomeKind, Page, PoolCapacity,
@@ -1944,21 +1945,38 @@ impl Store for DynamoStore {
         draining: bool,
         now_ms: i64,
     ) -> StoreResult<HeartbeatAnswer> {
-        let mut expr = renewal(now_ms);
-        if draining {
-            expr.set("draining", b(true));
+        let gone = || {
+            StoreError::Conflict(format!(
+                "session {session_id} has expired or ended; register again"
+            ))
+        };
+        // Renewed lazily (`renewal_due`): a consistent read costs a fraction
+        // of a write, and most heartbeats need no write at all.
+        let stored = self
+            .get(session_pk(session_id), "SESSION")
+            .await?
+            .filter(|s| !get_b(s, "gone"))
+            .ok_or_else(gone)?;
+        let stored_expires: i64 = req_n(&stored, "expires")?;
+        if stored_expires < now_ms {
+            return Err(gone());
         }
-        let Some(session) = self
-            .update_item(
+        let due = renewal_due(stored_expires, req_n(&stored, "ttl_ms")?, now_ms)
+            || (draining && !get_b(&stored, "draining"));
+        let session = if due {
+            let mut expr = renewal(now_ms);
+            if draining {
+                expr.set("draining", b(true));
+            }
+            self.update_item(
                 key(session_pk(session_id), "SESSION"),
                 &expr_live(&mut expr, now_ms),
                 ReturnValue::AllNew,
             )
             .await?
-        else {
-            return Err(StoreError::Conflict(format!(
-                "session {session_id} has expired or ended; register again"
-            )));
+            .ok_or_else(gone)?
+        } else {
+            stored
         };
         let expires: i64 = req_n(&session, "expires")?;
         let mut answer = HeartbeatAnswer {

@@ -153,6 +153,17 @@ pub struct SessionAuth {
     pub gone: bool,
 }
 
+/// Whether a heartbeat must write the session's renewal: once a third of
+/// the TTL has passed since the last one (or a drain flag changes). Between
+/// writes the session keeps at least two thirds of its TTL, several
+/// heartbeat intervals (a sixth of the TTL by default), so a lazily renewed
+/// session never comes near expiry while heartbeats arrive. Every backend
+/// uses this one rule (SQLite has it in SQL: `expires_at_ms - now < ttl_ms -
+/// ttl_ms / 3`).
+pub fn renewal_due(expires_at_ms: i64, ttl_ms: i64, now_ms: i64) -> bool {
+    expires_at_ms - now_ms < ttl_ms - ttl_ms / 3
+}
+
 /// The store's answer to a heartbeat.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct HeartbeatAnswer {
@@ -412,7 +423,9 @@ pub trait Store: Send + Sync + 'static {
     async fn resume_session(&self, session_id: &str, now_ms: i64) -> StoreResult<Vec<LeaseRef>>;
 
     /// Renews the session and reconciles the agent's view of its leases.
-    /// Fails with `NotFound`/`Conflict` when the session is unknown or gone.
+    /// The renewal is written lazily ([`renewal_due`]): heartbeats cost
+    /// O(agents) writes per TTL, not one each. Fails with
+    /// `NotFound`/`Conflict` when the session is unknown or gone.
     async fn heartbeat(
         &self,
         session_id: &str,

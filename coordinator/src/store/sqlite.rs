@@ -1084,16 +1084,35 @@ impl Store for SqliteStore {
         let session_id = session_id.to_string();
         let running = running.to_vec();
         self.tx(move |tx| {
-            let row: Option<(i64, i64, i64)> = tx
-                .query_row(
+            // Renewed lazily: the same rule as `renewal_due`.
+            let renewed: Option<(i64, i64, i64)> = tx
+                .prepare_cached(
                     "UPDATE sessions SET expires_at_ms = ?2 + ttl_ms, last_heartbeat_ms = ?2, \
                      draining = MAX(draining, ?3) WHERE session_id = ?1 AND gone = 0 \
-                     AND expires_at_ms >= ?2 RETURNING expires_at_ms, drain_requested, ttl_ms",
-                    params![session_id, now_ms, draining as i64],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                     AND expires_at_ms >= ?2 \
+                     AND (expires_at_ms - ?2 < ttl_ms - ttl_ms / 3 OR draining < ?3) \
+                     RETURNING expires_at_ms, drain_requested, ttl_ms",
                 )
+                .map_err(backend)?
+                .query_row(params![session_id, now_ms, draining as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
                 .optional()
                 .map_err(backend)?;
+            let row = match renewed {
+                Some(row) => Some(row),
+                None => tx
+                    .prepare_cached(
+                        "SELECT expires_at_ms, drain_requested, ttl_ms FROM sessions \
+                         WHERE session_id = ?1 AND gone = 0 AND expires_at_ms >= ?2",
+                    )
+                    .map_err(backend)?
+                    .query_row(params![session_id, now_ms], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
+                    .optional()
+                    .map_err(backend)?,
+            };
             let Some((expires_at_ms, drain_requested, ttl_ms)) = row else {
                 return Err(StoreError::Conflict(format!(
                     "session {session_id} has expired or ended; register again"

@@ -1,0 +1,824 @@
+//! Checks on `infra/` and `ami/` that run with the test suite: cfn-lint on
+//! every template, shellcheck on every shell script, the DynamoDB table as
+//! the store creates it, and the IAM roles against the AWS calls the code
+//! makes. The tools come from `scripts/test.sh`; a missing tool fails with
+//! the command that installs it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Pinned in `scripts/test.sh`.
+const CFN_LINT_INSTALL: &str = ".venv/bin/pip install cfn-lint==1.58.0 (or run scripts/test.sh)";
+const SHELLCHECK_INSTALL: &str = "sudo apt-get install -y shellcheck (or run scripts/test.sh)";
+
+/// The AWS SDK operations the code may call, by their fluent method, and the
+/// IAM action each needs. `None`: authorised per item (transactions), see
+/// `TRANSACTION_ITEMS`. A call missing here fails the agreement test.
+const SDK_OPERATIONS: &[(&str, Option<&str>)] = &[
+    ("get_item", Some("dynamodb:GetItem")),
+    ("put_item", Some("dynamodb:PutItem")),
+    ("update_item", Some("dynamodb:UpdateItem")),
+    ("delete_item", Some("dynamodb:DeleteItem")),
+    ("query", Some("dynamodb:Query")),
+    ("scan", Some("dynamodb:Scan")),
+    ("batch_get_item", Some("dynamodb:BatchGetItem")),
+    ("batch_write_item", Some("dynamodb:BatchWriteItem")),
+    ("transact_write_items", None),
+    ("create_table", Some("dynamodb:CreateTable")),
+    ("describe_table", Some("dynamodb:DescribeTable")),
+    ("describe_time_to_live", Some("dynamodb:DescribeTimeToLive")),
+    ("update_time_to_live", Some("dynamodb:UpdateTimeToLive")),
+    (
+        "describe_auto_scaling_groups",
+        Some("autoscaling:DescribeAutoScalingGroups"),
+    ),
+    (
+        "describe_auto_scaling_instances",
+        Some("autoscaling:DescribeAutoScalingInstances"),
+    ),
+    (
+        "set_desired_capacity",
+        Some("autoscaling:SetDesiredCapacity"),
+    ),
+    (
+        "terminate_instance_in_auto_scaling_group",
+        Some("autoscaling:TerminateInstanceInAutoScalingGroup"),
+    ),
+    (
+        "set_instance_protection",
+        Some("autoscaling:SetInstanceProtection"),
+    ),
+    ("set_instance_health", Some("autoscaling:SetInstanceHealth")),
+    (
+        "record_lifecycle_action_heartbeat",
+        Some("autoscaling:RecordLifecycleActionHeartbeat"),
+    ),
+    (
+        "complete_lifecycle_action",
+        Some("autoscaling:CompleteLifecycleAction"),
+    ),
+    ("run_task", Some("ecs:RunTask")),
+    ("list_tasks", Some("ecs:ListTasks")),
+    ("describe_tasks", Some("ecs:DescribeTasks")),
+    ("stop_task", Some("ecs:StopTask")),
+    ("get_authorization_token", Some("ecr:GetAuthorizationToken")),
+    ("get_object", Some("s3:GetObject")),
+    ("put_object", Some("s3:PutObject")),
+    ("delete_object", Some("s3:DeleteObject")),
+    ("list_objects_v2", Some("s3:ListBucket")),
+    ("describe_tags", Some("ec2:DescribeTags")),
+    ("describe_instances", Some("ec2:DescribeInstances")),
+];
+
+/// `TransactWriteItems` is authorised by the action of each item it holds.
+const TRANSACTION_ITEMS: &[(&str, &str)] = &[
+    ("Put::builder()", "dynamodb:PutItem"),
+    ("Update::builder()", "dynamodb:UpdateItem"),
+    ("Delete::builder()", "dynamodb:DeleteItem"),
+    ("ConditionCheck::builder()", "dynamodb:ConditionCheckItem"),
+];
+
+/// First methods of `.send()` chains that are plain HTTP (reqwest), not AWS.
+const HTTP_METHODS: &[&str] = &["get", "post", "put", "patch", "delete", "head", "request"];
+
+/// Called by the code but deliberately not granted: `init-table` only; the
+/// stack creates the table (`create_table = false`).
+const COORDINATOR_NOT_GRANTED: &[&str] = &[
+    "dynamodb:CreateTable",
+    "dynamodb:DescribeTable",
+    "dynamodb:DescribeTimeToLive",
+    "dynamodb:UpdateTimeToLive",
+];
+/// Granted without a call in `coordinator/src`: RunTask hands the worker's
+/// execution role to ECS.
+const COORDINATOR_EXTRAS: &[&str] = &["iam:PassRole"];
+/// Granted without a call in `agent/src`: Docker pulls ECR layers with the
+/// token the agent fetches; SSM's Secrets Manager reference reads the secret.
+const AGENT_EXTRAS: &[&str] = &[
+    "ecr:BatchGetImage",
+    "ecr:GetDownloadUrlForLayer",
+    "secretsmanager:GetSecretValue",
+];
+/// ECS execution roles: image pulls, logs, secrets into the containers.
+const EXECUTION_ROLE_ALLOWED: &[&str] = &[
+    "ecr:GetAuthorizationToken",
+    "ecr:BatchGetImage",
+    "ecr:GetDownloadUrlForLayer",
+    "logs:CreateLogStream",
+    "logs:PutLogEvents",
+    "secretsmanager:GetSecretValue",
+];
+
+/// Which code each role serves.
+enum RoleKind {
+    Coordinator,
+    Agent,
+    Execution,
+}
+
+const ROLES: &[(&str, RoleKind)] = &[
+    ("CoordinatorTaskRole", RoleKind::Coordinator),
+    ("CpuAgentRole", RoleKind::Agent),
+    ("GpuAgentRole", RoleKind::Agent),
+    ("CoordinatorExecutionRole", RoleKind::Execution),
+    ("WorkerExecutionRole", RoleKind::Execution),
+];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace root")
+        .to_path_buf()
+}
+
+fn cfn_lint() -> PathBuf {
+    let path = std::env::var_os("DROVER_CFN_LINT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".venv/bin/cfn-lint"));
+    assert!(
+        path.is_file(),
+        "cfn-lint not found at {}: install it with {CFN_LINT_INSTALL}",
+        path.display()
+    );
+    path
+}
+
+fn templates() -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(root().join("infra"))
+        .expect("infra/ exists")
+        .map(|e| e.expect("readable infra/").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    found.sort();
+    assert!(!found.is_empty(), "no templates in infra/");
+    found
+}
+
+/// A template as JSON, decoded by cfn-lint's own parser (it knows `!Ref`...).
+fn decode(template: &Path) -> Value {
+    let python = cfn_lint().with_file_name("python");
+    let out = Command::new(&python)
+        .args([
+            "-c",
+            "import json, sys\n\
+             from cfnlint.decode import decode\n\
+             t, errors = decode(sys.argv[1])\n\
+             assert not errors, errors\n\
+             print(json.dumps(t))",
+        ])
+        .arg(template)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}; {CFN_LINT_INSTALL}", python.display()));
+    assert!(
+        out.status.success(),
+        "decoding {}: {}",
+        template.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("decoded template is JSON")
+}
+
+fn resources<'a>(template: &'a Value, kind: &str) -> Vec<(&'a str, &'a Value)> {
+    template["Resources"]
+        .as_object()
+        .expect("Resources")
+        .iter()
+        .filter(|(_, r)| r["Type"] == kind)
+        .map(|(name, r)| (name.as_str(), &r["Properties"]))
+        .collect()
+}
+
+#[test]
+fn templates_pass_cfn_lint() {
+    let lint = cfn_lint();
+    for template in templates() {
+        let out = Command::new(&lint)
+            .arg(&template)
+            .output()
+            .unwrap_or_else(|e| panic!("running cfn-lint: {e}; {CFN_LINT_INSTALL}"));
+        // Exit status bits: 1 usage/crash, 2 errors, 4 warnings, 8 informational.
+        let code = out.status.code().expect("cfn-lint exited");
+        assert!(
+            code & 3 == 0,
+            "cfn-lint found errors in {} (exit {code}):\n{}{}",
+            template.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn shell_scripts(dir: &Path, found: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("readable directory") {
+        let path = entry.expect("readable entry").path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if path.is_dir() {
+            if !matches!(
+                name,
+                ".git" | ".venv" | "target" | "node_modules" | ".drover"
+            ) {
+                shell_scripts(&path, found);
+            }
+        } else if name.ends_with(".sh") {
+            found.push(path);
+        }
+    }
+}
+
+#[test]
+fn shell_scripts_pass_shellcheck() {
+    let root = root();
+    let mut scripts = Vec::new();
+    shell_scripts(&root, &mut scripts);
+    let ci = root.join(".ci/run");
+    if ci.is_file() {
+        scripts.push(ci);
+    }
+    scripts.sort();
+    for expected in ["scripts/test.sh", "ami/user-data.sh", "ami/setup.sh"] {
+        assert!(
+            scripts.contains(&root.join(expected)),
+            "{expected} not found among {scripts:?}"
+        );
+    }
+    let out = Command::new("shellcheck")
+        .args(&scripts)
+        .output()
+        .unwrap_or_else(|e| panic!("shellcheck not runnable ({e}): {SHELLCHECK_INSTALL}"));
+    assert!(
+        out.status.success(),
+        "shellcheck:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Quoted strings in `src` between `start` and the next `end`.
+fn quoted_after(src: &str, start: &str, end: &str) -> Vec<String> {
+    let from = src
+        .find(start)
+        .unwrap_or_else(|| panic!("{start:?} not found"))
+        + start.len();
+    let to = from + src[from..].find(end).expect("end of the list");
+    src[from..to]
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn table_matches_what_the_store_creates() {
+    let code = std::fs::read_to_string(root().join("coordinator/src/store/dynamodb/table.rs"))
+        .expect("table.rs");
+    let attributes = quoted_after(&code, "for attr in [", "]");
+    let projection = quoted_after(&code, "QUEUE_PROJECTION: &[&str] = &[", "]");
+    let ttl = quoted_after(&code, "TTL_ATTRIBUTE: &str =", ";");
+    let index_name = |c: &str| quoted_after(&code, &format!("{c}: &str ="), ";")[0].clone();
+
+    let template = decode(&root().join("infra/data.yaml"));
+    let tables = resources(&template, "AWS::DynamoDB::Table");
+    assert_eq!(tables.len(), 1, "one table");
+    let t = tables[0].1;
+    let declared: Vec<String> = t["AttributeDefinitions"]
+        .as_array()
+        .expect("AttributeDefinitions")
+        .iter()
+        .inspect(|a| assert_eq!(a["AttributeType"], "S", "{a}"))
+        .map(|a| a["AttributeName"].as_str().expect("name").to_string())
+        .collect();
+    assert_eq!(declared, attributes, "attribute definitions");
+    assert_eq!(
+        t["KeySchema"],
+        serde_json::json!([
+            {"AttributeName": "pk", "KeyType": "HASH"},
+            {"AttributeName": "sk", "KeyType": "RANGE"}
+        ])
+    );
+    assert_eq!(t["BillingMode"], "PAY_PER_REQUEST");
+    assert_eq!(
+        t["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"],
+        true
+    );
+    assert_eq!(
+        t["TimeToLiveSpecification"]["AttributeName"],
+        ttl[0].as_str()
+    );
+    assert_eq!(t["TimeToLiveSpecification"]["Enabled"], true);
+
+    let indexes = t["GlobalSecondaryIndexes"].as_array().expect("GSIs");
+    let expected = [
+        (index_name("QUEUE_INDEX"), "gsi1pk", "gsi1sk", projection),
+        (index_name("OWNER_INDEX"), "gsi2pk", "gsi2sk", vec![]),
+        (index_name("LIST_INDEX"), "gsi3pk", "gsi3sk", vec![]),
+    ];
+    assert_eq!(indexes.len(), expected.len(), "index count");
+    for (index, (name, hash, range, include)) in indexes.iter().zip(expected) {
+        assert_eq!(index["IndexName"], name.as_str());
+        assert_eq!(
+            index["KeySchema"],
+            serde_json::json!([
+                {"AttributeName": hash, "KeyType": "HASH"},
+                {"AttributeName": range, "KeyType": "RANGE"}
+            ]),
+            "{name}"
+        );
+        if include.is_empty() {
+            assert_eq!(
+                index["Projection"],
+                serde_json::json!({"ProjectionType": "KEYS_ONLY"}),
+                "{name}"
+            );
+        } else {
+            assert_eq!(index["Projection"]["ProjectionType"], "INCLUDE", "{name}");
+            assert_eq!(
+                index["Projection"]["NonKeyAttributes"],
+                serde_json::json!(include),
+                "{name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn launch_templates_carry_user_data_and_imdsv2() {
+    let script = std::fs::read_to_string(root().join("ami/user-data.sh")).expect("user-data.sh");
+    let template = decode(&root().join("infra/fleet.yaml"));
+    let launch_templates = resources(&template, "AWS::EC2::LaunchTemplate");
+    assert_eq!(launch_templates.len(), 2, "a CPU and a GPU launch template");
+    for (name, lt) in launch_templates {
+        let data = &lt["LaunchTemplateData"];
+        let user_data = data["UserData"]["Fn::Base64"]
+            .as_str()
+            .expect("literal user-data");
+        if user_data != script {
+            let line = user_data
+                .lines()
+                .zip(script.lines())
+                .position(|(a, b)| a != b);
+            panic!(
+                "{name}: the user-data must be ami/user-data.sh verbatim; first difference at line {}",
+                line.map_or(user_data.lines().count().min(script.lines().count()), |l| l) + 1
+            );
+        }
+        let metadata = &data["MetadataOptions"];
+        assert_eq!(metadata["HttpTokens"], "required", "{name}: IMDSv2 only");
+        assert_eq!(
+            metadata["HttpPutResponseHopLimit"], 1,
+            "{name}: containers cannot reach IMDS"
+        );
+        assert_eq!(
+            metadata["InstanceMetadataTags"], "enabled",
+            "{name}: user-data reads tags"
+        );
+    }
+    for (name, group) in resources(&template, "AWS::AutoScaling::AutoScalingGroup") {
+        let hooks = group["LifecycleHookSpecificationList"]
+            .as_array()
+            .expect("hooks");
+        assert!(
+            hooks
+                .iter()
+                .any(|h| h["LifecycleTransition"] == "autoscaling:EC2_INSTANCE_TERMINATING"),
+            "{name}: a terminating lifecycle hook"
+        );
+        let tags: BTreeSet<&str> = group["Tags"]
+            .as_array()
+            .expect("tags")
+            .iter()
+            .inspect(|t| assert_eq!(t["PropagateAtLaunch"], true, "{name}: {t}"))
+            .filter_map(|t| t["Key"].as_str())
+            .collect();
+        for tag in script
+            .split("$(tag ")
+            .skip(1)
+            .filter_map(|s| s.split(')').next())
+        {
+            assert!(
+                tags.contains(tag),
+                "{name}: user-data reads tag {tag}, the group lacks it"
+            );
+        }
+    }
+}
+
+/// Rust source with comments, string and char literals blanked (newlines kept).
+fn strip_literals(src: &str) -> String {
+    let b = src.as_bytes();
+    let mut out = String::with_capacity(src.len());
+    let blank = |out: &mut String, s: &[u8]| {
+        out.extend(s.iter().map(|&c| if c == b'\n' { '\n' } else { ' ' }));
+    };
+    let mut i = 0;
+    while i < b.len() {
+        let rest = &b[i..];
+        let end = if rest.starts_with(b"//") {
+            i + rest.iter().position(|&c| c == b'\n').unwrap_or(rest.len())
+        } else if rest.starts_with(b"/*") {
+            i + 2 + src[i + 2..].find("*/").map_or(rest.len() - 2, |p| p + 2)
+        } else if rest[0] == b'r'
+            && (rest.get(1) == Some(&b'"') || rest.get(1) == Some(&b'#'))
+            && (i == 0 || !(b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_'))
+        {
+            let hashes = rest[1..].iter().take_while(|&&c| c == b'#').count();
+            if rest.get(1 + hashes) != Some(&b'"') {
+                out.push('r');
+                i += 1;
+                continue;
+            }
+            let close = format!("\"{}", "#".repeat(hashes));
+            let body = i + 2 + hashes;
+            body + src[body..].find(&close).expect("closed raw string") + close.len()
+        } else if rest[0] == b'"' {
+            let mut j = i + 1;
+            while b[j] != b'"' {
+                j += if b[j] == b'\\' { 2 } else { 1 };
+            }
+            j + 1
+        } else if rest[0] == b'\'' && rest.get(1) == Some(&b'\\') {
+            i + 2 + src[i + 2..].find('\'').expect("closed char") + 1
+        } else if rest[0] == b'\'' && rest.get(2) == Some(&b'\'') {
+            i + 3
+        } else {
+            let c = src[i..].chars().next().expect("a char");
+            out.push(c);
+            i += c.len_utf8();
+            continue;
+        };
+        blank(&mut out, &b[i..end]);
+        i = end;
+    }
+    out
+}
+
+/// `src` without its `#[cfg(test)] mod x { ... }` blocks, and the names of
+/// the test-only modules it declares in other files (`#[cfg(test)] mod x;`).
+fn without_test_modules(src: &str) -> (String, Vec<String>) {
+    let mut kept = src.to_string();
+    let mut test_files = Vec::new();
+    while let Some(at) = kept.find("#[cfg(test)]") {
+        let after = at + "#[cfg(test)]".len();
+        let item = kept[after..].trim_start();
+        let item = item.strip_prefix("pub(crate) ").unwrap_or(item);
+        let Some(decl) = item.strip_prefix("mod ") else {
+            kept.replace_range(at..after, "");
+            continue;
+        };
+        let name: String = decl
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        let rest = decl[name.len()..].trim_start();
+        let start = kept.len() - rest.len();
+        if rest.starts_with(';') {
+            test_files.push(name);
+            kept.replace_range(at..start + 1, "");
+        } else {
+            let mut depth = 0;
+            let mut end = start;
+            for (k, c) in kept[start..].char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            end = start + k + 1;
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            kept.replace_range(at..end, "");
+        }
+    }
+    (kept, test_files)
+}
+
+/// The first method of every `.send()` chain: `client.get_item().key(..).send()`
+/// gives `get_item`.
+fn send_chains(src: &str) -> Vec<String> {
+    let b = src.as_bytes();
+    let mut found = Vec::new();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    for (at, _) in src.match_indices(".send()") {
+        let mut i = at; // just before the '.' of the current segment
+        let mut first = None;
+        loop {
+            while i > 0 && (b[i - 1].is_ascii_whitespace() || b[i - 1] == b'?') {
+                i -= 1;
+            }
+            let called = i > 0 && b[i - 1] == b')';
+            if called {
+                let mut depth = 0;
+                while i > 0 {
+                    i -= 1;
+                    match b[i] {
+                        b')' => depth += 1,
+                        b'(' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            let name_end = i;
+            while i > 0 && ident(b[i - 1]) {
+                i -= 1;
+            }
+            if i == name_end {
+                break;
+            }
+            let name = &src[i..name_end];
+            let mut j = i;
+            while j > 0 && b[j - 1].is_ascii_whitespace() {
+                j -= 1;
+            }
+            if j > 0 && b[j - 1] == b'.' {
+                if called {
+                    first = Some(name.to_string());
+                }
+                i = j - 1;
+            } else {
+                break;
+            }
+        }
+        if let Some(method) = first {
+            found.push(method);
+        }
+    }
+    found
+}
+
+fn rust_files(dir: &Path, found: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("readable directory") {
+        let path = entry.expect("readable entry").path();
+        if path.is_dir() {
+            rust_files(&path, found);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            found.push(path);
+        }
+    }
+}
+
+/// IAM actions the non-test code under `src` calls.
+fn actions_called(src: &Path) -> BTreeSet<String> {
+    let mut files = Vec::new();
+    rust_files(src, &mut files);
+    let mut test_only = BTreeSet::new();
+    let mut texts = BTreeMap::new();
+    for file in &files {
+        let text = strip_literals(&std::fs::read_to_string(file).expect("source"));
+        let (kept, test_mods) = without_test_modules(&text);
+        let stem = file.file_stem().and_then(|s| s.to_str()).expect("stem");
+        let dir = if matches!(stem, "lib" | "main" | "mod") {
+            file.parent().expect("dir").to_path_buf()
+        } else {
+            file.with_extension("")
+        };
+        for name in test_mods {
+            test_only.insert(dir.join(format!("{name}.rs")));
+            test_only.insert(dir.join(&name).join("mod.rs"));
+        }
+        texts.insert(file.clone(), kept);
+    }
+    let operations: BTreeMap<&str, Option<&str>> = SDK_OPERATIONS.iter().copied().collect();
+    let mut actions = BTreeSet::new();
+    let (mut transactions, mut transaction_items) = (false, BTreeSet::new());
+    for (file, text) in texts.iter().filter(|(f, _)| !test_only.contains(*f)) {
+        for method in send_chains(text) {
+            match operations.get(method.as_str()) {
+                Some(Some(action)) => {
+                    actions.insert(action.to_string());
+                }
+                Some(None) => {}
+                None => assert!(
+                    HTTP_METHODS.contains(&method.as_str()),
+                    "{}: `.{method}()…send()` is an AWS call missing from SDK_OPERATIONS in tests/tests/infra.rs: add it with its IAM action",
+                    file.display()
+                ),
+            }
+        }
+        if text.contains("aws_sdk_dynamodb") {
+            for (builder, action) in TRANSACTION_ITEMS {
+                if text.contains(builder) {
+                    transaction_items.insert(action.to_string());
+                }
+            }
+        }
+        transactions |= text.contains(".transact_write_items()");
+    }
+    if transactions {
+        actions.extend(transaction_items);
+    }
+    actions
+}
+
+/// `aws <service> <operation>` in a shell script, as IAM actions.
+fn cli_actions(script: &str) -> BTreeSet<String> {
+    let mut actions = BTreeSet::new();
+    for line in script.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        for w in words
+            .windows(3)
+            .filter(|w| w[0] == "aws" || w[0].ends_with("$(aws"))
+        {
+            let operation: String = w[2]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '-')
+                .collect();
+            let pascal: String = operation
+                .split('-')
+                .map(|part| {
+                    let mut c = part.chars();
+                    c.next()
+                        .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                        .unwrap_or_default()
+                })
+                .collect();
+            actions.insert(format!("{}:{pascal}", w[1]));
+        }
+    }
+    actions
+}
+
+/// Allowed actions of every role in the templates, by resource name.
+fn role_actions() -> BTreeMap<String, BTreeSet<String>> {
+    let mut roles = BTreeMap::new();
+    for template in templates() {
+        let t = decode(&template);
+        for (name, role) in resources(&t, "AWS::IAM::Role") {
+            let mut actions = BTreeSet::new();
+            for policy in role["Policies"].as_array().into_iter().flatten() {
+                for statement in policy["PolicyDocument"]["Statement"]
+                    .as_array()
+                    .expect("Statement")
+                {
+                    assert_eq!(statement["Effect"], "Allow", "{name}: {statement}");
+                    match &statement["Action"] {
+                        Value::String(a) => {
+                            actions.insert(a.clone());
+                        }
+                        Value::Array(list) => actions
+                            .extend(list.iter().map(|a| a.as_str().expect("action").to_string())),
+                        other => panic!("{name}: Action {other}"),
+                    }
+                }
+            }
+            assert!(
+                role["ManagedPolicyArns"].is_null(),
+                "{name}: managed policies cannot be checked against the code"
+            );
+            roles.insert(name.to_string(), actions);
+        }
+        assert!(
+            resources(&t, "AWS::IAM::Policy").is_empty()
+                && resources(&t, "AWS::IAM::ManagedPolicy").is_empty(),
+            "{}: keep policies inline in their role so the test sees them",
+            template.display()
+        );
+    }
+    roles
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn iam_roles_grant_exactly_what_the_code_calls() {
+    let root = root();
+    let coordinator_calls = actions_called(&root.join("coordinator/src"));
+    let mut agent_calls = actions_called(&root.join("agent/src"));
+    agent_calls.extend(cli_actions(
+        &std::fs::read_to_string(root.join("ami/user-data.sh")).expect("user-data.sh"),
+    ));
+    // The scan must see the calls we know about, or it is not scanning.
+    for known in [
+        "dynamodb:Query",
+        "dynamodb:ConditionCheckItem",
+        "autoscaling:SetDesiredCapacity",
+        "ecs:RunTask",
+    ] {
+        assert!(
+            coordinator_calls.contains(known),
+            "coordinator scan missed {known}: {coordinator_calls:?}"
+        );
+    }
+    for known in [
+        "autoscaling:CompleteLifecycleAction",
+        "ecr:GetAuthorizationToken",
+        "ssm:GetParameter",
+        "autoscaling:SetInstanceHealth",
+    ] {
+        assert!(
+            agent_calls.contains(known),
+            "agent scan missed {known}: {agent_calls:?}"
+        );
+    }
+
+    let coordinator_role: BTreeSet<String> = coordinator_calls
+        .difference(&set(COORDINATOR_NOT_GRANTED))
+        .cloned()
+        .chain(set(COORDINATOR_EXTRAS))
+        .collect();
+    let agent_role: BTreeSet<String> = agent_calls
+        .iter()
+        .cloned()
+        .chain(set(AGENT_EXTRAS))
+        .collect();
+
+    let roles = role_actions();
+    let mut problems = Vec::new();
+    for (name, actions) in &roles {
+        let Some((_, kind)) = ROLES.iter().find(|(n, _)| n == name) else {
+            problems.push(format!(
+                "{name}: a role this test does not know; add it to ROLES"
+            ));
+            continue;
+        };
+        let expected = match kind {
+            RoleKind::Coordinator => coordinator_role.clone(),
+            RoleKind::Agent => agent_role.clone(),
+            RoleKind::Execution => {
+                for extra in actions.difference(&set(EXECUTION_ROLE_ALLOWED)) {
+                    problems.push(format!(
+                        "{name}: {extra} is not an execution role's business"
+                    ));
+                }
+                continue;
+            }
+        };
+        for missing in expected.difference(actions) {
+            problems.push(format!(
+                "{name}: the code calls {missing}, the role does not allow it"
+            ));
+        }
+        for unused in actions.difference(&expected) {
+            problems.push(format!(
+                "{name}: allows {unused}, which the code never calls"
+            ));
+        }
+        if matches!(kind, RoleKind::Agent) {
+            for a in actions
+                .iter()
+                .filter(|a| a.starts_with("dynamodb:") || a.starts_with("s3:"))
+            {
+                problems.push(format!("{name}: agents get no DynamoDB or S3 access ({a})"));
+            }
+        }
+    }
+    for (name, _) in ROLES {
+        if !roles.contains_key(*name) {
+            problems.push(format!("{name}: no such role in infra/"));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "IAM and code disagree:\n  {}",
+        problems.join("\n  ")
+    );
+}
+
+#[test]
+fn scanner_finds_fluent_sdk_calls_outside_tests() {
+    let src = r##"
+        async fn f(c: &Client) {
+            // c.not_a_call().send()
+            let s = "c.in_a_string().send()";
+            let r = r#"c.in_raw().send()"#;
+            let out = self
+                .client
+                .update_item()
+                .key("pk", v(&format!("J#{}", id)))
+                .send()
+                .await?;
+            call(calls, OP, || async { client.complete_lifecycle_action().hook(h).send().await });
+            let body = http().get(url).send().await;
+            let ch = 'x';
+        }
+        #[cfg(test)]
+        mod tests {
+            fn t() { client.delete_table().send(); }
+        }
+        #[cfg(test)]
+        mod moto;
+    "##;
+    let (kept, test_files) = without_test_modules(&strip_literals(src));
+    assert_eq!(
+        send_chains(&kept),
+        ["update_item", "complete_lifecycle_action", "get"]
+    );
+    assert_eq!(test_files, ["moto"]);
+    assert_eq!(
+        cli_actions("# aws ec2 run-instances\naws autoscaling set-instance-health --x\nT=$(aws ssm get-parameter)\n"),
+        set(&["autoscaling:SetInstanceHealth", "ssm:GetParameter"])
+    );
+}
