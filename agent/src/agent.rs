@@ -101,6 +101,9 @@ pub(crate) struct Shared {
     /// Cancelled when the agent gives up entirely (start aborted).
     pub shutdown: CancellationToken,
     pub heartbeat_now: Notify,
+    /// Set at start when a saved session may let the agent adopt what its
+    /// earlier run left; cleared by the first registration.
+    pub leftovers_pending: std::sync::atomic::AtomicBool,
 }
 
 fn key(lease: &v1::LeaseRef) -> JobKey {
@@ -335,12 +338,12 @@ impl Agent {
         .await
         .context("cannot use the configured runtime (DROVER_RUNTIME)")?;
         tracing::info!(runtime = %runtime.description(), "runtime ready");
-        match runtime.kill_leftovers().await {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!("killed {n} job(s) left running by an earlier agent"),
-            Err(e) => tracing::warn!("cannot clean up after an earlier agent: {e}"),
+        // With a saved session, what an earlier run left may be adopted:
+        // decided once the session is resumed (or found expired).
+        let leftovers_pending = session::load(&config.data_dir).is_some();
+        if !leftovers_pending {
+            clean_leftovers(runtime.as_ref(), &config.data_dir, &[]).await;
         }
-        crate::job::remove_leftover_dirs(&config.data_dir).await;
         let client = Client::new(&config.coordinator)?;
         let listener = tokio::net::TcpListener::bind(config.health_addr)
             .await
@@ -378,6 +381,7 @@ impl Agent {
             phase_watch: watch::Sender::new(Phase::Running),
             shutdown: CancellationToken::new(),
             heartbeat_now: Notify::new(),
+            leftovers_pending: std::sync::atomic::AtomicBool::new(leftovers_pending),
         });
         let mut guard = StartGuard(Some(shared.shutdown.clone()));
         let health_stop = shared.shutdown.child_token();
@@ -613,7 +617,21 @@ async fn register(
         };
         let sent_at = Instant::now();
         match shared.client.register(req).await {
-            Ok(resp) => return Ok(adopt_session(shared, resume.take().is_some(), resp, sent_at)),
+            Ok(resp) => {
+                let leases = if resp.resumed {
+                    resp.leases.clone()
+                } else {
+                    Vec::new()
+                };
+                let session = adopt_session(shared, resume.take().is_some(), resp, sent_at);
+                // Before any claim: what the earlier run left is adopted or
+                // cleaned up, so a new job's dirs are never mistaken for it.
+                let leftovers = shared
+                    .leftovers_pending
+                    .swap(false, std::sync::atomic::Ordering::SeqCst);
+                take_over(shared, &session, leases, leftovers).await;
+                return Ok(session);
+            }
             Err(e) if e.is_transient() => {
                 let delay = backoff.next_delay();
                 tracing::warn!("register failed: {e}; retrying in {delay:?}");
@@ -633,6 +651,72 @@ async fn register(
                 ))
             }
         }
+    }
+}
+
+/// Kills and removes what an earlier run of the agent left, except the
+/// attempts in `keep` (adopted).
+async fn clean_leftovers(runtime: &dyn Runtime, data_dir: &std::path::Path, keep: &[v1::LeaseRef]) {
+    let keys: Vec<crate::runtime::AttemptKey> =
+        keep.iter().map(|l| (l.job_id.clone(), l.attempt)).collect();
+    match runtime.kill_leftovers(&keys).await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!("killed {n} job(s) left running by an earlier agent"),
+        Err(e) => tracing::warn!("cannot clean up after an earlier agent: {e}"),
+    }
+    job::remove_leftover_dirs_except(data_dir, keep).await;
+}
+
+/// The leases a resumed session still holds: adopted when this is the
+/// agent's first session since it started and the runtime still has the
+/// job (docker: its container), else handed back for an infra retry. With
+/// `leftovers`, whatever else the earlier run left (containers, processes,
+/// attempt dirs) is then killed and removed; a session that was not resumed
+/// holds no leases (its jobs were requeued), so everything goes.
+async fn take_over(
+    shared: &Arc<Shared>,
+    session: &SessionState,
+    leases: Vec<v1::LeaseRef>,
+    leftovers: bool,
+) {
+    let mut keep = Vec::new();
+    for lease in leases {
+        let saved = leftovers
+            .then(|| job::saved_lease(&shared.config.data_dir, &lease))
+            .flatten();
+        match saved {
+            Some((payload, gpus)) => {
+                keep.push(lease.clone());
+                accept_lease(
+                    shared,
+                    session,
+                    v1::Lease {
+                        lease: Some(lease),
+                        job: Some(payload),
+                    },
+                    Some(gpus),
+                );
+            }
+            None => {
+                let shared = shared.clone();
+                let auth = session.auth.clone();
+                tokio::spawn(async move {
+                    job::complete(
+                        &shared,
+                        &auth,
+                        &lease,
+                        v1::Outcome::Interrupted,
+                        None,
+                        "agent restarted and could not adopt the job".to_string(),
+                        None,
+                    )
+                    .await;
+                });
+            }
+        }
+    }
+    if leftovers {
+        clean_leftovers(shared.runtime.as_ref(), &shared.config.data_dir, &keep).await;
     }
 }
 
@@ -682,29 +766,6 @@ fn adopt_session(
     drop(st);
     if resp.resumed {
         tracing::info!(session = %resp.session_id, leases = resp.leases.len(), "resumed session");
-        // No runtime adopts jobs of an earlier agent yet (the process
-        // runtime cannot: their output pipes died with it; docker adoption is
-        // a follow-up), and kill_leftovers killed them: hand those leases
-        // back for an infra retry.
-        for lease in resp.leases {
-            let shared = shared.clone();
-            let auth = auth.clone();
-            tokio::spawn(async move {
-                job::complete(
-                    &shared,
-                    &auth,
-                    &lease,
-                    v1::Outcome::Interrupted,
-                    None,
-                    format!(
-                        "agent restarted; the {} runtime cannot adopt running jobs",
-                        shared.runtime.name()
-                    ),
-                    None,
-                )
-                .await;
-            });
-        }
     } else {
         if tried_resume {
             tracing::info!("the saved session expired; registered a new one");
@@ -763,7 +824,7 @@ async fn claim_loop(shared: Arc<Shared>, session: SessionState, drain: Cancellat
                 }
                 backoff.reset();
                 for lease in resp.leases {
-                    accept_lease(&shared, &session, lease);
+                    accept_lease(&shared, &session, lease, None);
                 }
             }
             Err(CallError::SessionGone(why)) => {
@@ -791,7 +852,14 @@ async fn claim_loop(shared: Arc<Shared>, session: SessionState, drain: Cancellat
 
 /// Records a lease and starts its job, unless the agent cannot run it any
 /// more (drain began, session fenced while the Claim was in flight).
-fn accept_lease(shared: &Arc<Shared>, session: &SessionState, lease: v1::Lease) {
+/// Takes on a lease: a fresh one from `Claim`, or (with `adopt_gpus`) one
+/// an earlier run of the agent started, with the GPUs it runs on.
+fn accept_lease(
+    shared: &Arc<Shared>,
+    session: &SessionState,
+    lease: v1::Lease,
+    adopt_gpus: Option<Vec<String>>,
+) {
     let (Some(lease_ref), Some(payload)) = (lease.lease, lease.job) else {
         tracing::warn!("coordinator sent a lease without a job or reference; ignoring it");
         return;
@@ -813,7 +881,11 @@ fn accept_lease(shared: &Arc<Shared>, session: &SessionState, lease: v1::Lease) 
             Err("agent is draining".to_string())
         } else {
             let model = (!resources.gpu_model.is_empty()).then_some(resources.gpu_model.as_str());
-            shared.gpus.acquire(resources.gpus, model).map_err(|e| {
+            match &adopt_gpus {
+                Some(uuids) => shared.gpus.acquire_exact(uuids),
+                None => shared.gpus.acquire(resources.gpus, model),
+            }
+            .map_err(|e| {
                 tracing::warn!(job = %lease_name(&lease_ref), "cannot run a leased job: {e}");
                 format!("agent {}: {e}", shared.config.agent_id)
             })
@@ -874,6 +946,11 @@ fn accept_lease(shared: &Arc<Shared>, session: &SessionState, lease: v1::Lease) 
             payload,
             devices,
             orders_rx,
+            if adopt_gpus.is_some() {
+                job::Begin::Adopt
+            } else {
+                job::Begin::Start
+            },
         ));
         if let Err(e) = inner.await {
             let what = if e.is_panic() {

@@ -194,6 +194,32 @@ impl GpuPool {
             taken,
         })
     }
+
+    /// Takes exactly the GPUs with these UUIDs (a job adopted after an agent
+    /// restart keeps the devices it runs on), or none at all.
+    pub fn acquire_exact(self: &Arc<Self>, uuids: &[String]) -> Result<GpuLease, GpuError> {
+        let mut free = self.lock();
+        let taken: Vec<usize> = uuids
+            .iter()
+            .filter_map(|u| self.devices.iter().position(|d| &d.uuid == u))
+            .filter(|i| free.contains(i))
+            .collect();
+        if taken.len() != uuids.len() {
+            return Err(GpuError::NotEnough {
+                wanted: uuids.len() as u32,
+                model: None,
+                free: taken.len(),
+                total: self.devices.len(),
+            });
+        }
+        for i in &taken {
+            free.remove(i);
+        }
+        Ok(GpuLease {
+            pool: self.clone(),
+            taken,
+        })
+    }
 }
 
 /// GPUs held by one job; dropping it returns them to the pool.

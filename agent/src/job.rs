@@ -41,17 +41,6 @@ fn attempt_dir(data_dir: &std::path::Path, lease: &v1::LeaseRef) -> std::path::P
     attempts_root(data_dir).join(format!("{safe}-{}", lease.attempt))
 }
 
-/// At agent start: the attempt directories an earlier run left behind (its
-/// jobs were killed, so nobody will pack or read them).
-pub(crate) async fn remove_leftover_dirs(data_dir: &std::path::Path) {
-    let root = attempts_root(data_dir);
-    if let Err(e) = tokio::fs::remove_dir_all(&root).await {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(dir = %root.display(), "cannot remove leftover attempt dirs: {e}");
-        }
-    }
-}
-
 fn outcome_of(e: &RuntimeError) -> v1::Outcome {
     if e.is_job_failure() {
         v1::Outcome::Failed
@@ -108,6 +97,7 @@ pub(crate) async fn run(
     payload: v1::JobPayload,
     gpus: Vec<GpuDevice>,
     orders: watch::Receiver<Option<StopOrder>>,
+    begin: Begin,
 ) {
     let timeout = (payload.timeout_ms > 0).then(|| Duration::from_millis(payload.timeout_ms));
     let timeout_ms = payload.timeout_ms;
@@ -120,22 +110,49 @@ pub(crate) async fn run(
         shared.metrics.job_finished("lost");
         return;
     }
-    // Everything before the job runs: its directories, its inputs, the start.
-    let dirs = match JobDirs::create(attempt_dir(&shared.config.data_dir, &lease)).await {
-        Ok(dirs) => dirs,
-        Err(e) => return not_started(&shared, &auth, &lease, &orders, e, None).await,
-    };
-    if let Err(e) = artifacts::fetch_inputs(&dirs, &payload.inputs).await {
-        return not_started(&shared, &auth, &lease, &orders, e, Some(&dirs)).await;
-    }
+    let root = attempt_dir(&shared.config.data_dir, &lease);
     let keep_outputs = payload.outputs;
-    let spec = spec_from(&lease, payload, gpus, dirs.clone());
-    let started = match shared.runtime.start(spec).await {
-        Ok(started) => started,
-        Err(e) => return not_started(&shared, &auth, &lease, &orders, e, Some(&dirs)).await,
+    let (dirs, started) = match begin {
+        // Everything before the job runs: its directories, its lease kept
+        // beside them (for adoption), its inputs, the start.
+        Begin::Start => {
+            let dirs = match JobDirs::create(root).await {
+                Ok(dirs) => dirs,
+                Err(e) => return not_started(&shared, &auth, &lease, &orders, e, None).await,
+            };
+            save_lease(&dirs, &lease, &payload, &gpus).await;
+            if let Err(e) = artifacts::fetch_inputs(&dirs, &payload.inputs).await {
+                return not_started(&shared, &auth, &lease, &orders, e, Some(&dirs)).await;
+            }
+            let spec = spec_from(&lease, payload, gpus, dirs.clone());
+            match shared.runtime.start(spec).await {
+                Ok(started) => (dirs, started),
+                Err(e) => {
+                    return not_started(&shared, &auth, &lease, &orders, e, Some(&dirs)).await
+                }
+            }
+        }
+        // An earlier run of this agent started it; take it over.
+        Begin::Adopt => {
+            let dirs = JobDirs::at(root);
+            let spec = spec_from(&lease, payload, gpus, dirs.clone());
+            match shared.runtime.adopt(&spec).await {
+                Ok(Some(started)) => (dirs, started),
+                Ok(None) => {
+                    let e = RuntimeError::Infra(format!(
+                        "agent restarted; the {} runtime found no job to adopt",
+                        shared.runtime.name()
+                    ));
+                    return not_started(&shared, &auth, &lease, &orders, e, Some(&dirs)).await;
+                }
+                Err(e) => {
+                    return not_started(&shared, &auth, &lease, &orders, e, Some(&dirs)).await
+                }
+            }
+        }
     };
     let crate::runtime::Started { mut job, output } = started;
-    tracing::info!(job = %name(&lease), "started");
+    tracing::info!(job = %name(&lease), adopted = matches!(begin, Begin::Adopt), "started");
     let shipper = tokio::spawn(ship_output(
         shared.clone(),
         auth.clone(),
@@ -240,6 +257,86 @@ pub(crate) async fn run(
     // report first, clean up after (the slot stays taken until then).
     job.cleanup().await;
     dirs.remove().await;
+}
+
+/// How an attempt begins on this agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Begin {
+    /// A fresh lease: make its dirs, fetch its inputs, start it.
+    Start,
+    /// A lease an earlier run of this agent started (restart within the
+    /// session's TTL): take over the job the runtime still has.
+    Adopt,
+}
+
+/// The lease and its payload (env included: mode 0600) beside the
+/// attempt's dirs, with the GPUs it was given, so a restarted agent can
+/// adopt it.
+async fn save_lease(
+    dirs: &JobDirs,
+    lease: &v1::LeaseRef,
+    payload: &v1::JobPayload,
+    gpus: &[GpuDevice],
+) {
+    use prost::Message;
+    let saved = v1::Lease {
+        lease: Some(lease.clone()),
+        job: Some(payload.clone()),
+    };
+    let uuids: String = gpus.iter().map(|g| format!("{}\n", g.uuid)).collect();
+    let write = async {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true).mode(0o600);
+        std::io::Write::write_all(
+            &mut options.open(dirs.root.join(LEASE_FILE))?,
+            &saved.encode_to_vec(),
+        )?;
+        std::fs::write(dirs.root.join(GPUS_FILE), uuids)
+    };
+    if let Err(e) = write.await {
+        tracing::warn!(job = %name(lease), "cannot keep the lease beside the job (a restart will not adopt it): {e}");
+    }
+}
+
+const LEASE_FILE: &str = "lease.pb";
+const GPUS_FILE: &str = "gpus";
+
+/// What [`save_lease`] kept for `lease`: its payload and GPU UUIDs.
+pub(crate) fn saved_lease(
+    data_dir: &std::path::Path,
+    lease: &v1::LeaseRef,
+) -> Option<(v1::JobPayload, Vec<String>)> {
+    use prost::Message;
+    let root = attempt_dir(data_dir, lease);
+    let bytes = std::fs::read(root.join(LEASE_FILE)).ok()?;
+    let saved = v1::Lease::decode(bytes.as_slice()).ok()?;
+    let same = saved.lease.as_ref().is_some_and(|l| {
+        l.job_id == lease.job_id && l.attempt == lease.attempt && l.session_id == lease.session_id
+    });
+    let gpus = std::fs::read_to_string(root.join(GPUS_FILE))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    same.then_some(())?;
+    Some((saved.job?, gpus))
+}
+
+/// Removes the attempt dirs of an earlier run except those of `keep`.
+pub(crate) async fn remove_leftover_dirs_except(data_dir: &std::path::Path, keep: &[v1::LeaseRef]) {
+    let keep: Vec<std::path::PathBuf> = keep.iter().map(|l| attempt_dir(data_dir, l)).collect();
+    let Ok(mut entries) = tokio::fs::read_dir(attempts_root(data_dir)).await else {
+        return;
+    };
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let path = entry.path();
+        if !keep.contains(&path) {
+            if let Err(e) = tokio::fs::remove_dir_all(&path).await {
+                tracing::warn!(dir = %path.display(), "cannot remove leftover attempt dirs: {e}");
+            }
+        }
+    }
 }
 
 /// An attempt that could not start: completed as FAILED (the job's fault)

@@ -11,6 +11,7 @@
 
 mod agent;
 pub mod artifacts;
+pub mod bootstrap;
 pub mod client;
 pub mod config;
 pub mod gpu;

@@ -1,12 +1,15 @@
 //! `drover-agent`: parse flags and env, load agent.toml, validate, init
 //! tracing, then run until SIGTERM/SIGINT, which start a drain.
+//! `drover-agent bootstrap` writes agent.toml on an EC2 instance at boot.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
+use drover_agent::bootstrap::{self, TokenSource};
 use drover_agent::AgentConfig;
 
 #[derive(Debug, Parser)]
@@ -16,6 +19,8 @@ use drover_agent::AgentConfig;
     about = "Drover agent: claims jobs from a coordinator and runs them"
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML config file; flags and DROVER_* env override it.
     #[arg(long, env = "DROVER_CONFIG")]
     config: Option<PathBuf>,
@@ -100,6 +105,116 @@ struct Args {
     lifecycle_heartbeat_ms: Option<u64>,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Configure this EC2 instance's agent from its Auto Scaling group's tags
+    /// (run from user-data): reads IMDS, fetches the join token, writes
+    /// agent.toml; on failure marks the instance Unhealthy and exits 1.
+    Bootstrap(BootstrapArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BootstrapArgs {
+    /// Where to write the agent's configuration (mode 0600, replaced atomically).
+    #[arg(long, env = "DROVER_BOOTSTRAP_OUTPUT", default_value = bootstrap::DEFAULT_OUTPUT)]
+    output: PathBuf,
+    /// Coordinator gRPC URL [default: instance tag drover:coordinator].
+    #[arg(long, env = "DROVER_COORDINATOR")]
+    coordinator: Option<String>,
+    /// [default: instance tag drover:pool]
+    #[arg(long, env = "DROVER_POOL")]
+    pool: Option<String>,
+    /// SSM parameter holding the join token [default: instance tag
+    /// drover:join-token-parameter].
+    #[arg(
+        long,
+        env = "DROVER_JOIN_TOKEN_PARAMETER",
+        conflicts_with = "join_token_secret"
+    )]
+    join_token_parameter: Option<String>,
+    /// Secrets Manager secret holding the join token [default: instance tag
+    /// drover:join-token-secret].
+    #[arg(long, env = "DROVER_JOIN_TOKEN_SECRET")]
+    join_token_secret: Option<String>,
+    /// The group's terminating lifecycle hook [default: instance tag
+    /// drover:lifecycle-hook].
+    #[arg(long, env = "DROVER_LIFECYCLE_HOOK")]
+    lifecycle_hook: Option<String>,
+    /// The agent's data directory, written to agent.toml.
+    #[arg(long, env = "DROVER_DATA_DIR", default_value = bootstrap::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// EC2 instance metadata service base URL.
+    #[arg(
+        long,
+        env = "DROVER_IMDS_ENDPOINT",
+        default_value = "http://169.254.169.254"
+    )]
+    imds_endpoint: String,
+    /// AWS API endpoint override (a local emulator); unset = AWS.
+    #[arg(long, env = "DROVER_AWS_ENDPOINT")]
+    aws_endpoint: Option<String>,
+    /// On failure, mark the instance Unhealthy in its Auto Scaling group so
+    /// the group replaces it.
+    #[arg(long, env = "DROVER_BOOTSTRAP_MARK_UNHEALTHY", default_value_t = true, action = clap::ArgAction::Set)]
+    mark_unhealthy: bool,
+    /// Do nothing but fail with REASON (marking the instance Unhealthy): for
+    /// user-data steps after bootstrap, e.g. the service not starting.
+    #[arg(long, value_name = "REASON")]
+    fail: Option<String>,
+}
+
+impl BootstrapArgs {
+    fn into_options(self) -> bootstrap::Options {
+        let token = match (self.join_token_parameter, self.join_token_secret) {
+            (Some(p), _) => Some(TokenSource::Parameter(p)),
+            (None, Some(s)) => Some(TokenSource::Secret(s)),
+            (None, None) => None,
+        };
+        bootstrap::Options {
+            imds_endpoint: self.imds_endpoint,
+            aws_endpoint: self.aws_endpoint,
+            output: self.output,
+            data_dir: self.data_dir,
+            overrides: bootstrap::Overrides {
+                coordinator: self.coordinator,
+                pool: self.pool,
+                token,
+                lifecycle_hook: self.lifecycle_hook,
+            },
+            mark_unhealthy: self.mark_unhealthy,
+            fail: self.fail,
+        }
+    }
+}
+
+/// `drover-agent bootstrap`: one line on stdout when it worked; the error,
+/// and what became of the instance, on stderr and exit 1 when not.
+async fn bootstrap(args: BootstrapArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match bootstrap::run(&args.into_options()).await {
+        Ok(b) => {
+            println!(
+                "drover-agent bootstrap: wrote {} for instance {} (pool {}, coordinator {})",
+                b.path.display(),
+                b.instance_id,
+                b.settings.pool,
+                b.settings.coordinator
+            );
+            ExitCode::SUCCESS
+        }
+        Err(failed) => {
+            eprintln!("drover-agent bootstrap: {failed}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 impl Args {
     fn into_config(self) -> anyhow::Result<AgentConfig> {
         let mut c = match &self.config {
@@ -161,8 +276,12 @@ impl Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let config = Args::parse().into_config()?;
+async fn main() -> anyhow::Result<ExitCode> {
+    let mut args = Args::parse();
+    if let Some(Command::Bootstrap(b)) = args.command.take() {
+        return Ok(bootstrap(b).await);
+    }
+    let config = args.into_config()?;
     config.validate()?;
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -170,7 +289,8 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    drover_agent::run(config, shutdown_signal()).await
+    drover_agent::run(config, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// SIGTERM or SIGINT: in production SIGTERM means drain.

@@ -16,6 +16,10 @@ pub struct Config {
     pub store: StoreKind,
     /// The DynamoDB table, when `store = "dynamodb"`.
     pub dynamodb: DynamoDbConfig,
+    /// Where logs and artifacts live: `local` (`data_dir/blobs`) or `s3`.
+    pub blobs: BlobKind,
+    /// The bucket, when `blobs = "s3"`.
+    pub s3: S3Config,
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     /// Agents present one of these to `Register`.
@@ -74,6 +78,111 @@ impl std::str::FromStr for StoreKind {
             "dynamodb" => Ok(StoreKind::Dynamodb),
             other => Err(format!("unknown store {other:?}; use sqlite or dynamodb")),
         }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlobKind {
+    #[default]
+    Local,
+    S3,
+}
+
+impl std::str::FromStr for BlobKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "local" => Ok(BlobKind::Local),
+            "s3" => Ok(BlobKind::S3),
+            other => Err(format!("unknown blob store {other:?}; use local or s3")),
+        }
+    }
+}
+
+/// `[s3]`: logs and artifacts in one bucket under `prefix`. Credentials and
+/// region come from the standard AWS chain; only the coordinator holds them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Key prefix of every object (`drover/` → `drover/logs/…`); empty: none.
+    pub prefix: String,
+    /// Another endpoint than AWS's (a local emulator).
+    pub endpoint: Option<String>,
+    /// Overrides the region of the AWS chain.
+    pub region: Option<String>,
+    /// `endpoint/bucket/key` URLs instead of `bucket.endpoint/key`
+    /// (emulators and S3-compatible stores).
+    pub force_path_style: bool,
+    /// A log segment is written once this many bytes are buffered…
+    pub log_segment_bytes: usize,
+    /// …or once its oldest byte waited this long: how far behind a follower
+    /// on another coordinator may be.
+    pub log_flush_ms: u64,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            bucket: String::new(),
+            prefix: "drover/".into(),
+            endpoint: None,
+            region: None,
+            force_path_style: false,
+            log_segment_bytes: 1 << 20,
+            log_flush_ms: 2_000,
+        }
+    }
+}
+
+impl S3Config {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let b = &self.bucket;
+        let valid_bucket = (3..=63).contains(&b.len())
+            && b.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.'))
+            && b.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && b.ends_with(|c: char| c.is_ascii_alphanumeric());
+        if b.is_empty() {
+            return Err(config_error(
+                "s3.bucket",
+                "blobs = \"s3\" needs a bucket: set [s3] bucket = \"…\" or DROVER_S3_BUCKET",
+            ));
+        }
+        if !valid_bucket {
+            return Err(config_error(
+                "s3.bucket",
+                format!("{b:?} is not an S3 bucket name (3-63 of a-z 0-9 - ., starting and ending with a letter or digit)"),
+            ));
+        }
+        if self.prefix.starts_with('/') || self.prefix.contains("//") || self.prefix.len() > 512 {
+            return Err(config_error(
+                "s3.prefix",
+                format!("{:?} is not a key prefix: no leading slash, no empty segment, e.g. prefix = \"drover/\" (DROVER_S3_PREFIX)", self.prefix),
+            ));
+        }
+        if let Some(endpoint) = &self.endpoint {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(config_error(
+                    "s3.endpoint",
+                    format!("{endpoint:?} is not a URL: give e.g. http://127.0.0.1:5000 (DROVER_S3_ENDPOINT)"),
+                ));
+            }
+        }
+        if !(4096..=(64 << 20)).contains(&self.log_segment_bytes) {
+            return Err(config_error(
+                "s3.log_segment_bytes",
+                "must be 4096 to 67108864: one object is written per segment, so small segments cost many PUTs",
+            ));
+        }
+        if !(100..=60_000).contains(&self.log_flush_ms) {
+            return Err(config_error(
+                "s3.log_flush_ms",
+                "must be 100 to 60000: followers on other coordinators see output this late",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -467,6 +576,8 @@ impl Default for Config {
             data_dir: PathBuf::from(".drover/coordinator"),
             store: StoreKind::Sqlite,
             dynamodb: DynamoDbConfig::default(),
+            blobs: BlobKind::Local,
+            s3: S3Config::default(),
             grpc_addr: "127.0.0.1:7070".parse().expect("valid literal"),
             http_addr: "127.0.0.1:7080".parse().expect("valid literal"),
             join_tokens: Vec::new(),
@@ -611,6 +722,9 @@ impl Config {
             if !(1..=64).contains(&self.dynamodb.queue_shards) {
                 return Err(config_error("dynamodb.queue_shards", "must be 1 to 64"));
             }
+        }
+        if self.blobs == BlobKind::S3 {
+            self.s3.validate()?;
         }
         if self.claim_scan_limit == 0 {
             return Err(config_error("claim_scan_limit", "must be above 0"));
@@ -840,6 +954,43 @@ mod tests {
             !WorkerCapacity::default().fits(&job(100, 1, None)),
             "no GPUs declared"
         );
+    }
+
+    #[test]
+    fn s3_blobs_parse_and_bad_settings_name_the_field() {
+        let config: Config = toml::from_str(
+            "blobs = \"s3\"\n[s3]\nbucket = \"drover-logs\"\nendpoint = \"http://127.0.0.1:5000\"\nforce_path_style = true\n",
+        )
+        .unwrap();
+        assert_eq!(config.blobs, BlobKind::S3);
+        assert_eq!(config.s3.prefix, "drover/");
+        assert!(config.s3.force_path_style);
+        type Change = dyn Fn(&mut S3Config);
+        let cases: [(&Change, &str); 6] = [
+            (&|s| s.bucket.clear(), "s3.bucket"),
+            (&|s| s.bucket = "Drover_Logs".into(), "s3.bucket"),
+            (&|s| s.prefix = "/drover".into(), "s3.prefix"),
+            (
+                &|s| s.endpoint = Some("127.0.0.1:5000".into()),
+                "s3.endpoint",
+            ),
+            (&|s| s.log_segment_bytes = 10, "s3.log_segment_bytes"),
+            (&|s| s.log_flush_ms = 0, "s3.log_flush_ms"),
+        ];
+        for (change, field) in cases {
+            let mut config = Config::dev("/tmp/x");
+            config.blobs = BlobKind::S3;
+            config.s3.bucket = "drover-logs".into();
+            config.validate().unwrap();
+            change(&mut config.s3);
+            let err = config.validate().unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+        }
+        let mut config = Config::dev("/tmp/x");
+        config.s3.bucket.clear();
+        config
+            .validate()
+            .expect("[s3] is only checked when blobs = \"s3\"");
     }
 
     #[test]

@@ -28,8 +28,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{
-    ApiTokenConfig, AsgScaling, AwsConfig, Config, ConfigError, DynamoDbConfig, FargateScaling,
-    JoinTokenConfig, PoolConfig, ScalingConfig, Scope, StoreKind, WorkerCapacity,
+    ApiTokenConfig, AsgScaling, AwsConfig, BlobKind, Config, ConfigError, DynamoDbConfig,
+    FargateScaling, JoinTokenConfig, PoolConfig, S3Config, ScalingConfig, Scope, StoreKind,
+    WorkerCapacity,
 };
 pub use service::Service;
 
@@ -48,13 +49,8 @@ impl Server {
     pub async fn start(config: Config) -> anyhow::Result<Server> {
         config.validate()?;
         let store = open_store(&config).await?;
-        let blobs = blob::LocalBlobStore::new(config.data_dir.join("blobs"));
-        let service = Service::new(
-            store,
-            Arc::new(blobs),
-            Arc::new(clock::SystemClock),
-            config.clone(),
-        );
+        let blobs = open_blobs(&config).await?;
+        let service = Service::new(store, blobs, Arc::new(clock::SystemClock), config.clone());
         Self::start_with(service).await
     }
 
@@ -184,6 +180,10 @@ impl Server {
                 Err(_) => tracing::warn!("a server task did not stop within 5s; abandoning it"),
             }
         }
+        // Buffered log output reaches the store before the process goes.
+        if let Err(e) = self.service.flush_logs().await {
+            tracing::warn!("flushing buffered logs at shutdown: {e}");
+        }
         Ok(())
     }
 }
@@ -220,6 +220,14 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn store::Store>
                     )
                 })?,
         ),
+    })
+}
+
+/// The configured blob store.
+pub async fn open_blobs(config: &Config) -> anyhow::Result<Arc<dyn blob::BlobStore>> {
+    Ok(match config.blobs {
+        BlobKind::Local => Arc::new(blob::LocalBlobStore::new(config.data_dir.join("blobs"))),
+        BlobKind::S3 => Arc::new(blob::S3BlobStore::connect(&config.s3).await),
     })
 }
 

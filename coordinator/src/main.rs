@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use drover_coordinator::{ApiTokenConfig, Config, JoinTokenConfig, Scope, StoreKind};
+use drover_coordinator::{ApiTokenConfig, BlobKind, Config, JoinTokenConfig, Scope, StoreKind};
 
 /// Drover's coordinator: leases jobs to agents over gRPC, serves the HTTP API.
 #[derive(Parser, Debug)]
@@ -42,6 +42,24 @@ struct Args {
     /// DynamoDB endpoint other than AWS's (a local emulator).
     #[arg(long, env = "DROVER_DYNAMODB_ENDPOINT")]
     dynamodb_endpoint: Option<String>,
+    /// Blob store for logs and artifacts: local (default) or s3.
+    #[arg(long, env = "DROVER_BLOBS")]
+    blobs: Option<BlobKind>,
+    /// S3 bucket of logs and artifacts (blobs = s3).
+    #[arg(long, env = "DROVER_S3_BUCKET")]
+    s3_bucket: Option<String>,
+    /// Key prefix of every object in the bucket (default `drover/`).
+    #[arg(long, env = "DROVER_S3_PREFIX")]
+    s3_prefix: Option<String>,
+    /// S3 endpoint other than AWS's (a local emulator).
+    #[arg(long, env = "DROVER_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// Region of the bucket (default: the AWS chain's).
+    #[arg(long, env = "DROVER_S3_REGION")]
+    s3_region: Option<String>,
+    /// Path-style S3 URLs (`endpoint/bucket/key`), for emulators.
+    #[arg(long, env = "DROVER_S3_FORCE_PATH_STYLE")]
+    s3_force_path_style: Option<bool>,
     /// Auto Scaling and ECS endpoint other than AWS's, for the scaler (a
     /// local emulator).
     #[arg(long, env = "DROVER_AWS_ENDPOINT")]
@@ -110,6 +128,24 @@ fn load(args: &Args) -> anyhow::Result<Config> {
     }
     if let Some(v) = &args.dynamodb_endpoint {
         config.dynamodb.endpoint = Some(v.clone());
+    }
+    if let Some(v) = args.blobs {
+        config.blobs = v;
+    }
+    if let Some(v) = &args.s3_bucket {
+        config.s3.bucket = v.clone();
+    }
+    if let Some(v) = &args.s3_prefix {
+        config.s3.prefix = v.clone();
+    }
+    if let Some(v) = &args.s3_endpoint {
+        config.s3.endpoint = Some(v.clone());
+    }
+    if let Some(v) = &args.s3_region {
+        config.s3.region = Some(v.clone());
+    }
+    if let Some(v) = args.s3_force_path_style {
+        config.s3.force_path_style = v;
     }
     if let Some(v) = &args.aws_endpoint {
         config.aws.endpoint = Some(v.clone());

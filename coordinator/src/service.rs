@@ -737,6 +737,11 @@ impl Service {
         Ok(())
     }
 
+    /// Writes every buffered log byte to the blob store (at shutdown).
+    pub async fn flush_logs(&self) -> ServiceResult<()> {
+        Ok(self.blobs.flush_all().await?)
+    }
+
     pub async fn append_logs(
         &self,
         lease: &LeaseRef,
@@ -759,6 +764,11 @@ impl Service {
         lease: &LeaseRef,
         completion: Completion,
     ) -> ServiceResult<JobState> {
+        // Logs first, so whoever sees the job finished reads all its output
+        // from any coordinator. A failed flush stays buffered and is retried.
+        if let Err(e) = self.blobs.flush_log(&lease.job_id, lease.attempt).await {
+            tracing::warn!(job = %lease.job_id, attempt = lease.attempt, "flushing the log: {e}");
+        }
         let state = self.fenced(self.store.complete(lease, &completion, self.now()).await)?;
         let index = match completion.outcome {
             OutcomeKind::Succeeded => 0,

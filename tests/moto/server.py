@@ -48,6 +48,10 @@ from moto.core.responses import EmptyResult
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
 LOCK = threading.RLock()
+# moto checks a DynamoDB condition and applies the write without a lock, so
+# two concurrent conditional updates could both pass (AWS never lets them):
+# DynamoDB requests are served one at a time.
+DYNAMODB = threading.Lock()
 TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
 MIN_SIZE = (
     "Currently, desiredSize equals minSize ({n}). Terminating instance without "
@@ -292,6 +296,9 @@ def harness(app):
             record["status"] = int(status.split()[0])
             return start_response(status, headers, exc_info)
 
+        if service == "dynamodb":
+            with DYNAMODB:
+                return app(environ, capture)
         return app(environ, capture)
 
     return wrapped

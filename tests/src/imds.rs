@@ -31,6 +31,9 @@ pub struct Identity {
     /// The ASG name in instance metadata tags; `None` = tags not enabled
     /// (the agent asks DescribeAutoScalingInstances instead).
     pub asg_tag: Option<String>,
+    /// Other instance tags (`tags/instance/<key>`); with `asg_tag` `None`
+    /// and no tags here, instance metadata tags are off (404).
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 impl Identity {
@@ -42,6 +45,7 @@ impl Identity {
             region: "us-east-1".into(),
             spot: false,
             asg_tag: None,
+            tags: Default::default(),
         }
     }
 }
@@ -237,7 +241,10 @@ async fn meta(
         "placement/availability-zone" => Some(id.az.clone()),
         "placement/region" => Some(id.region.clone()),
         "instance-life-cycle" => Some(if id.spot { "spot" } else { "on-demand" }.to_string()),
-        "tags/instance/aws:autoscaling:groupName" => id.asg_tag.clone(),
+        "tags/instance" => instance_tags(id).map(|t| t.into_keys().collect::<Vec<_>>().join("\n")),
+        _ if path.starts_with("tags/instance/") => {
+            instance_tags(id).and_then(|mut t| t.remove(&path["tags/instance/".len()..]))
+        }
         "spot/instance-action" => s.spot_action.clone(),
         "events/recommendations/rebalance" => s.rebalance.clone(),
         _ => None,
@@ -246,6 +253,15 @@ async fn meta(
         Some(v) => text(v),
         None => StatusCode::NOT_FOUND.into_response(),
     }
+}
+
+/// The instance's tags as IMDS shows them; `None` when they are off.
+fn instance_tags(id: &Identity) -> Option<std::collections::BTreeMap<String, String>> {
+    let mut tags = id.tags.clone();
+    if let Some(group) = &id.asg_tag {
+        tags.insert("aws:autoscaling:groupName".into(), group.clone());
+    }
+    (!tags.is_empty()).then_some(tags)
 }
 
 async fn lifecycle_state(state: &Shared) -> Response {

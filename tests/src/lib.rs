@@ -89,6 +89,17 @@ impl CoordinatorProcess {
         settings: &CoordinatorSettings,
         addrs: Option<(&str, &str)>,
     ) -> anyhow::Result<CoordinatorProcess> {
+        Self::start_env(data_dir, settings, addrs, &[]).await
+    }
+
+    /// [`start`](Self::start) with extra `DROVER_*` environment (another
+    /// store or blob store: `DROVER_STORE=dynamodb`, `DROVER_BLOBS=s3`…).
+    pub async fn start_env(
+        data_dir: &Path,
+        settings: &CoordinatorSettings,
+        addrs: Option<(&str, &str)>,
+        env: &[(String, String)],
+    ) -> anyhow::Result<CoordinatorProcess> {
         let (grpc, http) = addrs.unwrap_or(("127.0.0.1:0", "127.0.0.1:0"));
         let config = format!(
             "data_dir = {data_dir:?}\ngrpc_addr = {grpc:?}\nhttp_addr = {http:?}\n\
@@ -111,6 +122,7 @@ impl CoordinatorProcess {
             .arg("--ready-file")
             .arg(&ready)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -179,15 +191,35 @@ pub struct Sandbox {
     pub coordinator: CoordinatorProcess,
     pub agents: Vec<AgentProcess>,
     pub client: Client,
+    /// Extra environment of the coordinator process.
+    pub coordinator_env: Vec<(String, String)>,
+    /// Agents are named `<prefix>-<index>`. Docker tests that run at the
+    /// same time on one Engine need distinct prefixes: an agent cleans up
+    /// the containers labelled with its id.
+    pub agent_prefix: String,
 }
 
 impl Sandbox {
     pub async fn start(agents: usize, settings: CoordinatorSettings) -> Sandbox {
+        Self::start_env(agents, settings, Vec::new()).await
+    }
+
+    /// [`start`](Self::start) with extra environment for the coordinator
+    /// (kept for [`restart_coordinator`](Self::restart_coordinator)).
+    pub async fn start_env(
+        agents: usize,
+        settings: CoordinatorSettings,
+        coordinator_env: Vec<(String, String)>,
+    ) -> Sandbox {
         let dir = tempfile::tempdir().expect("tempdir");
-        let coordinator =
-            CoordinatorProcess::start(&dir.path().join("coordinator"), &settings, None)
-                .await
-                .expect("coordinator");
+        let coordinator = CoordinatorProcess::start_env(
+            &dir.path().join("coordinator"),
+            &settings,
+            None,
+            &coordinator_env,
+        )
+        .await
+        .expect("coordinator");
         let client = Client::new(
             &format!("http://{}", coordinator.http_addr),
             Some(ADMIN_TOKEN.into()),
@@ -199,6 +231,8 @@ impl Sandbox {
             coordinator,
             agents: Vec::new(),
             client,
+            coordinator_env,
+            agent_prefix: "agent".to_string(),
         };
         for _ in 0..agents {
             sandbox.add_agent(&[]).await;
@@ -220,8 +254,23 @@ impl Sandbox {
     /// `local` unless `DROVER_PLATFORM` says otherwise.
     pub async fn add_agent_env(&mut self, extra_env: &[(String, String)]) -> usize {
         let index = self.agents.len();
-        let agent_id = format!("agent-{index}");
-        let data_dir = self.dir.path().join(&agent_id);
+        let agent = self.spawn_agent(&format!("{}-{index}", self.agent_prefix), extra_env);
+        let agent_id = agent.agent_id.clone();
+        self.agents.push(agent);
+        self.wait_agent_live(&agent_id).await;
+        index
+    }
+
+    /// Starts agent `index` again (after [`AgentProcess::kill`]) with its id
+    /// and data dir, so it finds its saved session; waits until it is live.
+    pub async fn restart_agent(&mut self, index: usize, extra_env: &[(String, String)]) {
+        let agent_id = self.agents[index].agent_id.clone();
+        self.agents[index] = self.spawn_agent(&agent_id, extra_env);
+        self.wait_agent_live(&agent_id).await;
+    }
+
+    fn spawn_agent(&self, agent_id: &str, extra_env: &[(String, String)]) -> AgentProcess {
+        let data_dir = self.dir.path().join(agent_id);
         let mut command = Command::new(binary("drover-agent"));
         command
             .env(
@@ -229,7 +278,7 @@ impl Sandbox {
                 format!("http://{}", self.coordinator.grpc_addr),
             )
             .env("DROVER_JOIN_TOKEN", JOIN_TOKEN)
-            .env("DROVER_AGENT_ID", &agent_id)
+            .env("DROVER_AGENT_ID", agent_id)
             .env("DROVER_DATA_DIR", &data_dir)
             .env("DROVER_HEALTH_ADDR", "127.0.0.1:0")
             .env("DROVER_MAX_JOBS", "4")
@@ -249,12 +298,10 @@ impl Sandbox {
             command.env(k, v);
         }
         let child = command.spawn().expect("starting drover-agent");
-        self.agents.push(AgentProcess {
+        AgentProcess {
             child,
-            agent_id: agent_id.clone(),
-        });
-        self.wait_agent_live(&agent_id).await;
-        index
+            agent_id: agent_id.to_string(),
+        }
     }
 
     /// The agent's `/health` URL, from the address it advertised.
@@ -291,10 +338,11 @@ impl Sandbox {
             self.coordinator.grpc_addr.clone(),
             self.coordinator.http_addr.clone(),
         );
-        self.coordinator = CoordinatorProcess::start(
+        self.coordinator = CoordinatorProcess::start_env(
             &self.dir.path().join("coordinator"),
             &self.settings,
             Some((&grpc, &http)),
+            &self.coordinator_env,
         )
         .await
         .expect("coordinator restart");

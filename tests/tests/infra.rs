@@ -67,8 +67,11 @@ const SDK_OPERATIONS: &[(&str, Option<&str>)] = &[
     ("get_authorization_token", Some("ecr:GetAuthorizationToken")),
     ("get_object", Some("s3:GetObject")),
     ("put_object", Some("s3:PutObject")),
+    ("head_object", Some("s3:GetObject")),
     ("delete_object", Some("s3:DeleteObject")),
     ("list_objects_v2", Some("s3:ListBucket")),
+    ("get_parameter", Some("ssm:GetParameter")),
+    ("get_secret_value", Some("secretsmanager:GetSecretValue")),
     ("describe_tags", Some("ec2:DescribeTags")),
     ("describe_instances", Some("ec2:DescribeInstances")),
 ];
@@ -96,12 +99,10 @@ const COORDINATOR_NOT_GRANTED: &[&str] = &[
 /// execution role to ECS.
 const COORDINATOR_EXTRAS: &[&str] = &["iam:PassRole"];
 /// Granted without a call in `agent/src`: Docker pulls ECR layers with the
-/// token the agent fetches; SSM's Secrets Manager reference reads the secret.
-const AGENT_EXTRAS: &[&str] = &[
-    "ecr:BatchGetImage",
-    "ecr:GetDownloadUrlForLayer",
-    "secretsmanager:GetSecretValue",
-];
+/// token the agent fetches. (`secretsmanager:GetSecretValue` is called by
+/// `bootstrap` for a secret tag, and needed by SSM's Secrets Manager
+/// reference, the fleet's join-token parameter.)
+const AGENT_EXTRAS: &[&str] = &["ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"];
 /// ECS execution roles: image pulls, logs, secrets into the containers.
 const EXECUTION_ROLE_ALLOWED: &[&str] = &[
     "ecr:GetAuthorizationToken",
@@ -347,6 +348,12 @@ fn table_matches_what_the_store_creates() {
 #[test]
 fn launch_templates_carry_user_data_and_imdsv2() {
     let script = std::fs::read_to_string(root().join("ami/user-data.sh")).expect("user-data.sh");
+    assert!(
+        script
+            .lines()
+            .any(|l| l.trim() == "/usr/local/bin/drover-agent bootstrap"),
+        "ami/user-data.sh runs drover-agent bootstrap (the path ami/setup.sh installs)"
+    );
     let template = decode(&root().join("infra/fleet.yaml"));
     let launch_templates = resources(&template, "AWS::EC2::LaunchTemplate");
     assert_eq!(launch_templates.len(), 2, "a CPU and a GPU launch template");
@@ -373,7 +380,7 @@ fn launch_templates_carry_user_data_and_imdsv2() {
         );
         assert_eq!(
             metadata["InstanceMetadataTags"], "enabled",
-            "{name}: user-data reads tags"
+            "{name}: drover-agent bootstrap reads tags"
         );
     }
     for (name, group) in resources(&template, "AWS::AutoScaling::AutoScalingGroup") {
@@ -393,14 +400,10 @@ fn launch_templates_carry_user_data_and_imdsv2() {
             .inspect(|t| assert_eq!(t["PropagateAtLaunch"], true, "{name}: {t}"))
             .filter_map(|t| t["Key"].as_str())
             .collect();
-        for tag in script
-            .split("$(tag ")
-            .skip(1)
-            .filter_map(|s| s.split(')').next())
-        {
+        for tag in drover_agent::bootstrap::tags::REQUIRED {
             assert!(
                 tags.contains(tag),
-                "{name}: user-data reads tag {tag}, the group lacks it"
+                "{name}: drover-agent bootstrap reads tag {tag}, the group lacks it"
             );
         }
     }
@@ -500,12 +503,16 @@ fn without_test_modules(src: &str) -> (String, Vec<String>) {
 }
 
 /// The first method of every `.send()` chain: `client.get_item().key(..).send()`
-/// gives `get_item`.
+/// gives `get_item`. Presigned requests (`.presigned(..)`, S3) count too: the
+/// URL's holder acts with the signer's permissions.
 fn send_chains(src: &str) -> Vec<String> {
     let b = src.as_bytes();
     let mut found = Vec::new();
     let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
-    for (at, _) in src.match_indices(".send()") {
+    let ends = src
+        .match_indices(".send()")
+        .chain(src.match_indices(".presigned("));
+    for (at, _) in ends {
         let mut i = at; // just before the '.' of the current segment
         let mut first = None;
         loop {
@@ -802,6 +809,7 @@ fn scanner_finds_fluent_sdk_calls_outside_tests() {
                 .await?;
             call(calls, OP, || async { client.complete_lifecycle_action().hook(h).send().await });
             let body = http().get(url).send().await;
+            let url = c.put_object().bucket(b).presigned(config).await?;
             let ch = 'x';
         }
         #[cfg(test)]
@@ -814,7 +822,12 @@ fn scanner_finds_fluent_sdk_calls_outside_tests() {
     let (kept, test_files) = without_test_modules(&strip_literals(src));
     assert_eq!(
         send_chains(&kept),
-        ["update_item", "complete_lifecycle_action", "get"]
+        [
+            "update_item",
+            "complete_lifecycle_action",
+            "get",
+            "put_object"
+        ]
     );
     assert_eq!(test_files, ["moto"]);
     assert_eq!(

@@ -75,7 +75,7 @@ pub fn classify(status: Option<u16>, code: Option<&str>, message: Option<&str>) 
     }
 }
 
-fn from_sdk<E>(op: &'static str, err: SdkError<E, HttpResponse>) -> PlatformError
+pub(crate) fn from_sdk<E>(op: &'static str, err: SdkError<E, HttpResponse>) -> PlatformError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
@@ -125,7 +125,11 @@ pub(crate) async fn sdk_config(region: &str, endpoint: Option<&str>) -> aws_conf
 
 /// Runs one AWS operation with bounded retries of throttling and transient
 /// errors, counting every request.
-async fn call<T, F, Fut>(calls: &AwsCalls, op: &'static str, mut f: F) -> Result<T, PlatformError>
+pub(crate) async fn call<T, F, Fut>(
+    calls: &AwsCalls,
+    op: &'static str,
+    mut f: F,
+) -> Result<T, PlatformError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, PlatformError>>,

@@ -7,10 +7,10 @@
 //! jobs run, and ends the instance or task once the agent has left for being
 //! idle. The agent loop decides *when*; the platform knows *how*.
 
-mod asg;
+pub(crate) mod asg;
 mod ec2;
 mod fargate;
-mod imds;
+pub(crate) mod imds;
 mod local;
 pub mod protection;
 

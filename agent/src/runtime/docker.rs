@@ -36,7 +36,8 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, OnceCell};
 
 use super::{
-    ExitStatus, JobDirs, OutputChunk, RunSpec, RunningJob, Runtime, RuntimeError, Started, Stream,
+    AttemptKey, ExitStatus, JobDirs, OutputChunk, RunSpec, RunningJob, Runtime, RuntimeError,
+    Started, Stream,
 };
 
 mod pull;
@@ -143,6 +144,25 @@ impl DockerRuntime {
                     .map_err(|e| unreachable_engine(&e.to_string()))
             })
             .await
+    }
+
+    /// Containers of this agent (by its label), with extra label filters.
+    async fn own_containers(
+        &self,
+        docker: &Docker,
+        extra: &[String],
+    ) -> Result<Vec<bollard::models::ContainerSummary>, RuntimeError> {
+        let mut labels = vec![format!("{LABEL_AGENT}={}", self.agent_id)];
+        labels.extend_from_slice(extra);
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(HashMap::from([("label".to_string(), labels)])),
+            ..Default::default()
+        };
+        docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| RuntimeError::Infra(format!("cannot list containers: {e}")))
     }
 
     fn labels(&self, spec: &RunSpec) -> HashMap<String, String> {
@@ -495,23 +515,23 @@ impl Runtime for DockerRuntime {
     /// Kills and removes every container labelled with this agent's id, and
     /// the attempt dirs of earlier runs. Adopting containers whose lease is
     /// still held is a follow-up; until then they are requeued.
-    async fn kill_leftovers(&self) -> Result<usize, RuntimeError> {
+    async fn kill_leftovers(&self, keep: &[AttemptKey]) -> Result<usize, RuntimeError> {
         let docker = self.docker().await?;
-        let options = ListContainersOptions {
-            all: true,
-            filters: Some(HashMap::from([(
-                "label".to_string(),
-                vec![format!("{LABEL_AGENT}={}", self.agent_id)],
-            )])),
-            ..Default::default()
-        };
-        let containers = docker
-            .list_containers(Some(options))
-            .await
-            .map_err(|e| RuntimeError::Infra(format!("cannot list containers: {e}")))?;
+        let containers = self.own_containers(docker, &[]).await?;
         let mut killed = 0;
         for c in containers {
             let Some(id) = c.id else { continue };
+            let labels = c.labels.unwrap_or_default();
+            let attempt = (
+                labels.get(LABEL_JOB).cloned().unwrap_or_default(),
+                labels
+                    .get(LABEL_ATTEMPT)
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or_default(),
+            );
+            if keep.contains(&attempt) {
+                continue;
+            }
             let running = c.state.is_some_and(|s| s.to_string() == "running");
             match remove_container(docker, &id).await {
                 Ok(()) if running => killed += 1,
@@ -521,18 +541,92 @@ impl Runtime for DockerRuntime {
                 }
             }
         }
-        if let Err(e) = tokio::fs::remove_dir_all(&self.attempt_root).await {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(dir = %self.attempt_root.display(), "cannot remove leftover attempt dirs: {e}");
+        if keep.is_empty() {
+            // Dirs this runtime made for specs without agent-made ones.
+            if let Err(e) = tokio::fs::remove_dir_all(&self.attempt_root).await {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(dir = %self.attempt_root.display(), "cannot remove leftover attempt dirs: {e}");
+                }
             }
         }
         Ok(killed)
+    }
+
+    async fn adopt(&self, spec: &RunSpec) -> Result<Option<Started>, RuntimeError> {
+        let docker = self.docker().await?;
+        let filters = [
+            format!("{LABEL_JOB}={}", spec.job_id),
+            format!("{LABEL_ATTEMPT}={}", spec.attempt),
+        ];
+        let Some(id) = self
+            .own_containers(docker, &filters)
+            .await?
+            .into_iter()
+            .find_map(|c| c.id)
+        else {
+            return Ok(None);
+        };
+        // The whole output again, from the start: the coordinator stores by
+        // offset and skips the bytes it already has.
+        let options = bollard::query_parameters::LogsOptionsBuilder::new()
+            .follow(true)
+            .stdout(true)
+            .stderr(true)
+            .tail("all")
+            .build();
+        let logs = docker.logs(&id, Some(options));
+        let (tx, output) = mpsc::channel(64);
+        tokio::spawn(pump_logs(logs, tx));
+        tracing::info!(job = %spec.job_id, attempt = spec.attempt, container = %id, "adopted a running container");
+        Ok(Some(Started {
+            job: Box::new(DockerJob {
+                docker: docker.clone(),
+                id,
+                status: None,
+                killed: false,
+                dirs: Some(AttemptDirs {
+                    dirs: spec.dirs.clone().unwrap_or_else(|| JobDirs {
+                        root: PathBuf::new(),
+                        input: PathBuf::new(),
+                        output: PathBuf::new(),
+                        scratch: PathBuf::new(),
+                    }),
+                    owned: false,
+                }),
+            }),
+            output,
+        }))
     }
 }
 
 /// Copies the attached, demultiplexed streams into the output channel until
 /// the container's stdio closes (when its PID 1 exits, the kernel kills the
 /// rest of its PID namespace).
+/// Copies a followed log stream (an adopted container) into the output
+/// channel until the container ends.
+async fn pump_logs(
+    logs: impl futures::Stream<Item = Result<LogOutput, DockerError>>,
+    tx: mpsc::Sender<OutputChunk>,
+) {
+    futures::pin_mut!(logs);
+    while let Some(item) = logs.next().await {
+        let (stream, data) = match item {
+            Ok(LogOutput::StdOut { message }) | Ok(LogOutput::Console { message }) => {
+                (Stream::Stdout, message)
+            }
+            Ok(LogOutput::StdErr { message }) => (Stream::Stderr, message),
+            Ok(LogOutput::StdIn { .. }) => continue,
+            Err(e) => {
+                tracing::debug!("container logs ended: {e}");
+                break;
+            }
+        };
+        if tx.send(OutputChunk { stream, data }).await.is_err() {
+            break;
+        }
+    }
+}
+
 async fn pump(attached: bollard::container::AttachContainerResults, tx: mpsc::Sender<OutputChunk>) {
     // Holding the write half keeps the attach connection whole.
     let bollard::container::AttachContainerResults { mut output, input } = attached;

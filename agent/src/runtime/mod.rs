@@ -106,6 +106,17 @@ impl JobDirs {
         Ok(dirs)
     }
 
+    /// The dirs under `root` as [`JobDirs::create`] made them (an adopted
+    /// attempt's).
+    pub fn at(root: PathBuf) -> JobDirs {
+        JobDirs {
+            input: root.join("input"),
+            output: root.join("output"),
+            scratch: root.join("scratch"),
+            root,
+        }
+    }
+
     pub async fn remove(&self) {
         if let Err(e) = tokio::fs::remove_dir_all(&self.root).await {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -162,6 +173,9 @@ impl RunSpec {
         }
     }
 }
+
+/// One attempt of one job: `(job_id, attempt)`.
+pub type AttemptKey = (String, u64);
 
 /// Which stream a piece of output came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,10 +283,20 @@ pub trait Runtime: Send + Sync + 'static {
     /// dir writable). Shown as `runtime_ok` in `/health`.
     async fn check(&self) -> Result<(), RuntimeError>;
 
-    /// Called once at agent start: kills what an earlier run of the agent left
-    /// behind (processes, containers, work dirs). Returns how many jobs it
-    /// killed.
-    async fn kill_leftovers(&self) -> Result<usize, RuntimeError>;
+    /// Called once at agent start, after the agent knows which of its
+    /// earlier run's jobs it adopts: kills and removes everything that run
+    /// left behind (processes, containers, work dirs) except the attempts in
+    /// `keep`. Returns how many running jobs it killed.
+    async fn kill_leftovers(&self, keep: &[AttemptKey]) -> Result<usize, RuntimeError>;
+
+    /// Takes over an attempt an earlier run of the agent started (an agent
+    /// restart within the session's TTL): its output from the beginning
+    /// (offsets make the coordinator skip what it already has) and control
+    /// of its end. `None` when the runtime cannot adopt or finds no such
+    /// job (it is then completed as interrupted).
+    async fn adopt(&self, _spec: &RunSpec) -> Result<Option<Started>, RuntimeError> {
+        Ok(None)
+    }
 }
 
 /// Control over one running job. All methods are cancel-safe.

@@ -17,7 +17,10 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
-use super::{ExitStatus, OutputChunk, RunSpec, RunningJob, Runtime, RuntimeError, Started, Stream};
+use super::{
+    AttemptKey, ExitStatus, OutputChunk, RunSpec, RunningJob, Runtime, RuntimeError, Started,
+    Stream,
+};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -170,7 +173,9 @@ impl Runtime for ProcessRuntime {
             })
     }
 
-    async fn kill_leftovers(&self) -> Result<usize, RuntimeError> {
+    /// A child process cannot be adopted (its pipes died with the agent):
+    /// `keep` is ignored and everything is killed.
+    async fn kill_leftovers(&self, _keep: &[AttemptKey]) -> Result<usize, RuntimeError> {
         let mut killed = 0;
         let mut entries = match tokio::fs::read_dir(&self.pid_root).await {
             Ok(entries) => entries,
@@ -440,7 +445,7 @@ mod tests {
         // A restarted agent only has the pid files to go by.
         assert_eq!(
             ProcessRuntime::new(dir.path())
-                .kill_leftovers()
+                .kill_leftovers(&[])
                 .await
                 .unwrap(),
             1

@@ -1,15 +1,20 @@
-//! Where logs and artifacts live. Logs are one object per attempt, appended
-//! in order by fenced `AppendLogs` calls. Artifacts are one archive (tar +
-//! zstd of the job's output directory) per attempt, moved by the agents and
-//! the CLI through signed, expiring URLs: nobody but the coordinator holds
-//! the store's credentials.
+//! Where logs and artifacts live. Logs are one byte sequence per attempt,
+//! appended in order by fenced `AppendLogs` calls (a file locally, segments
+//! in S3). Artifacts are one archive (tar + zstd of the job's output
+//! directory) per attempt, moved by the agents and the CLI through signed,
+//! expiring URLs: nobody but the coordinator holds the store's credentials.
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
 pub mod local;
+pub mod s3;
 pub use local::LocalBlobStore;
+pub use s3::S3BlobStore;
+
+#[cfg(test)]
+mod conformance;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
@@ -95,7 +100,21 @@ pub trait BlobStore: Send + Sync + 'static {
         data: &[u8],
     ) -> Result<u64, BlobError>;
 
-    /// Up to `max_len` bytes from `offset`; empty at the end or when no log exists.
+    /// Makes the attempt's appended bytes durable and readable from every
+    /// coordinator, and forgets any state kept for it (called when the
+    /// attempt completes). Stores that write through need nothing.
+    async fn flush_log(&self, _job_id: &str, _attempt: u64) -> Result<(), BlobError> {
+        Ok(())
+    }
+
+    /// [`BlobStore::flush_log`] for every attempt (at shutdown).
+    async fn flush_all(&self) -> Result<(), BlobError> {
+        Ok(())
+    }
+
+    /// Up to `max_len` bytes from `offset`, including bytes appended through
+    /// this coordinator and not yet flushed; empty at the end or when no log
+    /// exists.
     async fn read_log(
         &self,
         job_id: &str,

@@ -174,7 +174,7 @@ async fn leftovers_of_an_earlier_agent_are_killed_and_removed() {
     assert_eq!(cx.rt.containers().await.len(), 1);
     // A restarted agent has only the labels to go by.
     let restarted = DockerRuntime::new(cx.dir.path(), &cx.rt.agent_id);
-    assert_eq!(restarted.kill_leftovers().await.unwrap(), 1);
+    assert_eq!(restarted.kill_leftovers(&[]).await.unwrap(), 1);
     cx.rt.assert_nothing_left().await;
     job.cleanup().await;
 }
