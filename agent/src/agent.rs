@@ -468,6 +468,23 @@ pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) -> any
     }
 }
 
+/// How often the runtime cleans up after jobs (dangling image layers).
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Runs the runtime's housekeeping at start and then every hour.
+async fn housekeeping_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shared.shutdown.cancelled() => return,
+        }
+        if let Err(e) = shared.runtime.housekeeping().await {
+            tracing::warn!("housekeeping: {e}");
+        }
+    }
+}
+
 async fn main_loop(
     shared: Arc<Shared>,
     first: oneshot::Sender<anyhow::Result<()>>,
@@ -478,7 +495,10 @@ async fn main_loop(
     let mut resume = session::load(&shared.config.data_dir);
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     // Platform loops live as long as the process.
-    let mut background = vec![tokio::spawn(platform_watch(shared.clone()))];
+    let mut background = vec![
+        tokio::spawn(platform_watch(shared.clone())),
+        tokio::spawn(housekeeping_loop(shared.clone())),
+    ];
     if shared.platform.has_scale_in_protection() && shared.config.scale_in_protection {
         background.push(tokio::spawn(protection_loop(shared.clone())));
     }

@@ -16,6 +16,7 @@ use crate::agent::Shared;
 use crate::artifacts;
 use crate::client::{Auth, Backoff, CallError};
 use crate::gpu::GpuDevice;
+use crate::runtime::docker::PullPolicy;
 use crate::runtime::{supervise, JobDirs, OutputChunk, RunSpec, RuntimeError, StopOrder, Stream};
 
 /// Largest AppendLogs batch, in bytes of output.
@@ -68,8 +69,12 @@ fn spec_from(
         resources: payload.resources.unwrap_or_default(),
         gpus,
         session: lease.session_id.clone(),
-        // The job spec has no pull_policy yet: the image reference decides.
-        pull_policy: None,
+        // Empty or unknown: the image reference decides.
+        pull_policy: match payload.pull_policy.as_str() {
+            "always" => Some(PullPolicy::Always),
+            "if-not-present" => Some(PullPolicy::IfNotPresent),
+            _ => None,
+        },
         dirs: Some(dirs),
     }
 }
@@ -618,6 +623,29 @@ where
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    #[test]
+    fn the_pull_policy_travels_from_the_payload_to_the_runtime() {
+        let lease = v1::LeaseRef {
+            job_id: "J".into(),
+            attempt: 1,
+            session_id: "S".into(),
+        };
+        let dirs = JobDirs::at("/tmp/x".into());
+        for (wire, expected) in [
+            ("always", Some(PullPolicy::Always)),
+            ("if-not-present", Some(PullPolicy::IfNotPresent)),
+            ("", None),
+        ] {
+            let payload = v1::JobPayload {
+                command: vec!["true".into()],
+                pull_policy: wire.into(),
+                ..Default::default()
+            };
+            let spec = spec_from(&lease, payload, Vec::new(), dirs.clone());
+            assert_eq!(spec.pull_policy, expected, "{wire:?}");
+        }
+    }
 
     fn out(stream: Stream, s: &str) -> OutputChunk {
         OutputChunk {

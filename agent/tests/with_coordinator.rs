@@ -852,3 +852,40 @@ async fn artifacts_round_trip_with_the_docker_runtime() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_spec_pull_policy_reaches_the_docker_runtime() {
+    use drover_proto::model::PullPolicy;
+    let image = drover_agent::runtime::docker::test_image::ensure_on_local_engine()
+        .await
+        .expect("the Docker tests need a Docker Engine");
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let coordinator = Coordinator::start(dirs.0.path(), |_| {}).await;
+    let agent = Agent::start(AgentConfig {
+        runtime: RuntimeChoice::Docker,
+        agent_id: "pull-policy-agent".into(),
+        ..coordinator.agent_config(dirs.1.path())
+    })
+    .await
+    .unwrap();
+    let job = |policy: PullPolicy| {
+        let mut spec = sh("echo ran");
+        spec.image = image.clone();
+        spec.pull_policy = Some(policy);
+        spec
+    };
+    // The image exists only locally: if-not-present uses it, always must
+    // ask its registry, which does not exist.
+    let local = coordinator.submit(job(PullPolicy::IfNotPresent)).await;
+    let pulled = coordinator.submit(job(PullPolicy::Always)).await;
+    let done = coordinator.wait_terminal(&local).await;
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    let done = coordinator.wait_terminal(&pulled).await;
+    assert_ne!(done.state, JobState::Succeeded, "{done:?}");
+    assert!(
+        done.reason.as_deref().unwrap_or_default().contains("pull"),
+        "the reason names the pull: {done:?}"
+    );
+    agent.drain("test");
+    agent.wait().await.unwrap();
+}

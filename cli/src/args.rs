@@ -161,6 +161,10 @@ pub struct SubmitArgs {
     /// $DROVER_OUTPUT_DIR) for `drover artifacts get` and later jobs' inputs
     #[arg(long)]
     pub outputs: bool,
+    /// When the Docker runtime pulls the image: always or if-not-present
+    /// [default: always for :latest and untagged, else if-not-present]
+    #[arg(long = "pull", value_name = "POLICY")]
+    pub pull_policy: Option<drover_proto::model::PullPolicy>,
     /// Another job's artifact, unpacked read-only at /input/NAME
     /// ($DROVER_INPUT_DIR/NAME) before this job starts (repeatable)
     #[arg(long = "input", value_name = "NAME=JOB", value_parser = parse_key_value)]

@@ -66,6 +66,43 @@ pub struct JobSpec {
     /// (`$DROVER_INPUT_DIR/<name>/`) before the job starts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inputs: Vec<InputSpec>,
+    /// When the Docker runtime pulls `image`; unset: `always` for `latest`
+    /// and untagged references, `if-not-present` for other tags and digests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_policy: Option<PullPolicy>,
+}
+
+/// When to pull a job's image (Docker runtime).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PullPolicy {
+    /// Before every attempt: a moving tag may have moved.
+    Always,
+    /// Only when the agent does not have the image.
+    IfNotPresent,
+}
+
+impl PullPolicy {
+    /// The wire name (`always`, `if-not-present`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "always",
+            PullPolicy::IfNotPresent => "if-not-present",
+        }
+    }
+}
+
+impl std::str::FromStr for PullPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "always" => Ok(PullPolicy::Always),
+            "if-not-present" => Ok(PullPolicy::IfNotPresent),
+            other => Err(format!(
+                "unknown pull policy {other:?}: use always or if-not-present"
+            )),
+        }
+    }
 }
 
 fn is_false(b: &bool) -> bool {
@@ -110,6 +147,7 @@ impl JobSpec {
             idempotency_key: None,
             outputs: false,
             inputs: Vec::new(),
+            pull_policy: None,
         }
     }
 
@@ -793,6 +831,27 @@ impl FieldError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pull_policy_parses_from_specs_and_rejects_unknown_values() {
+        let spec: JobSpec = serde_json::from_str(
+            r#"{"command": ["true"], "image": "app:1", "pull_policy": "always"}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.pull_policy, Some(PullPolicy::Always));
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(json.contains(r#""pull_policy":"always""#), "{json}");
+        let err =
+            serde_json::from_str::<JobSpec>(r#"{"command": ["true"], "pull_policy": "sometimes"}"#)
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("always") && err.contains("if-not-present"),
+            "{err}"
+        );
+        assert_eq!("if-not-present".parse(), Ok(PullPolicy::IfNotPresent));
+        assert!("never".parse::<PullPolicy>().is_err());
+    }
 
     #[test]
     fn empty_command_is_rejected_naming_the_field() {

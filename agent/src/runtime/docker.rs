@@ -60,6 +60,10 @@ pub const LABEL_AGENT: &str = "drover.agent";
 /// Enough for any sane job, low enough that a fork bomb stays contained.
 pub const PIDS_LIMIT: i64 = 4096;
 
+/// Dangling images and stopped containers younger than this are kept (a
+/// job may be about to use them).
+const PRUNE_AFTER: Duration = Duration::from_secs(3600);
+
 /// How long `connect` and `check` wait for the Engine to answer.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -144,6 +148,49 @@ impl DockerRuntime {
                     .map_err(|e| unreachable_engine(&e.to_string()))
             })
             .await
+    }
+
+    /// Removes dangling images (layers no tag names any more: an image
+    /// replaced by a newer pull of its tag) created over `older_than` ago,
+    /// and stopped containers of this agent. Tagged images stay — the cache
+    /// is what makes the next job start fast — and the Engine never removes
+    /// an image a container uses. `labels` narrow it further (tests).
+    /// Returns the bytes reclaimed.
+    pub async fn prune(
+        &self,
+        older_than: Duration,
+        labels: &[String],
+    ) -> Result<u64, RuntimeError> {
+        let docker = self.docker().await?;
+        let mut image_filters = HashMap::from([("dangling".to_string(), vec!["true".to_string()])]);
+        let mut container_labels = vec![format!("{LABEL_AGENT}={}", self.agent_id)];
+        if !labels.is_empty() {
+            image_filters.insert("label".to_string(), labels.to_vec());
+            container_labels.extend_from_slice(labels);
+        }
+        let mut container_filters = HashMap::from([("label".to_string(), container_labels)]);
+        // The Engine compares whole seconds: "0s" would spare what was made
+        // this second, so no age means no `until` filter at all.
+        if !older_than.is_zero() {
+            let until = vec![format!("{}s", older_than.as_secs())];
+            image_filters.insert("until".to_string(), until.clone());
+            container_filters.insert("until".to_string(), until);
+        }
+        let images = docker
+            .prune_images(Some(bollard::query_parameters::PruneImagesOptions {
+                filters: Some(image_filters),
+            }))
+            .await
+            .map_err(|e| RuntimeError::Infra(format!("cannot prune dangling images: {e}")))?;
+        let containers = docker
+            .prune_containers(Some(bollard::query_parameters::PruneContainersOptions {
+                filters: Some(container_filters),
+            }))
+            .await
+            .map_err(|e| RuntimeError::Infra(format!("cannot prune stopped containers: {e}")))?;
+        let reclaimed = images.space_reclaimed.unwrap_or(0).max(0) as u64
+            + containers.space_reclaimed.unwrap_or(0).max(0) as u64;
+        Ok(reclaimed)
     }
 
     /// Containers of this agent (by its label), with extra label filters.
@@ -596,6 +643,17 @@ impl Runtime for DockerRuntime {
             }),
             output,
         }))
+    }
+
+    async fn housekeeping(&self) -> Result<(), RuntimeError> {
+        let reclaimed = self.prune(PRUNE_AFTER, &[]).await?;
+        if reclaimed > 0 {
+            tracing::info!(
+                bytes = reclaimed,
+                "pruned dangling images and stopped containers"
+            );
+        }
+        Ok(())
     }
 }
 

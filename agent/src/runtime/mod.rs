@@ -297,6 +297,13 @@ pub trait Runtime: Send + Sync + 'static {
     async fn adopt(&self, _spec: &RunSpec) -> Result<Option<Started>, RuntimeError> {
         Ok(None)
     }
+
+    /// Periodic cleanup of what jobs leave on the host beyond their own
+    /// attempt (docker: dangling image layers). Never touches what a job
+    /// uses.
+    async fn housekeeping(&self) -> Result<(), RuntimeError> {
+        Ok(())
+    }
 }
 
 /// Control over one running job. All methods are cancel-safe.

@@ -241,6 +241,9 @@ pub fn apply_flags(spec: &mut JobSpec, args: &SubmitArgs) {
     if args.outputs {
         spec.outputs = true;
     }
+    if let Some(policy) = args.pull_policy {
+        spec.pull_policy = Some(policy);
+    }
     for (name, job) in &args.inputs {
         spec.inputs.retain(|i| &i.name != name);
         spec.inputs.push(drover_proto::model::InputSpec {

@@ -106,6 +106,10 @@ impl AgentService for AgentGrpc {
                     kill_grace_ms,
                     inputs,
                     outputs: spec.outputs,
+                    pull_policy: spec
+                        .pull_policy
+                        .map(|p| p.as_str().to_string())
+                        .unwrap_or_default(),
                 }),
             });
         }

@@ -79,7 +79,7 @@ async fn build(docker: &Docker) {
 }
 
 /// Appends one regular file to a ustar archive.
-fn tar_file(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
+pub(crate) fn tar_file(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
     fn octal(field: &mut [u8], value: u64) {
         let text = format!("{value:0width$o}\0", width = field.len() - 1);
         field.copy_from_slice(text.as_bytes());

@@ -343,3 +343,73 @@ fn assigned_gpus_become_one_nvidia_device_request_by_uuid() {
     let body = rt.container_body(&spec, &attempt_dirs(), false);
     assert_eq!(body.host_config.unwrap().device_requests, None);
 }
+
+/// Builds `tag` from scratch with one file of `content`, labelled `label`;
+/// returns the image id.
+async fn build_labelled(docker: &Docker, tag: &str, label: &str, content: &str) -> String {
+    use bollard::query_parameters::{BuildImageOptions, BuilderVersion};
+    let mut context = Vec::new();
+    let dockerfile = format!("FROM scratch\nLABEL {label}\nCOPY data /data\n");
+    test_image::tar_file(&mut context, "Dockerfile", 0o644, dockerfile.as_bytes());
+    test_image::tar_file(&mut context, "data", 0o644, content.as_bytes());
+    context.extend_from_slice(&[0u8; 1024]);
+    let options = BuildImageOptions {
+        t: Some(tag.to_string()),
+        dockerfile: "Dockerfile".to_string(),
+        rm: true,
+        forcerm: true,
+        version: BuilderVersion::BuilderV1,
+        ..Default::default()
+    };
+    let mut progress = docker.build_image(
+        options,
+        None,
+        Some(bollard::body_full(bytes::Bytes::from(context))),
+    );
+    while let Some(item) = progress.next().await {
+        let info = item.expect("building a test image");
+        assert!(info.error_detail.is_none(), "{info:?}");
+    }
+    docker.inspect_image(tag).await.unwrap().id.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_removes_dangling_images_and_keeps_tagged_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = test_runtime(dir.path());
+    let docker = rt.docker().await.unwrap().clone();
+    let image = test_image::ensure(&docker).await;
+    let label = format!("drover.test=prune-{:016x}", rand::random::<u64>());
+    let tag = format!("drover-prune-test:{:016x}", rand::random::<u64>());
+    // Building the tag again leaves the first image dangling.
+    let old = build_labelled(&docker, &tag, &label, "old").await;
+    let new = build_labelled(&docker, &tag, &label, "new").await;
+    assert_ne!(old, new);
+
+    rt.prune(Duration::ZERO, std::slice::from_ref(&label))
+        .await
+        .unwrap();
+    assert!(
+        docker.inspect_image(&old).await.is_err(),
+        "the dangling image was pruned"
+    );
+    assert_eq!(
+        docker.inspect_image(&tag).await.unwrap().id.unwrap(),
+        new,
+        "the tagged image stays"
+    );
+    assert!(
+        docker.inspect_image(&image).await.is_ok(),
+        "other images stay"
+    );
+    let _ = docker
+        .remove_image(
+            &tag,
+            Some(bollard::query_parameters::RemoveImageOptions {
+                force: true,
+                ..Default::default()
+            }),
+            None,
+        )
+        .await;
+}
