@@ -92,24 +92,7 @@ pub(super) async fn evaluate(
         demand.describe(),
         group.desired
     );
-    if tick.pool.paused {
-        record.decide("paused", format!("pool paused: no scale-out; {why}"), now);
-        return Ok(());
-    }
-    if wanted <= group.desired {
-        record.decide("none", why, now);
-        return Ok(());
-    }
-    if let Some(until) = record.in_backoff(now) {
-        record.decide(
-            "backoff",
-            format!(
-                "{why}; backing off for {} after: {}",
-                human_ms(until - now),
-                record.last_error.as_deref().unwrap_or("an error")
-            ),
-            now,
-        );
+    if record.held_back(tick.pool.paused, wanted, group.desired, &why, now) {
         return Ok(());
     }
     if let Some(last) = record.last_scale_out_ms {

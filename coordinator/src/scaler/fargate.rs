@@ -10,7 +10,7 @@ use aws_sdk_ecs::types::{
 };
 use sha2::{Digest, Sha256};
 
-use super::{aws_error, human_ms, worker_labels, Demand, LaunchIntent, PoolRecord, PoolTick, Stop};
+use super::{aws_error, worker_labels, Demand, LaunchIntent, PoolRecord, PoolTick, Stop};
 use crate::config::{FargateScaling, ScalingConfig};
 
 /// A launched task counts as a worker this long even while ECS does not
@@ -131,24 +131,7 @@ pub(super) async fn evaluate(
         cfg.max_tasks,
         tick.pool.agents
     );
-    if tick.pool.paused {
-        record.decide("paused", format!("pool paused: no scale-out; {why}"), now);
-        return Ok(());
-    }
-    if wanted <= workers {
-        record.decide("none", why, now);
-        return Ok(());
-    }
-    if let Some(until) = record.in_backoff(now) {
-        record.decide(
-            "backoff",
-            format!(
-                "{why}; backing off for {} after: {}",
-                human_ms(until - now),
-                record.last_error.as_deref().unwrap_or("an error")
-            ),
-            now,
-        );
+    if record.held_back(tick.pool.paused, wanted, workers, &why, now) {
         return Ok(());
     }
     let intent = LaunchIntent {

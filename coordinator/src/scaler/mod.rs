@@ -180,6 +180,31 @@ impl PoolRecord {
         self.backoff_until_ms.filter(|until| *until > now_ms)
     }
 
+    /// The checks every back-end makes before scaling out: a paused pool,
+    /// enough workers already (`have` ≥ `wanted`), a back-off after errors.
+    /// Records the decision and answers true when the tick stops here.
+    fn held_back(&mut self, paused: bool, wanted: u64, have: u64, why: &str, now_ms: i64) -> bool {
+        if paused {
+            self.decide(
+                "paused",
+                format!("pool paused: no scale-out; {why}"),
+                now_ms,
+            );
+        } else if wanted <= have {
+            self.decide("none", why.to_string(), now_ms);
+        } else if let Some(until) = self.in_backoff(now_ms) {
+            let reason = format!(
+                "{why}; backing off for {} after: {}",
+                human_ms(until - now_ms),
+                self.last_error.as_deref().unwrap_or("an error")
+            );
+            self.decide("backoff", reason, now_ms);
+        } else {
+            return false;
+        }
+        true
+    }
+
     fn view(&self, scaling: &ScalingConfig) -> PoolScaling {
         let (target, min, max) = match scaling {
             ScalingConfig::Asg(a) => (a.asg_name.clone(), a.min, a.max),
