@@ -69,14 +69,17 @@ pub async fn fetch_inputs(
         if !input.error.is_empty() {
             return Err(RuntimeError::Job(input.error.clone()));
         }
-        // The coordinator validated the name; never trust a path from the wire.
-        if drover_proto::model::validate_name("inputs.name", &input.name).is_err() {
+        // The coordinator validated the name (a name, or `<step>/<task>` for
+        // a workflow's array step); never trust a path from the wire.
+        if drover_proto::model::validate_input_name("inputs.name", &input.name).is_err() {
             return Err(RuntimeError::Job(format!(
                 "input name {:?} is not a safe directory name",
                 input.name
             )));
         }
-        let archive = dirs.root.join(format!(".input-{}.tar.zst", input.name));
+        let archive = dirs
+            .root
+            .join(format!(".input-{}.tar.zst", input.name.replace('/', "-")));
         download(&input.url, &archive)
             .await
             .map_err(|e| prefix(&format!("input {}", input.name), e))?;

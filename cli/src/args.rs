@@ -41,23 +41,32 @@ pub enum Command {
     Submit(Box<SubmitArgs>),
     /// List jobs
     Jobs(JobsArgs),
-    /// Show a job: spec, state, attempts and its events timeline
+    /// Show a job (spec, state, attempts, events timeline) or a workflow run
+    /// (its steps and jobs)
     Show {
-        /// Job id
-        job: String,
+        /// Job id or run id
+        #[arg(value_name = "JOB|RUN")]
+        id: String,
     },
     /// Print a job's logs
     Logs(LogsArgs),
-    /// Cancel a job (running jobs are stopped by their agent)
+    /// Cancel a job, or every unfinished step of a workflow run (running
+    /// jobs are stopped by their agent)
     Cancel {
-        /// Job id
-        job: String,
+        /// Job id or run id
+        #[arg(value_name = "JOB|RUN")]
+        id: String,
     },
     /// Run a finished job again as a new attempt
     Retry {
         /// Job id
         job: String,
     },
+    /// Run a workflow file (steps of jobs with dependencies, arrays and
+    /// artifacts passed between steps) and follow it to the end
+    Run(RunArgs),
+    /// List workflow runs, newest first
+    Runs(RunsArgs),
     /// List agents
     Agents,
     /// Drain an agent: it stops claiming, finishes its jobs and leaves
@@ -84,8 +93,10 @@ pub enum ArtifactsAction {
     /// Download the artifact of a job's latest attempt (tar + zstd), or
     /// unpack it with -x
     Get {
-        /// Job id
-        job: String,
+        /// A job id, or a workflow run's step: RUN/STEP, or RUN/STEP/INDEX
+        /// for a task of an array step
+        #[arg(value_name = "JOB|RUN/STEP[/INDEX]")]
+        target: String,
         /// Archive file to write [default: <job>.tar.zst]; `-` writes stdout
         #[arg(
             short = 'o',
@@ -195,6 +206,26 @@ pub struct JobsArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The workflow file (YAML or JSON): `name`, `steps`; `-` reads stdin
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Print the run id and return instead of following the run
+    #[arg(short, long)]
+    pub detach: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunsArgs {
+    /// Runs per page
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// Every page, not just the first
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct LogsArgs {
     /// Job id
     pub job: String,
@@ -289,6 +320,33 @@ mod tests {
         };
         assert_eq!(args.state, Some(JobState::Running));
         assert_eq!(args.limit, 50);
+    }
+
+    #[test]
+    fn run_takes_a_file_and_detach() {
+        let cli = parse(&["run", "calc.yaml", "--detach", "--json"]);
+        assert!(cli.json);
+        let Command::Run(args) = cli.command else {
+            panic!()
+        };
+        assert_eq!(args.file, PathBuf::from("calc.yaml"));
+        assert!(args.detach);
+        let cli = parse(&["runs", "--limit", "5"]);
+        let Command::Runs(args) = cli.command else {
+            panic!()
+        };
+        assert_eq!((args.limit, args.all), (5, false));
+        let cli = parse(&["artifacts", "get", "01RUN/divide/1", "-x", "out"]);
+        let Command::Artifacts {
+            action: ArtifactsAction::Get {
+                target, extract, ..
+            },
+        } = cli.command
+        else {
+            panic!()
+        };
+        assert_eq!(target, "01RUN/divide/1");
+        assert_eq!(extract, Some(PathBuf::from("out")));
     }
 
     #[test]

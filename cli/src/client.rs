@@ -12,6 +12,7 @@ use drover_proto::model::{
     Agent, AgentList, ApiError, ApiErrorBody, EventList, Job, JobList, JobSpec, JobState, Pool,
     PoolList, SubmitRequest, SubmitResponse,
 };
+use drover_proto::workflow::{RunList, RunSummary, WorkflowRun};
 use drover_proto::ErrorCode;
 use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -33,6 +34,12 @@ impl ApiFailure {
     /// the system's.
     pub fn is_validation(&self) -> bool {
         self.error.code == ErrorCode::InvalidArgument
+    }
+
+    /// Whether `err` is the coordinator answering 404 (no such job, run…).
+    pub fn is_not_found(err: &anyhow::Error) -> bool {
+        err.downcast_ref::<ApiFailure>()
+            .is_some_and(|f| f.status == 404)
     }
 }
 
@@ -235,6 +242,61 @@ impl Client {
         }
         let body = response.bytes().await.unwrap_or_default();
         Err(api_failure(status, &body).into())
+    }
+
+    /// Starts a workflow run: `spec` is a `WorkflowSpec` as JSON (the CLI
+    /// sends the file as written; the coordinator validates it).
+    pub async fn create_workflow(&self, spec: &serde_json::Value) -> anyhow::Result<WorkflowRun> {
+        self.call(Method::POST, &["v1", "workflows"], Some(spec))
+            .await
+    }
+
+    /// One page of runs, newest first; `next_cursor` names the next page.
+    pub async fn list_workflows(
+        &self,
+        limit: Option<u32>,
+        cursor: Option<&str>,
+    ) -> anyhow::Result<RunList> {
+        let mut query: Vec<(&str, String)> = Vec::new();
+        if let Some(limit) = limit {
+            query.push(("limit", limit.to_string()));
+        }
+        if let Some(cursor) = cursor {
+            query.push(("cursor", cursor.to_string()));
+        }
+        let request = self
+            .request(Method::GET, &["v1", "workflows"])
+            .query(&query);
+        self.send(request).await
+    }
+
+    /// Every run, following `next_cursor` to the last page.
+    pub async fn list_all_workflows(&self, limit: Option<u32>) -> anyhow::Result<Vec<RunSummary>> {
+        let mut cursor: Option<String> = None;
+        let mut runs = Vec::new();
+        loop {
+            let page = self.list_workflows(limit, cursor.as_deref()).await?;
+            runs.extend(page.runs);
+            match page.next_cursor {
+                Some(next) if cursor.as_deref() != Some(next.as_str()) => cursor = Some(next),
+                _ => return Ok(runs),
+            }
+        }
+    }
+
+    pub async fn get_workflow(&self, id: &str) -> anyhow::Result<WorkflowRun> {
+        self.call(Method::GET, &["v1", "workflows", id], None::<&()>)
+            .await
+    }
+
+    /// Cancels every unfinished step of the run.
+    pub async fn cancel_workflow(&self, id: &str) -> anyhow::Result<WorkflowRun> {
+        self.call(
+            Method::POST,
+            &["v1", "workflows", id, "cancel"],
+            None::<&()>,
+        )
+        .await
     }
 
     pub async fn list_agents(&self) -> anyhow::Result<AgentList> {

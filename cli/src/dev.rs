@@ -205,6 +205,7 @@ fn print_banner(
         out.push_str(concat!(
             "  drover submit --wait -- sh -c 'echo hello from drover'\n",
             "  drover submit --name flaky --retries 2 -- sh -c 'exit 1'\n",
+            "  drover run examples/calc.yaml   (a workflow: steps, arrays, artifacts)\n",
             "  drover jobs\n",
             "  drover show <job id>\n",
             "  drover agents\n",
@@ -665,6 +666,8 @@ mod tests {
             exit_code: None,
             reason: None,
             cancel_requested: false,
+            workflow: None,
+            cost_usd: None,
         };
         let entry = |job: &Job| Tracked {
             name: "flaky",

@@ -60,6 +60,8 @@ pub struct Config {
     pub max_artifact_bytes: u64,
     /// How long a signed artifact URL stays valid.
     pub artifact_url_ttl_ms: u64,
+    /// Prices behind cost estimates (`[prices]`, see `cost.rs`).
+    pub prices: crate::cost::PriceTable,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -598,6 +600,7 @@ impl Default for Config {
             public_url: None,
             max_artifact_bytes: 10 << 30,
             artifact_url_ttl_ms: 3_600_000,
+            prices: crate::cost::PriceTable::default(),
         }
     }
 }
@@ -687,6 +690,9 @@ impl Config {
                 "must be at least 60000: agents and the CLI need time to start a transfer",
             ));
         }
+        self.prices
+            .validate()
+            .map_err(|message| config_error("prices", message))?;
         for ttl in std::iter::once(self.session_ttl_ms)
             .chain(self.pools.iter().filter_map(|p| p.session_ttl_ms))
         {

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod blob;
 pub mod clock;
 pub mod config;
+pub mod cost;
 pub mod error;
 pub mod grpc;
 pub mod http;

@@ -1,4 +1,6 @@
-//! Periodic backstop: expired sessions, timed-out and never-started jobs.
+//! Periodic backstop: expired sessions, timed-out and never-started jobs,
+//! and PENDING workflow steps whose dependencies all ended (a completion
+//! that could not finish releasing them).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +24,11 @@ pub async fn run(service: Arc<Service>, interval_ms: u64, shutdown: Cancellation
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "reaper pass failed; retrying next tick"),
+        }
+        match service.release_pending().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(released = n, "sweep released pending workflow jobs"),
+            Err(e) => tracing::warn!(error = %e, "pending-job sweep failed; retrying next tick"),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! AgentService and the HTTP API are thin adapters over this, so the two
 //! cannot drift apart.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
 
 mod artifacts;
+mod workflows;
 pub use artifacts::UploadUrl;
 
 use crate::auth::{self, JoinCheck, Tokens};
@@ -56,6 +57,8 @@ pub struct Service {
     commands: Mutex<HashMap<String, mpsc::Sender<v1::Command>>>,
     /// Authenticated sessions (token hashes never change).
     sessions: Mutex<HashMap<String, SessionAuth>>,
+    /// Each fresh lease's price per hour, from its claim until its start.
+    rates: Mutex<HashMap<(String, u64), Option<f64>>>,
     /// When the reaper's circuit breaker tripped, while it holds.
     breaker_since_ms: Mutex<Option<i64>>,
     /// Base of the signed URLs the coordinator serves (config or bound address).
@@ -88,6 +91,7 @@ impl Service {
             log_events: watch::channel(0).0,
             commands: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
+            rates: Mutex::new(HashMap::new()),
             breaker_since_ms: Mutex::new(None),
             public_url,
             metrics: Metrics::default(),
@@ -136,6 +140,18 @@ impl Service {
             for _ in 0..jobs.clamp(1, MAX_WAKES) {
                 notify.notify_one();
             }
+        }
+    }
+
+    /// Wakes claimers for jobs a completion or the sweep released (one
+    /// pool entry per job).
+    fn wake_released(&self, pools: &[String]) {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for pool in pools {
+            *counts.entry(pool).or_default() += 1;
+        }
+        for (pool, n) in counts {
+            self.wake_pool(pool, n);
         }
     }
 
@@ -197,43 +213,12 @@ impl Service {
         let mut largest_by_pool: HashMap<String, Option<Resources>> = HashMap::new();
         for (i, spec) in specs.iter().enumerate() {
             let at = |e: model::FieldError| if batch { e.in_batch(i) } else { e };
-            spec.validate().map_err(at)?;
-            if !self.config.pools.is_empty()
-                && !self.config.pools.iter().any(|p| p.name == spec.pool)
-            {
-                let known: Vec<&str> = self.config.pools.iter().map(|p| p.name.as_str()).collect();
-                return Err(at(model::FieldError::new(
-                    "pool",
-                    format!(
-                        "unknown pool {:?}; declared pools: {}",
-                        spec.pool,
-                        known.join(", ")
-                    ),
-                ))
-                .into());
-            }
-            if !largest_by_pool.contains_key(&spec.pool) {
-                let capacity = self.store.pool_capacity(&spec.pool).await?;
-                largest_by_pool.insert(spec.pool.clone(), capacity.largest);
-            }
-            if let Some(Some(largest)) = largest_by_pool.get(&spec.pool) {
-                let wants = &spec.resources;
-                let fits_some = wants.cpu_millis <= largest.cpu_millis
-                    && wants.memory_mib <= largest.memory_mib
-                    && wants.gpus <= largest.gpus
-                    && wants.disk_gib <= largest.disk_gib;
-                if !fits_some {
-                    return Err(at(model::FieldError::new(
-                        "resources",
-                        format!(
-                            "pool {:?}: largest agent has {largest}; the job asks for {wants}",
-                            spec.pool
-                        ),
-                    ))
-                    .into());
-                }
-            }
-            self.check_inputs(spec).await.map_err(|e| match e {
+            let checked = async {
+                spec.validate()?;
+                self.check_placement(spec, &mut largest_by_pool).await?;
+                self.check_inputs(spec).await
+            };
+            checked.await.map_err(|e| match e {
                 ServiceError::Invalid(e) => ServiceError::Invalid(at(e)),
                 e => e,
             })?;
@@ -243,6 +228,7 @@ impl Service {
             .map(|spec| NewJob {
                 id: ulid::Ulid::new().to_string(),
                 spec,
+                workflow: None,
             })
             .collect();
         let mut per_pool: HashMap<String, usize> = HashMap::new();
@@ -260,8 +246,55 @@ impl Service {
         Ok(SubmitResponse { jobs: submitted })
     }
 
+    /// Submit-time checks that need the config or the store: the pool is
+    /// declared, and some agent of it could ever fit the job.
+    async fn check_placement(
+        &self,
+        spec: &JobSpec,
+        largest_by_pool: &mut HashMap<String, Option<Resources>>,
+    ) -> ServiceResult<()> {
+        if !self.config.pools.is_empty() && !self.config.pools.iter().any(|p| p.name == spec.pool) {
+            let known: Vec<&str> = self.config.pools.iter().map(|p| p.name.as_str()).collect();
+            return Err(ServiceError::invalid(
+                "pool",
+                format!(
+                    "unknown pool {:?}; declared pools: {}",
+                    spec.pool,
+                    known.join(", ")
+                ),
+            ));
+        }
+        if !largest_by_pool.contains_key(&spec.pool) {
+            let capacity = self.store.pool_capacity(&spec.pool).await?;
+            largest_by_pool.insert(spec.pool.clone(), capacity.largest);
+        }
+        if let Some(Some(largest)) = largest_by_pool.get(&spec.pool) {
+            let wants = &spec.resources;
+            let fits_some = wants.cpu_millis <= largest.cpu_millis
+                && wants.memory_mib <= largest.memory_mib
+                && wants.gpus <= largest.gpus
+                && wants.disk_gib <= largest.disk_gib;
+            if !fits_some {
+                return Err(ServiceError::invalid(
+                    "resources",
+                    format!(
+                        "pool {:?}: largest agent has {largest}; the job asks for {wants}",
+                        spec.pool
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A job with what it cost so far (its attempts' events priced).
     pub async fn get_job(&self, job_id: &str) -> ServiceResult<Job> {
-        Ok(self.store.get_job(job_id).await?)
+        let mut job = self.store.get_job(job_id).await?;
+        if job.attempt > 0 {
+            let events = self.store.events(job_id).await?;
+            job.cost_usd = crate::cost::job_cost(&events, self.now()).1;
+        }
+        Ok(job)
     }
 
     pub async fn list_jobs(
@@ -283,18 +316,7 @@ impl Service {
 
     pub async fn cancel(&self, job_id: &str) -> ServiceResult<Job> {
         let job = self.store.cancel(job_id, self.now()).await?;
-        if let (true, Some(session)) = (job.cancel_requested, &job.session_id) {
-            if matches!(job.state, JobState::Leased | JobState::Running) {
-                self.push(
-                    session,
-                    v1::command::Command::Cancel(v1::LeaseRef {
-                        job_id: job.id.clone(),
-                        attempt: job.attempt,
-                        session_id: session.clone(),
-                    }),
-                );
-            }
-        }
+        self.tell_agent_to_cancel(&job);
         self.bump_logs();
         Ok(job)
     }
@@ -645,6 +667,7 @@ impl Service {
             if !claimed.is_empty() {
                 // There may be more work: let the next waiting agent look.
                 waiters.notify_one();
+                self.remember_rates(session, &claimed);
                 self.metrics
                     .leases_granted
                     .fetch_add(claimed.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -731,8 +754,23 @@ impl Service {
         }
     }
 
-    pub async fn report_started(&self, lease: &LeaseRef) -> ServiceResult<()> {
-        self.fenced(self.store.start(lease, self.now()).await)?;
+    pub async fn report_started(
+        &self,
+        session: &SessionAuth,
+        lease: &LeaseRef,
+    ) -> ServiceResult<()> {
+        let rate = match self.take_rate(lease) {
+            Some(rate) => rate,
+            // Claimed through another coordinator (or this one restarted).
+            None => match self.store.get_job(&lease.job_id).await {
+                Ok(job) => self
+                    .config
+                    .prices
+                    .rate(&session.labels, &job.spec.resources),
+                Err(_) => None,
+            },
+        };
+        self.fenced(self.store.start(lease, self.now(), rate).await)?;
         self.bump_logs();
         Ok(())
     }
@@ -769,7 +807,8 @@ impl Service {
         if let Err(e) = self.blobs.flush_log(&lease.job_id, lease.attempt).await {
             tracing::warn!(job = %lease.job_id, attempt = lease.attempt, "flushing the log: {e}");
         }
-        let state = self.fenced(self.store.complete(lease, &completion, self.now()).await)?;
+        let completed = self.fenced(self.store.complete(lease, &completion, self.now()).await)?;
+        let state = completed.state;
         let index = match completion.outcome {
             OutcomeKind::Succeeded => 0,
             OutcomeKind::Failed => 1,
@@ -781,6 +820,7 @@ impl Service {
         if state == JobState::Queued {
             self.wake_claimers();
         }
+        self.wake_released(&completed.released);
         self.bump_logs();
         Ok(state)
     }

@@ -465,7 +465,7 @@ async fn openapi_document_describes_every_route() {
         );
         routes += 1;
     }
-    assert_eq!(routes, 16, "every route of http/mod.rs was found");
+    assert_eq!(routes, 19, "every route of http/mod.rs was found");
 }
 
 #[tokio::test]
@@ -569,4 +569,303 @@ async fn agent_calls_need_the_right_tokens() {
             .code(),
         tonic::Code::Unauthenticated
     );
+}
+
+fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+fn calc_workflow() -> Value {
+    json!({"name": "calc", "description": "x·y + x/z", "steps": [
+        {"name": "gen", "command": ["true"], "resources": {"cpu_millis": 1000, "memory_mib": 1024}},
+        {"name": "div", "depends_on": ["gen"], "array": 2, "command": ["true"]},
+        {"name": "sum", "depends_on": ["div"], "command": ["true"]}
+    ]})
+}
+
+async fn run_count(h: &Harness) -> usize {
+    let (status, body) = h.admin("GET", "/v1/workflows?limit=200", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["runs"].as_array().unwrap().len()
+}
+
+#[tokio::test]
+async fn bad_workflows_name_the_field_and_create_nothing() {
+    let h = Harness::start(|c| {
+        c.pools = vec![PoolConfig {
+            name: "default".into(),
+            session_ttl_ms: None,
+            scaling: None,
+        }]
+    })
+    .await;
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut wf = calc_workflow();
+        f(&mut wf);
+        wf
+    };
+    let cases: Vec<(Value, &str, &str)> = vec![
+        (
+            with(&|w| w["steps"][0]["depends_on"] = json!(["sum"])),
+            "steps",
+            "gen -> sum -> div -> gen",
+        ),
+        (
+            with(&|w| w["steps"][2]["depends_on"] = json!(["dvi"])),
+            "steps[2].depends_on[0]",
+            "\"dvi\"",
+        ),
+        (
+            with(&|w| w["steps"][1]["name"] = json!("gen")),
+            "steps[1].name",
+            "unique",
+        ),
+        (
+            with(&|w| w["steps"][1]["name"] = json!("../up")),
+            "steps[1].name",
+            "not a valid name",
+        ),
+        (
+            with(&|w| w["steps"][1]["array"] = json!(0)),
+            "steps[1].array",
+            "1 to 256",
+        ),
+        (
+            with(&|w| w["steps"][1]["array"] = json!(100000)),
+            "steps[1].array",
+            "1 to 256",
+        ),
+        (
+            with(&|w| w["steps"][2]["pool"] = json!("gpu")),
+            "steps[2].pool",
+            "unknown pool",
+        ),
+        (
+            with(&|w| w["steps"][0]["command"] = json!([])),
+            "steps[0].command",
+            "must not be empty",
+        ),
+        (
+            with(&|w| w["steps"][2]["inputs"] = json!(["div"])),
+            "steps[2].inputs[0]",
+            "outputs: true",
+        ),
+    ];
+    for (body, field, says) in cases {
+        let (status, answer) = h.admin("POST", "/v1/workflows", Some(body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        let error = error_of(&answer).error;
+        assert_eq!(error.field.as_deref(), Some(field), "{answer}");
+        assert!(error.message.contains(says), "{field}: {}", error.message);
+    }
+    // A typo in a step's fields is refused by name too.
+    let (status, answer) = h
+        .admin(
+            "POST",
+            "/v1/workflows",
+            Some(with(&|w| w["steps"][1]["dependson"] = json!(["gen"]))),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    assert!(
+        error_of(&answer).error.message.contains("dependson"),
+        "{answer}"
+    );
+    // Submit needs the submit scope.
+    let (status, _) = h
+        .call(
+            "POST",
+            "/v1/workflows",
+            Some(READ_TOKEN),
+            Some(calc_workflow()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(run_count(&h).await, 0, "no run was created");
+    assert_eq!(h.job_count().await, 0, "no job was created");
+    let (status, _) = h
+        .admin("GET", &format!("/v1/workflows/{}", "0".repeat(26)), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_run_releases_its_steps_in_order_and_prices_every_attempt() {
+    let h = Harness::start(|_| {}).await;
+    let (status, run) = h
+        .admin("POST", "/v1/workflows", Some(calc_workflow()))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{run}");
+    let run_id = run["id"].as_str().unwrap().to_string();
+    assert_eq!(run["state"], "RUNNING");
+    let states: Vec<_> = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["state"].clone())
+        .collect();
+    assert_eq!(
+        states,
+        [json!("QUEUED"), json!("PENDING"), json!("PENDING")]
+    );
+
+    // One agent on an m5.large (2 vCPU, 8 GiB, $0.096/h).
+    let mut client = h.grpc().await;
+    let session = client
+        .register(v1::RegisterRequest {
+            join_token: h.join.clone(),
+            agent: Some(v1::AgentInfo {
+                agent_id: "i-0123".into(),
+                pool: "default".into(),
+                hostname: "ip-10-0-0-1".into(),
+                labels: [("platform", "ec2"), ("instance_type", "m5.large")]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                capacity: Some(v1::Resources {
+                    cpu_millis: 2000,
+                    memory_mib: 8192,
+                    ..Default::default()
+                }),
+                runtime: "process".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let token = session.session_token.clone();
+    let mut order = Vec::new();
+    while order.len() < 4 {
+        let leases = client
+            .claim(authed(
+                v1::ClaimRequest {
+                    session_id: session.session_id.clone(),
+                    free: Some(v1::Resources {
+                        cpu_millis: 2000,
+                        memory_mib: 8192,
+                        ..Default::default()
+                    }),
+                    max_jobs: 8,
+                    wait_ms: 5_000,
+                },
+                &token,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .leases;
+        assert!(!leases.is_empty(), "the next step was released");
+        for lease in leases {
+            let name = lease.job.as_ref().unwrap().name.clone();
+            let lease = lease.lease.unwrap();
+            client
+                .report_started(authed(
+                    v1::ReportStartedRequest {
+                        lease: Some(lease.clone()),
+                    },
+                    &token,
+                ))
+                .await
+                .unwrap();
+            client
+                .complete(authed(
+                    v1::CompleteRequest {
+                        lease: Some(lease),
+                        outcome: v1::Outcome::Succeeded as i32,
+                        exit_code: Some(0),
+                        reason: "exit 0".into(),
+                    },
+                    &token,
+                ))
+                .await
+                .unwrap();
+            order.push(name);
+        }
+    }
+    assert_eq!(order[0], "calc/gen");
+    let mut middle = order[1..3].to_vec();
+    middle.sort();
+    assert_eq!(middle, ["calc/div[0]", "calc/div[1]"]);
+    assert_eq!(order[3], "calc/sum");
+
+    let (_, run) = h
+        .admin("GET", &format!("/v1/workflows/{run_id}"), None)
+        .await;
+    assert_eq!(run["state"], "SUCCEEDED", "{run}");
+    assert!(run["finished_at_ms"].as_i64().is_some());
+    let steps = run["steps"].as_array().unwrap();
+    assert_eq!(steps[1]["tasks"], 2);
+    assert_eq!(steps[1]["succeeded"], 2);
+    let step_costs: f64 = steps.iter().map(|s| s["cost_usd"].as_f64().unwrap()).sum();
+    let total = run["cost_usd"].as_f64().unwrap();
+    assert!(
+        (total - step_costs).abs() < 1e-12,
+        "{total} vs {step_costs}"
+    );
+
+    // Each attempt was priced at its share of the m5.large when it started:
+    // gen asked for 1 of 2 vCPUs, the others for the default 100 m / 128 MiB.
+    let gen_id = steps[0]["jobs"][0]["job_id"].as_str().unwrap();
+    let sum_id = steps[2]["jobs"][0]["job_id"].as_str().unwrap();
+    for (id, rate) in [(gen_id, 0.096 * 0.5), (sum_id, 0.096 * 0.05)] {
+        let (_, events) = h.admin("GET", &format!("/v1/jobs/{id}/events"), None).await;
+        let running = events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["state"] == "RUNNING")
+            .unwrap()
+            .clone();
+        let got = running["usd_per_hour"].as_f64().unwrap();
+        assert!((got - rate).abs() < 1e-12, "{id}: {got} vs {rate}");
+        let (_, job) = h.admin("GET", &format!("/v1/jobs/{id}"), None).await;
+        assert!(job["cost_usd"].as_f64().is_some(), "{job}");
+        assert_eq!(job["workflow"]["run_id"], run_id.as_str());
+    }
+
+    let (_, list) = h.admin("GET", "/v1/workflows", None).await;
+    assert_eq!(list["runs"][0]["id"], run_id.as_str());
+    assert_eq!(list["runs"][0]["state"], "SUCCEEDED");
+    assert_eq!(list["runs"][0]["done"], 4);
+    let (status, answer) = h.admin("GET", "/v1/workflows?limit=0", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(error_of(&answer).error.field.as_deref(), Some("limit"));
+}
+
+#[tokio::test]
+async fn cancelling_a_run_cancels_every_unfinished_step() {
+    let h = Harness::start(|_| {}).await;
+    let (_, run) = h
+        .admin("POST", "/v1/workflows", Some(calc_workflow()))
+        .await;
+    let id = run["id"].as_str().unwrap();
+    let (status, run) = h
+        .admin("POST", &format!("/v1/workflows/{id}/cancel"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{run}");
+    assert_eq!(run["state"], "CANCELLED");
+    for step in run["steps"].as_array().unwrap() {
+        assert_eq!(step["state"], "CANCELLED", "{step}");
+        for job in step["jobs"].as_array().unwrap() {
+            assert_eq!(job["state"], "CANCELLED", "{job}");
+        }
+    }
+    let (status, again) = h
+        .admin("POST", &format!("/v1/workflows/{id}/cancel"), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(again["state"], "CANCELLED");
+    let (status, _) = h
+        .admin(
+            "POST",
+            &format!("/v1/workflows/{}/cancel", "0".repeat(26)),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }

@@ -3,9 +3,11 @@
 //! - [`v1`]: the generated `drover.v1` AgentService (gRPC, agents only).
 //! - [`model`]: the domain types of the HTTP JSON API (jobs, events, agents,
 //!   pools), shared by the coordinator and the CLI so the two cannot drift.
+//! - [`workflow`]: workflow files, their validation and expansion into jobs.
 //! - [`ErrorCode`]: the one mapping from error kinds to gRPC and HTTP codes.
 
 pub mod model;
+pub mod workflow;
 
 #[allow(clippy::all)]
 pub mod v1 {

@@ -257,7 +257,7 @@ impl JobSpec {
         }
         let mut seen = std::collections::BTreeSet::new();
         for (i, input) in self.inputs.iter().enumerate() {
-            validate_name(&format!("inputs[{i}].name"), &input.name)?;
+            validate_input_name(&format!("inputs[{i}].name"), &input.name)?;
             if !seen.insert(input.name.as_str()) {
                 return Err(FieldError::new(
                     format!("inputs[{i}].name"),
@@ -299,6 +299,21 @@ pub fn validate_name(field: &str, name: &str) -> Result<(), FieldError> {
             field,
             format!("{name:?} is not a valid name: use 1 to 64 letters, digits, '-', '_' or '.'"),
         ))
+    }
+}
+
+/// An input's directory under `/input`: a name, or `<step>/<task index>`
+/// for the tasks of a workflow's array step.
+pub fn validate_input_name(field: &str, name: &str) -> Result<(), FieldError> {
+    match name.split_once('/') {
+        Some((step, index))
+            if !index.is_empty()
+                && index.len() <= 6
+                && index.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            validate_name(field, step)
+        }
+        _ => validate_name(field, name),
     }
 }
 
@@ -600,6 +615,14 @@ pub struct Job {
     pub reason: Option<String>,
     #[serde(default)]
     pub cancel_requested: bool,
+    /// The workflow run and step this job belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<crate::workflow::WorkflowLink>,
+    /// What its attempts cost so far (duration × the agent's price, by the
+    /// job's share of the agent). Filled by `GET /v1/jobs/{id}`; `None` in
+    /// listings or when an agent's price is unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
 }
 
 /// `GET /v1/jobs/{id}/artifacts`: where to download the job's artifact.
@@ -626,6 +649,10 @@ pub struct JobEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_id: Option<String>,
     pub reason: String,
+    /// On RUNNING events: what this attempt costs per hour on its agent
+    /// (the job's share of it), when the agent's price is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usd_per_hour: Option<f64>,
 }
 
 /// `POST /v1/jobs` body: one spec, or `{"jobs": [...]}`.

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use drover_coordinator::store::*;
-use drover_proto::model::{Agent, Job, JobEvent, JobState, Pool, SubmittedJob};
+use drover_proto::model::{Agent, Job, JobEvent, Pool, SubmittedJob};
 use tokio::sync::Notify;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -72,10 +72,15 @@ impl<S: Store> Store for TimedStore<S> {
     ) -> StoreResult<Vec<ClaimedJob>> {
         self.inner.claim(offer, scan_limit, now_ms).await
     }
-    async fn start(&self, lease: &LeaseRef, now_ms: i64) -> StoreResult<()> {
+    async fn start(
+        &self,
+        lease: &LeaseRef,
+        now_ms: i64,
+        usd_per_hour: Option<f64>,
+    ) -> StoreResult<()> {
         let at = Instant::now();
         self.record(&lease.job_id, |t| t.started = Some(at));
-        self.inner.start(lease, now_ms).await
+        self.inner.start(lease, now_ms, usd_per_hour).await
     }
     async fn check_lease(&self, lease: &LeaseRef) -> StoreResult<()> {
         self.inner.check_lease(lease).await
@@ -85,12 +90,30 @@ impl<S: Store> Store for TimedStore<S> {
         lease: &LeaseRef,
         completion: &Completion,
         now_ms: i64,
-    ) -> StoreResult<JobState> {
+    ) -> StoreResult<Completed> {
         let state = self.inner.complete(lease, completion, now_ms).await?;
         let at = Instant::now();
         self.record(&lease.job_id, |t| t.completed = Some(at));
         self.completed.notify_waiters();
         Ok(state)
+    }
+    async fn create_run(&self, run: &RunRecord, jobs: Vec<NewJob>, now_ms: i64) -> StoreResult<()> {
+        self.inner.create_run(run, jobs, now_ms).await
+    }
+    async fn get_run(&self, run_id: &str) -> StoreResult<RunRecord> {
+        self.inner.get_run(run_id).await
+    }
+    async fn list_runs(&self, cursor: Option<&str>, limit: usize) -> StoreResult<Page<RunRecord>> {
+        self.inner.list_runs(cursor, limit).await
+    }
+    async fn cancel_run(&self, run_id: &str, now_ms: i64) -> StoreResult<RunRecord> {
+        self.inner.cancel_run(run_id, now_ms).await
+    }
+    async fn get_jobs(&self, job_ids: &[String]) -> StoreResult<Vec<Job>> {
+        self.inner.get_jobs(job_ids).await
+    }
+    async fn release_pending(&self, now_ms: i64) -> StoreResult<Vec<String>> {
+        self.inner.release_pending(now_ms).await
     }
     async fn cancel(&self, job_id: &str, now_ms: i64) -> StoreResult<Job> {
         self.inner.cancel(job_id, now_ms).await

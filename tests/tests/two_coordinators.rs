@@ -350,6 +350,7 @@ fn overlapping_attempts_are_caught() {
         state,
         agent_id: None,
         reason: String::new(),
+        usd_per_hour: None,
     };
     let good = [
         ev(0, JobState::Queued, 0),

@@ -58,7 +58,12 @@ pub fn jobs_table(jobs: &[Job], now_ms: i64) -> Table {
 
 pub async fn show(client: &Client, id: &str, json: bool) -> anyhow::Result<()> {
     let job = client.get_job(id).await?;
-    let events = client.job_events(id).await?;
+    show_job(client, job, json).await
+}
+
+/// `drover show` of a job already fetched: its events are fetched too.
+pub async fn show_job(client: &Client, job: Job, json: bool) -> anyhow::Result<()> {
+    let events = client.job_events(&job.id).await?;
     if json {
         #[derive(Serialize)]
         struct Shown<'a> {
@@ -84,6 +89,14 @@ pub fn describe(job: &Job, events: &EventList, now_ms: i64) -> String {
         }
     };
     field("Name", spec.name.clone());
+    if let Some(link) = &job.workflow {
+        let mut shown = format!("run {} step {}", link.run_id, link.step);
+        if let Some(index) = link.task_index {
+            shown.push_str(&format!(" task {index}"));
+        }
+        shown.push_str(&format!(" (drover show {})", link.run_id));
+        field("Workflow", shown);
+    }
     field("Pool", spec.pool.clone());
     let mut state = job.state.to_string();
     if job.cancel_requested && !job.state.is_terminal() {
@@ -174,6 +187,9 @@ pub fn describe(job: &Job, events: &EventList, now_ms: i64) -> String {
     if let Some(duration) = crate::commands::submit::run_duration(job) {
         field("Duration", duration);
     }
+    if let Some(usd) = job.cost_usd {
+        field("Cost", crate::commands::workflows::cost(Some(usd)));
+    }
 
     let mut out = fields.render();
     out.push_str("\nEvents:\n");
@@ -261,8 +277,13 @@ pub async fn logs(client: &Client, args: &LogsArgs, json: bool) -> anyhow::Resul
 
 pub async fn cancel(client: &Client, id: &str, json: bool) -> anyhow::Result<()> {
     let job = client.cancel_job(id).await?;
+    print_cancelled(&job, json)
+}
+
+/// What `drover cancel` prints for a job.
+pub fn print_cancelled(job: &Job, json: bool) -> anyhow::Result<()> {
     if json {
-        return print_json(&job);
+        return print_json(job);
     }
     if job.state.is_terminal() {
         println!("job {}: {}", job.id, job.state);
@@ -323,6 +344,8 @@ mod tests {
             exit_code: Some(3),
             reason: Some("exit code 3".into()),
             cancel_requested: false,
+            workflow: None,
+            cost_usd: None,
         }
     }
 
@@ -351,6 +374,7 @@ mod tests {
                     state: JobState::Queued,
                     agent_id: None,
                     reason: "submitted".into(),
+                    usd_per_hour: None,
                 },
                 JobEvent {
                     seq: 2,
@@ -359,6 +383,7 @@ mod tests {
                     state: JobState::Running,
                     agent_id: Some("dev-1".into()),
                     reason: String::new(),
+                    usd_per_hour: None,
                 },
             ],
         };
@@ -378,6 +403,33 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("submitted"), "{out}");
+    }
+
+    #[test]
+    fn describe_links_a_workflow_job_to_its_run_and_shows_its_cost() {
+        let mut job = job();
+        job.workflow = Some(drover_proto::workflow::WorkflowLink {
+            run_id: "01RUN".into(),
+            step: "divide".into(),
+            task_index: Some(1),
+        });
+        job.cost_usd = Some(0.0042);
+        let out = describe(&job, &EventList { events: vec![] }, 1_700_000_060_000);
+        assert!(
+            out.lines().any(|l| l.starts_with("Workflow:")
+                && l.ends_with("run 01RUN step divide task 1 (drover show 01RUN)")),
+            "{out}"
+        );
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("Cost:") && l.ends_with("$0.0042")),
+            "{out}"
+        );
+        let plain = describe(&self::job(), &EventList { events: vec![] }, 0);
+        assert!(
+            !plain.contains("Workflow:") && !plain.contains("Cost:"),
+            "{plain}"
+        );
     }
 
     #[test]

@@ -5,13 +5,14 @@ pub mod artifacts;
 pub mod jobs;
 pub mod pools;
 pub mod submit;
+pub mod workflows;
 
 use std::future::Future;
 
 use serde::Serialize;
 
 use crate::args::{Cli, Command};
-use crate::client::Client;
+use crate::client::{ApiFailure, Client};
 use crate::config;
 use crate::error::EXIT_OK;
 
@@ -29,9 +30,11 @@ pub async fn run(
     match &cli.command {
         Command::Submit(args) => return submit::run(&client, args, json).await,
         Command::Jobs(args) => jobs::list(&client, args, json).await?,
-        Command::Show { job } => jobs::show(&client, job, json).await?,
+        Command::Run(args) => return workflows::run(&client, args, json, shutdown).await,
+        Command::Runs(args) => workflows::list(&client, args, json).await?,
+        Command::Show { id } => show(&client, id, json).await?,
         Command::Logs(args) => jobs::logs(&client, args, json).await?,
-        Command::Cancel { job } => jobs::cancel(&client, job, json).await?,
+        Command::Cancel { id } => cancel(&client, id, json).await?,
         Command::Retry { job } => jobs::retry(&client, job, json).await?,
         Command::Agents => agents::list(&client, json).await?,
         Command::Drain { agent } => agents::drain(&client, agent, json).await?,
@@ -40,6 +43,38 @@ pub async fn run(
         Command::Dev(_) => unreachable!("handled above"),
     }
     Ok(EXIT_OK)
+}
+
+/// `drover show ID`: a job, or else a workflow run (both ids are ULIDs: the
+/// job is asked for first, the run on a 404).
+async fn show(client: &Client, id: &str, json: bool) -> anyhow::Result<()> {
+    match client.get_job(id).await {
+        Ok(job) => jobs::show_job(client, job, json).await,
+        Err(err) if ApiFailure::is_not_found(&err) => match client.get_workflow(id).await {
+            Ok(run) => workflows::show(&run, json),
+            Err(err) if ApiFailure::is_not_found(&err) => Err(no_such_id(id)),
+            Err(err) => Err(err),
+        },
+        Err(err) => Err(err),
+    }
+}
+
+/// `drover cancel ID`: a job, or else every unfinished step of a run.
+async fn cancel(client: &Client, id: &str, json: bool) -> anyhow::Result<()> {
+    match client.cancel_job(id).await {
+        Ok(job) => jobs::print_cancelled(&job, json),
+        Err(err) if ApiFailure::is_not_found(&err) => {
+            match workflows::cancel(client, id, json).await {
+                Err(err) if ApiFailure::is_not_found(&err) => Err(no_such_id(id)),
+                other => other,
+            }
+        }
+        Err(err) => Err(err),
+    }
+}
+
+fn no_such_id(id: &str) -> anyhow::Error {
+    anyhow::anyhow!("no job or workflow run has the id {id:?} (see `drover jobs`, `drover runs`)")
 }
 
 /// A client for the coordinator named by flags, environment or cli.toml.

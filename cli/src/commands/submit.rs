@@ -459,6 +459,8 @@ mod tests {
             exit_code,
             reason: None,
             cancel_requested: false,
+            workflow: None,
+            cost_usd: None,
         }
     }
 
@@ -663,6 +665,7 @@ mod tests {
             state: JobState::Running,
             agent_id: Some("dev-1".into()),
             reason: String::new(),
+            usd_per_hour: None,
         };
         assert_eq!(
             transition_line("01J", Some(JobState::Queued), &event),

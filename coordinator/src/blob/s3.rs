@@ -780,7 +780,7 @@ pub(crate) mod tests {
             ..Resources::default()
         };
         let lease = a.claim(&session, free, 1, 0).await.unwrap().remove(0).lease;
-        a.report_started(&lease).await.unwrap();
+        a.report_started(&session, &lease).await.unwrap();
         // A follower on B, from before the first byte.
         let follower = tokio::spawn(
             b.log_stream(job_id.clone(), lease.attempt, true)

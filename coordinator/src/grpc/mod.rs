@@ -165,8 +165,9 @@ impl AgentService for AgentGrpc {
         &self,
         req: Request<v1::ReportStartedRequest>,
     ) -> Result<Response<v1::ReportStartedResponse>, Status> {
-        let lease = self.lease_session(&req, &req.get_ref().lease).await?;
-        self.service.report_started(&lease).await?;
+        let lease = lease_from_wire(req.get_ref().lease.clone())?;
+        let session = self.session(&req, &lease.session_id).await?;
+        self.service.report_started(&session, &lease).await?;
         Ok(Response::new(v1::ReportStartedResponse {}))
     }
 

@@ -13,6 +13,7 @@ use axum::{Json, Router};
 use drover_proto::model::{
     AgentList, ApiError, ApiErrorBody, EventList, JobList, JobState, PoolList, SubmitRequest,
 };
+use drover_proto::workflow::{RunList, WorkflowSpec};
 
 use crate::config::Scope;
 use crate::error::ServiceError;
@@ -47,6 +48,9 @@ pub fn router(service: Arc<Service>) -> Router {
                 .put(blobs::put_blob)
                 .layer(DefaultBodyLimit::disable()),
         )
+        .route("/v1/workflows", post(create_workflow).get(list_workflows))
+        .route("/v1/workflows/{id}", get(get_workflow))
+        .route("/v1/workflows/{id}/cancel", post(cancel_workflow))
         .route("/v1/agents", get(agents))
         .route("/v1/agents/{id}/drain", post(drain))
         .route("/v1/pools", get(pools))
@@ -179,6 +183,55 @@ async fn list_jobs(
         jobs: page.items,
         next_cursor: page.next_cursor,
     }))
+}
+
+async fn create_workflow(
+    State(service): State<Arc<Service>>,
+    headers: HeaderMap,
+    body: Result<Json<WorkflowSpec>, JsonRejection>,
+) -> ApiResult<Response> {
+    authorize(&service, &headers, Scope::Submit)?;
+    let Json(spec) = body.map_err(json_rejection)?;
+    let run = service.create_workflow(spec).await?;
+    Ok((StatusCode::CREATED, Json(run)).into_response())
+}
+
+async fn list_workflows(
+    State(service): State<Arc<Service>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<RunList>> {
+    authorize(&service, &headers, Scope::Read)?;
+    if let Some(key) = q
+        .keys()
+        .find(|k| !["cursor", "limit"].contains(&k.as_str()))
+    {
+        return Err(ServiceError::invalid(key, "is not a parameter; use cursor or limit").into());
+    }
+    let limit = query_param::<usize>(&q, "limit", "a number")?;
+    Ok(Json(
+        service
+            .workflows(q.get("cursor").map(String::as_str), limit)
+            .await?,
+    ))
+}
+
+async fn get_workflow(
+    State(service): State<Arc<Service>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    authorize(&service, &headers, Scope::Read)?;
+    Ok(Json(service.workflow(&id).await?).into_response())
+}
+
+async fn cancel_workflow(
+    State(service): State<Arc<Service>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    authorize(&service, &headers, Scope::Submit)?;
+    Ok(Json(service.cancel_workflow(&id).await?).into_response())
 }
 
 async fn get_job(

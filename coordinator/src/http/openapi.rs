@@ -102,6 +102,29 @@ pub fn openapi_document() -> Value {
         "/v1/blobs/{object}".into(),
         json!({ "get": blob_get, "put": blob_put }),
     );
+    let mut create_run = op(
+        "Start a workflow run: steps with depends_on, array, outputs and inputs; validated whole before anything is created",
+        Some("submit"),
+        "201: WorkflowRun",
+    );
+    create_run["requestBody"] = json!({ "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/WorkflowSpec" } } } });
+    let mut list_runs = op("List workflow runs, newest first", Some("read"), "RunList");
+    list_runs["parameters"] = json!([
+        { "name": "cursor", "in": "query", "schema": { "type": "string" }, "description": "next_cursor of the previous page" },
+        { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 200, "default": 20 } }
+    ]);
+    paths.insert(
+        "/v1/workflows".into(),
+        json!({ "post": create_run, "get": list_runs }),
+    );
+    paths.insert(
+        "/v1/workflows/{id}".into(),
+        json!({ "get": with_id(op("A run: state, steps (tasks done, durations, cost) and their jobs", Some("read"), "WorkflowRun"), "id") }),
+    );
+    paths.insert(
+        "/v1/workflows/{id}/cancel".into(),
+        json!({ "post": with_id(op("Cancel every unfinished step of a run", Some("submit"), "WorkflowRun"), "id") }),
+    );
     paths.insert("/v1/agents".into(), json!({ "get": op("Agents with live sessions and recently gone ones", Some("read"), "AgentList") }));
     paths.insert(
         "/v1/agents/{id}/drain".into(),
@@ -129,7 +152,14 @@ pub fn openapi_document() -> Value {
         "/v1/openapi.json".into(),
         json!({ "get": op("This document", None, "OpenAPI 3") }),
     );
-    json!({
+    let workflow_spec = json!({ "type": "object", "required": ["name", "steps"], "additionalProperties": false, "properties": {
+                    "name": { "type": "string" }, "description": { "type": "string" },
+                    "steps": { "type": "array", "minItems": 1, "maxItems": 100, "items": { "allOf": [ { "$ref": "#/components/schemas/JobSpec" }, { "type": "object", "required": ["name"], "properties": {
+                        "name": { "type": "string", "description": "unique; the directory of its outputs under /input in dependent steps" },
+                        "depends_on": { "type": "array", "items": { "type": "string" } },
+                        "array": { "oneOf": [ { "type": "integer", "minimum": 1, "maximum": 256 }, { "type": "object", "properties": { "count": { "type": "integer" } } } ], "description": "N tasks with DROVER_TASK_INDEX and DROVER_TASK_COUNT" },
+                        "inputs": { "type": "array", "items": { "type": "string" }, "description": "steps whose outputs to read (default: the dependencies that declare outputs)" } } } ] } } } });
+    let mut document = json!({
         "openapi": "3.0.3",
         "info": { "title": "Drover coordinator API", "version": env!("CARGO_PKG_VERSION"),
                   "description": "Types are those of drover_proto::model (JobSpec, Job, JobEvent, Agent, Pool). Errors are {\"error\": {\"code\", \"message\", \"field\"}}." },
@@ -170,5 +200,7 @@ pub fn openapi_document() -> Value {
                 "ApiErrorBody": { "type": "object", "properties": { "error": { "type": "object", "properties": { "code": { "type": "string" }, "message": { "type": "string" }, "field": { "type": "string" } } } } }
             }
         }
-    })
+    });
+    document["components"]["schemas"]["WorkflowSpec"] = workflow_spec;
+    document
 }

@@ -8,6 +8,9 @@ use drover_proto::model::{JobSpec, JobState, Resources, RetryPolicy};
 
 use super::*;
 
+mod workflows;
+use workflows::*;
+
 const T0: i64 = 1_700_000_000_000;
 const TTL: u64 = 60_000;
 
@@ -33,6 +36,7 @@ async fn submit<S: Store>(store: &S, specs: Vec<JobSpec>, now: i64) -> Vec<Strin
         .map(|spec| NewJob {
             id: ulid::Ulid::new().to_string(),
             spec,
+            workflow: None,
         })
         .collect();
     store
@@ -148,7 +152,7 @@ pub async fn stale_attempt_and_foreign_session_are_fenced<S: Store>(store: S) {
     };
     for bad in [&stale, &foreign] {
         assert!(matches!(
-            store.start(bad, T0).await,
+            store.start(bad, T0, None).await,
             Err(StoreError::LeaseLost { .. })
         ));
         assert!(matches!(
@@ -162,7 +166,7 @@ pub async fn stale_attempt_and_foreign_session_are_fenced<S: Store>(store: S) {
             Err(StoreError::LeaseLost { .. })
         ));
     }
-    store.start(&lease, T0).await.unwrap();
+    store.start(&lease, T0, None).await.unwrap();
     // The agent lost the session; the job went to another attempt.
     store.end_session("s1", "test", T0 + 1).await.unwrap();
     let offer2 = session(&store, "s3", T0 + 2).await;
@@ -293,7 +297,7 @@ pub async fn ended_session_requeues_on_the_infra_budget<S: Store>(store: S) {
     let id = submit(&store, vec![s], T0).await.remove(0);
     let offer = session(&store, "s1", T0).await;
     let lease = claim_one(&store, &offer, T0).await.unwrap().lease;
-    store.start(&lease, T0).await.unwrap();
+    store.start(&lease, T0, None).await.unwrap();
     let ended = store.end_session("s1", "agent lost", T0 + 1).await.unwrap();
     assert_eq!(ended.requeued, vec![id.clone()]);
     let job = store.get_job(&id).await.unwrap();
@@ -330,7 +334,8 @@ pub async fn failures_retry_with_backoff_until_max_attempts<S: Store>(store: S) 
     let state = store
         .complete(&lease, &done(OutcomeKind::Failed, Some(1)), T0)
         .await
-        .unwrap();
+        .unwrap()
+        .state;
     assert_eq!(state, JobState::Queued);
     let job = store.get_job(&id).await.unwrap();
     assert_eq!(job.failures, 1);
@@ -344,7 +349,8 @@ pub async fn failures_retry_with_backoff_until_max_attempts<S: Store>(store: S) 
     let state = store
         .complete(&lease, &done(OutcomeKind::Failed, Some(1)), T0 + 10_001)
         .await
-        .unwrap();
+        .unwrap()
+        .state;
     assert_eq!(state, JobState::Failed);
     let job = store.get_job(&id).await.unwrap();
     assert_eq!((job.failures, job.exit_code), (2, Some(1)));
@@ -365,7 +371,8 @@ pub async fn only_listed_exit_codes_are_retried<S: Store>(store: S) {
         store
             .complete(&lease, &done(OutcomeKind::Failed, Some(75)), T0)
             .await
-            .unwrap(),
+            .unwrap()
+            .state,
         JobState::Queued
     );
     let lease = claim_one(&store, &offer, T0).await.unwrap().lease;
@@ -373,7 +380,8 @@ pub async fn only_listed_exit_codes_are_retried<S: Store>(store: S) {
         store
             .complete(&lease, &done(OutcomeKind::Failed, Some(2)), T0)
             .await
-            .unwrap(),
+            .unwrap()
+            .state,
         JobState::Failed
     );
     assert_eq!(store.get_job(&id).await.unwrap().failures, 2);
@@ -391,7 +399,8 @@ pub async fn interruptions_do_not_spend_attempts<S: Store>(store: S) {
     let state = store
         .complete(&lease, &done(OutcomeKind::Interrupted, None), T0)
         .await
-        .unwrap();
+        .unwrap()
+        .state;
     assert_eq!(state, JobState::Queued);
     let job = store.get_job(&id).await.unwrap();
     assert_eq!((job.failures, job.infra_retries), (0, 1));
@@ -411,6 +420,7 @@ pub async fn idempotency_key_returns_the_existing_job<S: Store>(store: S) {
             vec![NewJob {
                 id: ulid::Ulid::new().to_string(),
                 spec: s.clone(),
+                workflow: None,
             }],
             T0,
         )
@@ -421,6 +431,7 @@ pub async fn idempotency_key_returns_the_existing_job<S: Store>(store: S) {
             vec![NewJob {
                 id: ulid::Ulid::new().to_string(),
                 spec: s,
+                workflow: None,
             }],
             T0,
         )
@@ -467,7 +478,7 @@ pub async fn cancel_works_in_every_state<S: Store>(store: S) {
         .collect();
     let by_job = |id: &str| leases.iter().find(|l| l.job_id == id).unwrap().clone();
     let (leased, running, finished) = (by_job(&ids[1]), by_job(&ids[2]), by_job(&ids[3]));
-    store.start(&running, T0).await.unwrap();
+    store.start(&running, T0, None).await.unwrap();
     store
         .complete(&finished, &done(OutcomeKind::Succeeded, Some(0)), T0)
         .await
@@ -493,14 +504,16 @@ pub async fn cancel_works_in_every_state<S: Store>(store: S) {
         store
             .complete(&running, &done(OutcomeKind::Cancelled, Some(143)), T0)
             .await
-            .unwrap(),
+            .unwrap()
+            .state,
         JobState::Cancelled
     );
     assert_eq!(
         store
             .complete(&leased, &done(OutcomeKind::Interrupted, None), T0)
             .await
-            .unwrap(),
+            .unwrap()
+            .state,
         JobState::Cancelled
     );
     // Finished jobs cannot be cancelled.
@@ -530,13 +543,13 @@ pub async fn every_transition_appends_an_event<S: Store>(store: S) {
     let id = submit(&store, vec![s], T0).await.remove(0);
     let offer = session(&store, "s1", T0).await;
     let lease = claim_one(&store, &offer, T0).await.unwrap().lease;
-    store.start(&lease, T0 + 1).await.unwrap();
+    store.start(&lease, T0 + 1, None).await.unwrap();
     store
         .complete(&lease, &done(OutcomeKind::Failed, Some(3)), T0 + 2)
         .await
         .unwrap();
     let lease = claim_one(&store, &offer, T0 + 3).await.unwrap().lease;
-    store.start(&lease, T0 + 4).await.unwrap();
+    store.start(&lease, T0 + 4, None).await.unwrap();
     store
         .complete(&lease, &done(OutcomeKind::Succeeded, Some(0)), T0 + 5)
         .await
@@ -633,11 +646,11 @@ pub async fn complete_is_idempotent_and_recorded_once<S: Store>(store: S) {
     let lease = claim_one(&store, &offer, T0).await.unwrap().lease;
     let ok = done(OutcomeKind::Succeeded, Some(0));
     assert_eq!(
-        store.complete(&lease, &ok, T0).await.unwrap(),
+        store.complete(&lease, &ok, T0).await.unwrap().state,
         JobState::Succeeded
     );
     assert_eq!(
-        store.complete(&lease, &ok, T0 + 5).await.unwrap(),
+        store.complete(&lease, &ok, T0 + 5).await.unwrap().state,
         JobState::Succeeded
     );
     assert!(matches!(
@@ -828,7 +841,7 @@ pub async fn reaper_times_out_running_jobs_and_requeues_unstarted_ones<S: Store>
         .map(|c| c.lease)
         .collect();
     let slow_lease = leases.iter().find(|l| l.job_id == ids[0]).unwrap().clone();
-    store.start(&slow_lease, T0).await.unwrap();
+    store.start(&slow_lease, T0, None).await.unwrap();
     let nothing = store.reap_jobs(500, 10_000, T0 + 1_400).await.unwrap();
     assert_eq!(nothing, ReapedJobs::default());
     let reaped = store.reap_jobs(500, 10_000, T0 + 10_001).await.unwrap();
@@ -1195,6 +1208,15 @@ macro_rules! store_conformance {
                 released_leader_lease_is_taken_over_at_once,
                 lost_sessions_are_the_expired_ones_not_those_that_left,
                 queued_needs_list_what_queued_jobs_ask_for,
+                workflow_run_is_created_with_roots_queued_and_the_rest_pending,
+                dependents_are_released_when_all_their_dependencies_succeeded,
+                two_dependencies_finishing_together_release_the_step_exactly_once,
+                a_failed_step_fails_its_dependents_transitively,
+                every_way_a_dependency_ends_badly_fails_its_dependents,
+                cancel_run_cancels_every_unfinished_step,
+                retry_of_a_succeeded_workflow_job_is_refused,
+                runs_list_newest_first_with_a_cursor,
+                start_records_the_attempt_price_on_its_running_event,
             );
         }
     };

@@ -5,16 +5,17 @@
 //!
 //! | item | `pk` | `sk` | indexes |
 //! |---|---|---|---|
-//! | job state (small; every transition rewrites it) | `JOB#<id>` | `STATE` | gsi1 while QUEUED, gsi2 while LEASED/RUNNING, gsi3 always |
+//! | job state (small; every transition rewrites it) | `JOB#<id>` | `STATE` | gsi1 while QUEUED, gsi2 while LEASED/RUNNING or PENDING, gsi3 always (once published) |
 //! | job spec (immutable, may be large) | `JOB#<id>` | `SPEC` | |
 //! | event | `JOB#<id>` | `EV#<attempt:010>#<n:06>` | |
+//! | workflow run (steps as JSON, cancel flag) | `RUN#<id>` | `RUN` | gsi3 once published; gsi2 `PENDING` / `RUN#<id>` until then |
 //! | idempotency key | `IDEM#<key>` | `IDEM` | |
 //! | session | `SESSION#<id>` | `SESSION` | gsi2 `SESSIONS` while live, `GONE#<day>` after |
 //! | pool (paused, largest agent) | `POOL#<name>` | `POOL` | gsi2 `POOLS` |
 //! | leader lease (scaler) | `LEADER#<name>` | `LEADER` | |
 //! | scaler record of a pool | `SCALER` | `<pool>` | |
 //! | lost session (expired, for zombie reaping) | `LOST#<day>` | `<ended ms>#<session>` | |
-//! | listing horizon | `META` | `LISTING` | |
+//! | listing horizon (jobs; runs) | `META` | `LISTING`; `RUNS` | |
 //!
 //! - **gsi1 (queue)**, projection INCLUDE of the claim attributes: ready jobs
 //!   under `Q#<pool>#<shard>` / `<1e6 - priority:07>#<enqueued ms:013>#<id>`
@@ -23,8 +24,12 @@
 //!   Claims promote due delayed jobs to `Q#` first.
 //! - **gsi2 (owner)**, keys only: `S#<session>` / `<job id>` on leased jobs
 //!   (heartbeats, reaper, end of session; always confirmed by consistent
-//!   reads), `SESSIONS` / `<session id>` on live sessions, `POOLS` / `<name>`.
-//! - **gsi3 (listing)**, keys only: `L#<ULID day:06>` / `<job id>`.
+//!   reads), `SESSIONS` / `<session id>` on live sessions, `POOLS` / `<name>`,
+//!   `PENDING` / `<job id>` on PENDING workflow jobs and `PENDING` /
+//!   `RUN#<run id>` on runs whose create has not finished publishing (the
+//!   sweep reads both with one query).
+//! - **gsi3 (listing)**, keys only: `L#<ULID day:06>` / `<job id>`; runs
+//!   under their own partitions, `R#<ULID day:06>` / `<run id>`.
 //!
 //! # Writes and their cost
 //!
@@ -44,6 +49,65 @@
 //! report disagrees with the store), and read the session's leases through
 //! gsi2 confirmed by one consistent `BatchGetItem`: O(agents) writes.
 //!
+//! The RUNNING event records the attempt's price (`usd_per_hour`) when known.
+//!
+//! # Workflows
+//!
+//! A workflow job's state item carries its link (`run`, `step`, `task`)
+//! and, while PENDING, `deps`: how many of its dependency jobs have not yet
+//! counted themselves as succeeded. A PENDING job is not in the queue index;
+//! it sits in gsi2 `PENDING`, which nothing but the sweep reads.
+//!
+//! - **create_run.** When the run item and every job's items (state, spec,
+//!   first event: QUEUED `submitted` for roots, PENDING `waiting for N jobs…`
+//!   for the rest) fit in one `TransactWriteItems` (100 items: 33 jobs),
+//!   they are one, the run item conditioned on its absence. Larger runs are
+//!   written in phases: the jobs in transactions of 100 items *without index
+//!   keys* and with a one-day expiry (`unpub`: invisible to get, list, claim
+//!   and sweep); then the run item, the commit point, carrying the
+//!   `PENDING` / `RUN#<id>` marker; then every job is published (index keys
+//!   for its state, expiry dropped; dependents before their dependencies, so
+//!   no root finishes before the jobs waiting for it are in place); then the
+//!   marker makes way for the run's listing keys. A coordinator that dies
+//!   before the run item leaves jobs nobody sees, which expire; one that dies
+//!   after it leaves a marker, and the sweep publishes any run whose marker
+//!   is over a minute old. An unpublished run is not found by `get_run`.
+//! - **Success.** A completion that makes a workflow job SUCCEEDED reads the
+//!   run item (consistently) for its dependents and, in its own transaction,
+//!   decrements each one's `deps` (and bumps its `ver`, so no
+//!   read-decide-write overwrites the count; conditioned only on the item
+//!   existing) — up to 95 of them; more are decremented right after, in
+//!   transactions of 100 (so the SDK's retries stay idempotent). Then one
+//!   consistent `BatchGetItem` of the dependents, and those PENDING at zero
+//!   are released (QUEUED `dependencies succeeded`, at the back of their
+//!   priority) by writes conditioned on the version just read, many jobs per
+//!   transaction: when two dependencies finish at once, both may see zero,
+//!   one write wins and the other re-reads and finds it QUEUED. Their pools
+//!   are `Completed::released`.
+//! - **Failure.** Wherever a read-decide-write (`mutate`) moves a workflow
+//!   job to FAILED, CANCELLED or TIMED_OUT — complete, cancel, a session
+//!   ended or reaped on a spent infrastructure budget, the reaper — every
+//!   PENDING dependent is failed (`dependency_failed…`, with its event),
+//!   transitively: one `BatchGetItem` and one transaction per 50 jobs per
+//!   dependent step.
+//! - **The sweep** (`release_pending`): a coordinator can die between a
+//!   completion and its follow-up writes. One gsi2 query of `PENDING` (empty:
+//!   done); finish publishing stale runs; group the PENDING jobs by run and
+//!   step, read each run item and the dependency jobs' states consistently,
+//!   and decide from states, never the counters: all SUCCEEDED → QUEUED, one
+//!   FAILED/CANCELLED/TIMED_OUT → FAILED, transitively. Every write is
+//!   conditioned on a version, so sweeps, completions and other coordinators
+//!   race safely.
+//! - **cancel_run** sets the run's flag, then cancels every unfinished job as
+//!   `cancel` does, step by step in `dependents_first` order (a transaction
+//!   per 50 jobs), so a PENDING step ends CANCELLED, not `dependency_failed`.
+//!
+//! Plain jobs pay nothing for this. A workflow job's lifecycle costs what a
+//! plain one does, the release taking the place of the submit: a three-step
+//! chain is one `TransactWriteItems` for the run, then per job claim, start
+//! and complete, plus one release per dependent step — 12 write requests,
+//! like three plain jobs (`dynamodb/tests.rs` prints it).
+//!
 //! Reads that grow with the fleet: `expired_sessions`, `live_sessions`,
 //! `reap_jobs`, `list_agents` and `pools` query gsi2 for live sessions (and
 //! one gsi2 query per session); `pools` counts the queue partitions of gsi1.
@@ -52,15 +116,16 @@
 //! # Retention
 //!
 //! A finished job's state item expires `retention` after it finished. Spec,
-//! event and idempotency items are written with an expiry of `retention +
-//! JOB_HORIZON` from their write: a job unfinished that long loses its
-//! history (and a get of it fails loudly).
+//! event, idempotency and run items are written with an expiry of
+//! `retention + JOB_HORIZON` from their write: a job unfinished that long
+//! loses its history (and a get of it fails loudly).
 
 mod item;
 mod scaler;
 mod table;
 #[cfg(test)]
 pub(crate) mod tests;
+mod workflows;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,15 +142,16 @@ use drover_proto::model::{
     Agent, AgentState, FieldError, Job, JobEvent, JobSpec, JobState, Pool, Resources, RetryPolicy,
     SubmittedJob,
 };
+use drover_proto::workflow::WorkflowLink;
 
 use self::item::{b, get_b, get_n, get_s, key, n, req_n, req_s, s, Expr, Item};
 pub use self::table::create_table;
 use self::table::{LIST_INDEX, OWNER_INDEX, QUEUE_INDEX, TTL_ATTRIBUTE};
 use super::renewal_due;
 use super::{
-    ClaimOffer, ClaimedJob, Completion, EndedSession, HeartbeatAnswer, JobFilter, JobNeeds,
-    LeaderLease, LeaseRef, LostSession, NewJob, NewSession, OutcomeKind, Page, PoolCapacity,
-    ReapedJobs, SessionAuth, Store, StoreError, StoreResult,
+    ClaimOffer, ClaimedJob, Completed, Completion, EndedSession, HeartbeatAnswer, JobFilter,
+    JobNeeds, LeaderLease, LeaseRef, LostSession, NewJob, NewSession, OutcomeKind, Page,
+    PoolCapacity, ReapedJobs, RunRecord, SessionAuth, Store, StoreError, StoreResult,
 };
 use crate::config::DynamoDbConfig;
 
@@ -209,6 +275,14 @@ struct JobRow {
     /// The recorded outcome of the last completed attempt:
     /// (attempt, session, outcome, exit code).
     done: Option<(u64, String, String, Option<i32>)>,
+    /// The workflow run and step of a workflow job.
+    workflow: Option<WorkflowLink>,
+    /// While PENDING: how many dependency jobs have not yet reported success
+    /// (a counter: only a hint of when to look; releases check state).
+    deps: i64,
+    /// Written by a chunked `create_run` that has not yet published it:
+    /// no index keys, and a short expiry from this time.
+    unpublished_at_ms: Option<i64>,
 }
 
 impl JobRow {
@@ -266,6 +340,16 @@ impl JobRow {
             timeout_secs: get_n(item, "timeout").unwrap_or(0),
             shard: get_n(item, "shard").unwrap_or(0),
             done,
+            workflow: match get_s(item, "run") {
+                Some(run_id) => Some(WorkflowLink {
+                    run_id: run_id.to_string(),
+                    step: req_s(item, "step")?,
+                    task_index: get_n(item, "task"),
+                }),
+                None => None,
+            },
+            deps: get_n(item, "deps").unwrap_or(0),
+            unpublished_at_ms: get_n(item, "unpub"),
         })
     }
 
@@ -346,6 +430,22 @@ impl JobRow {
                 put("done_exit", n(exit));
             }
         }
+        if let Some(link) = &self.workflow {
+            put("run", s(&link.run_id));
+            put("step", s(&link.step));
+            if let Some(task) = link.task_index {
+                put("task", n(task));
+            }
+            if self.state == JobState::Pending {
+                put("deps", n(self.deps));
+            }
+        }
+        if let Some(at) = self.unpublished_at_ms {
+            // Invisible to claims, listings and sweeps until published.
+            put("unpub", n(at));
+            put(TTL_ATTRIBUTE, ttl_secs(at + workflows::UNPUBLISHED_TTL_MS));
+            return Ok(item);
+        }
         match self.state {
             JobState::Queued if self.not_before_ms > self.enqueued_at_ms => {
                 put("gsi1pk", s(self.delayed_partition()));
@@ -366,6 +466,10 @@ impl JobRow {
                     put("gsi2pk", s(format!("S#{sid}")));
                     put("gsi2sk", s(&self.id));
                 }
+            }
+            JobState::Pending => {
+                put("gsi2pk", s(workflows::PENDING_PARTITION));
+                put("gsi2sk", s(&self.id));
             }
             _ => {}
         }
@@ -395,6 +499,7 @@ impl JobRow {
                 "leased to session {}",
                 self.session_id.as_deref().unwrap_or("?")
             ),
+            usd_per_hour: None,
         })
     }
 
@@ -424,6 +529,8 @@ impl JobRow {
             exit_code: self.exit_code,
             reason: self.reason.clone(),
             cancel_requested: self.cancel_requested,
+            workflow: self.workflow.clone(),
+            cost_usd: None,
         }
     }
 
@@ -509,16 +616,22 @@ fn constraints_of(item: &Item) -> BTreeMap<String, String> {
 /// What a read-decide-write step does to a job.
 struct Transition {
     event: Option<(JobState, Option<String>, String)>,
+    /// Recorded on the event (RUNNING: the attempt's price).
+    usd_per_hour: Option<f64>,
 }
 
 impl Transition {
     fn event(state: JobState, agent: Option<String>, reason: String) -> Transition {
         Transition {
             event: Some((state, agent, reason)),
+            usd_per_hour: None,
         }
     }
     fn silent() -> Transition {
-        Transition { event: None }
+        Transition {
+            event: None,
+            usd_per_hour: None,
+        }
     }
 }
 
@@ -546,6 +659,8 @@ pub struct DynamoStore {
     known_pools: Arc<Mutex<HashSet<String>>>,
     /// Whether this process has recorded the listing horizon.
     listing_marked: Arc<AtomicBool>,
+    /// Whether this process has recorded the runs' listing horizon.
+    runs_marked: Arc<AtomicBool>,
 }
 
 /// An HTTPS client on rustls with ring (no aws-lc build), also fine for
@@ -593,6 +708,7 @@ impl DynamoStore {
             shards: config.queue_shards.max(1),
             known_pools: Arc::default(),
             listing_marked: Arc::default(),
+            runs_marked: Arc::default(),
         }
     }
 
@@ -854,6 +970,7 @@ impl DynamoStore {
             .load_rows(&id)
             .await?
             .remove(job_id)
+            .filter(|r| r.unpublished_at_ms.is_none())
             .ok_or_else(|| StoreError::NotFound(format!("job {job_id}")))?;
         let spec = self.load_specs(&id).await?.remove(job_id).ok_or_else(|| {
             StoreError::Backend(format!("job {job_id} has no spec item (expired?)"))
@@ -863,10 +980,27 @@ impl DynamoStore {
 
     /// Read, decide with `f`, write the state item back conditioned on its
     /// version together with the transition's event; re-run on a lost race.
-    async fn mutate<T, F>(&self, job_id: &str, mut f: F) -> StoreResult<T>
+    /// A workflow job's dependents hear of its end ([`Self::mutate_settling`]).
+    async fn mutate<T, F>(&self, job_id: &str, f: F) -> StoreResult<T>
     where
         F: FnMut(&mut JobRow) -> StoreResult<Step<T>>,
     {
+        Ok(self.mutate_settling(job_id, f).await?.0)
+    }
+
+    /// `mutate`, plus what the write means for a workflow job's dependents:
+    /// a success counts them down in the same transaction (when they fit)
+    /// and then releases those whose counter reached zero; a FAILED,
+    /// CANCELLED or TIMED_OUT end fails the PENDING ones, transitively.
+    /// Returns the pools of the jobs released. Plain jobs cost nothing more.
+    async fn mutate_settling<T, F>(&self, job_id: &str, mut f: F) -> StoreResult<(T, Vec<String>)>
+    where
+        F: FnMut(&mut JobRow) -> StoreResult<Step<T>>,
+    {
+        // The run, read once (consistently) when a success needs it.
+        let mut run: Option<Option<RunRecord>> = None;
+        // Dependents whose item no longer exists (expired): not counted.
+        let mut gone: HashSet<String> = HashSet::new();
         for _ in 0..MAX_RACES {
             let row = self
                 .load_row(job_id)
@@ -874,47 +1008,98 @@ impl DynamoStore {
                 .ok_or_else(|| StoreError::NotFound(format!("job {job_id}")))?;
             let mut next = row.clone();
             let (out, transition) = match f(&mut next)? {
-                Step::Keep(out) => return Ok(out),
+                Step::Keep(out) => return Ok((out, Vec::new())),
                 Step::Write(out, transition) => (out, transition),
             };
             next.version = row.version + 1;
-            let mut items = Vec::with_capacity(3);
-            if let Some(lease) = row.pending_lease_event() {
-                next.lease_event_pending = false;
-                items.push(self.put(
-                    self.event_item(
-                        job_id,
-                        row.attempt,
-                        0,
-                        lease.at_ms,
-                        (lease.state, lease.agent_id, lease.reason),
-                    ),
-                    None,
-                )?);
-            }
-            if let Some(event) = transition.event {
-                if next.attempt != row.attempt {
-                    next.next_event = 0;
+            let mut items = self.transition_items(&row, &mut next, transition)?;
+            let mut counted: Vec<String> = Vec::new();
+            let mut uncounted: Vec<String> = Vec::new();
+            if let (Some(link), Some(JobState::Succeeded)) =
+                (&next.workflow, workflows::ended(&row, &next))
+            {
+                if run.is_none() {
+                    run = Some(self.load_run(&link.run_id).await?.map(|r| r.run));
                 }
-                let number = next.next_event;
-                next.next_event += 1;
-                items.push(self.put(
-                    self.event_item(job_id, next.attempt, number, next.updated_at_ms, event),
-                    None,
-                )?);
+                let dependents: Vec<String> = run
+                    .iter()
+                    .flatten()
+                    .flat_map(|r| workflows::dependents(&r.steps, &link.step))
+                    .filter(|d| !gone.contains(d))
+                    .collect();
+                if dependents.len() <= workflows::INLINE_DEPENDENTS {
+                    for d in &dependents {
+                        items.push(self.count_down_item(d)?);
+                    }
+                    counted = dependents;
+                } else {
+                    uncounted = dependents;
+                }
             }
-            let mut cond = Expr::new();
-            cond.when_eq("ver", n(row.version));
-            items.insert(0, self.put(next.to_item(self.retention_ms)?, Some(cond))?);
+            let first_counted = items.len() - counted.len();
             match self.transact(items).await {
-                Ok(()) => return Ok(out),
-                Err(TxError::Cancelled(_)) => continue,
+                Ok(()) => {
+                    let released = self
+                        .settle(&row, &next, run.flatten(), counted, uncounted)
+                        .await;
+                    return Ok((out, released));
+                }
+                Err(TxError::Cancelled(reasons)) => {
+                    for (reason, id) in reasons.iter().skip(first_counted).zip(&counted) {
+                        if reason.as_deref() == Some("ConditionalCheckFailed") {
+                            gone.insert(id.clone());
+                        }
+                    }
+                    continue;
+                }
                 Err(TxError::Other(e)) => return Err(e),
             }
         }
         Err(StoreError::Backend(format!(
             "job {job_id}: gave up after {MAX_RACES} concurrent updates"
         )))
+    }
+
+    /// The transaction items of one transition, `row` → `next` (whose
+    /// version is already bumped): the state item conditioned on `row`'s
+    /// version first, then a deferred LEASED event and the transition's.
+    fn transition_items(
+        &self,
+        row: &JobRow,
+        next: &mut JobRow,
+        transition: Transition,
+    ) -> StoreResult<Vec<TransactWriteItem>> {
+        let mut items = Vec::with_capacity(3);
+        if let Some(lease) = row.pending_lease_event() {
+            next.lease_event_pending = false;
+            items.push(self.put(
+                self.event_item(
+                    &row.id,
+                    row.attempt,
+                    0,
+                    lease.at_ms,
+                    (lease.state, lease.agent_id, lease.reason),
+                ),
+                None,
+            )?);
+        }
+        if let Some(event) = transition.event {
+            if next.attempt != row.attempt {
+                next.next_event = 0;
+            }
+            let number = next.next_event;
+            next.next_event += 1;
+            let mut item =
+                self.event_item(&row.id, next.attempt, number, next.updated_at_ms, event);
+            if let Some(price) = transition.usd_per_hour.filter(|p| p.is_finite()) {
+                item.insert("usd_per_hour".into(), n(price));
+            }
+            items.push(self.put(item, None)?);
+        }
+        let mut cond = Expr::new();
+        cond.when_eq("ver", n(row.version));
+        items.insert(0, self.put(next.to_item(self.retention_ms)?, Some(cond))?);
+        Ok(items)
     }
 
     /// Jobs the index says `session_id` holds, confirmed by consistent reads.
@@ -1060,16 +1245,23 @@ impl DynamoStore {
 
     /// Records the first day that holds jobs (the listing walks back to it).
     async fn mark_listing(&self, day: i64) -> StoreResult<()> {
-        if self.listing_marked.load(Ordering::Relaxed) {
+        self.mark_first_day("LISTING", &self.listing_marked, day)
+            .await
+    }
+
+    /// Records `day` as the first of the listing `sk` (`META` / `sk`) unless
+    /// one is recorded already; once per process (`marked`).
+    async fn mark_first_day(&self, sk: &str, marked: &AtomicBool, day: i64) -> StoreResult<()> {
+        if marked.load(Ordering::Relaxed) {
             return Ok(());
         }
         let mut expr = Expr::new();
         let first = expr.name("first_day");
         let value = expr.value(n(day));
         expr.set_raw("first_day", format!("if_not_exists({first}, {value})"));
-        self.update_item(key("META", "LISTING"), &expr, ReturnValue::None)
+        self.update_item(key("META", sk), &expr, ReturnValue::None)
             .await?;
-        self.listing_marked.store(true, Ordering::Relaxed);
+        marked.store(true, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1216,36 +1408,44 @@ impl DynamoStore {
             timeout_secs: spec.timeout_secs,
             shard: shard_of(&job.id, self.shards),
             done: None,
+            workflow: job.workflow.clone(),
+            deps: 0,
+            unpublished_at_ms: None,
         }
     }
 
     /// The transaction items that insert one job.
     fn insert_items(&self, job: &NewJob, now_ms: i64) -> StoreResult<Vec<TransactWriteItem>> {
         let row = self.new_row(job, now_ms);
+        let submitted = (JobState::Queued, None, "submitted".to_string());
+        self.job_items(&row, &job.spec, submitted, now_ms)
+    }
+
+    /// The transaction items that insert the job `row` (new, event 0 next)
+    /// with its spec, its first event and its idempotency key: state item
+    /// first, then spec, event and key.
+    fn job_items(
+        &self,
+        row: &JobRow,
+        job_spec: &JobSpec,
+        first_event: (JobState, Option<String>, String),
+        now_ms: i64,
+    ) -> StoreResult<Vec<TransactWriteItem>> {
         let mut not_there = Expr::new();
         not_there.when_absent("pk");
         let mut items = vec![self.put(row.to_item(self.retention_ms)?, Some(not_there))?];
-        let mut spec = key(job_pk(&job.id), "SPEC");
-        spec.insert("id".into(), s(&job.id));
+        let mut spec = key(job_pk(&row.id), "SPEC");
+        spec.insert("id".into(), s(&row.id));
         spec.insert(
             "spec".into(),
-            s(serde_json::to_string(&job.spec).map_err(json_err)?),
+            s(serde_json::to_string(job_spec).map_err(json_err)?),
         );
         spec.insert(TTL_ATTRIBUTE.into(), self.horizon_ttl(now_ms));
         items.push(self.put(spec, None)?);
-        items.push(self.put(
-            self.event_item(
-                &job.id,
-                0,
-                0,
-                now_ms,
-                (JobState::Queued, None, "submitted".into()),
-            ),
-            None,
-        )?);
-        if let Some(k) = &job.spec.idempotency_key {
+        items.push(self.put(self.event_item(&row.id, 0, 0, now_ms, first_event), None)?);
+        if let Some(k) = &job_spec.idempotency_key {
             let mut idem = key(format!("IDEM#{k}"), "IDEM");
-            idem.insert("job_id".into(), s(&job.id));
+            idem.insert("job_id".into(), s(&row.id));
             idem.insert(TTL_ATTRIBUTE.into(), self.horizon_ttl(now_ms));
             let mut not_there = Expr::new();
             not_there.when_absent("pk");
@@ -1520,6 +1720,7 @@ impl Store for DynamoStore {
         let row = self
             .load_row(job_id)
             .await?
+            .filter(|r| r.unpublished_at_ms.is_none())
             .ok_or_else(|| StoreError::NotFound(format!("job {job_id}")))?;
         let mut expr = Expr::new();
         let cond = format!(
@@ -1560,6 +1761,7 @@ impl Store for DynamoStore {
                     state: parse_state(&req_s(item, "state")?)?,
                     agent_id: get_s(item, "agent").map(str::to_string),
                     reason: req_s(item, "reason")?,
+                    usd_per_hour: get_n(item, "usd_per_hour"),
                 })
             })
             .collect::<StoreResult<Vec<_>>>()?;
@@ -1674,7 +1876,12 @@ impl Store for DynamoStore {
             .collect()
     }
 
-    async fn start(&self, lease: &LeaseRef, now_ms: i64) -> StoreResult<()> {
+    async fn start(
+        &self,
+        lease: &LeaseRef,
+        now_ms: i64,
+        usd_per_hour: Option<f64>,
+    ) -> StoreResult<()> {
         let result = self
             .mutate(&lease.job_id, |row| {
                 if !row.holds(lease) {
@@ -1686,8 +1893,9 @@ impl Store for DynamoStore {
                 row.state = JobState::Running;
                 row.started_at_ms = Some(now_ms);
                 row.updated_at_ms = now_ms;
-                let t =
+                let mut t =
                     Transition::event(JobState::Running, row.agent_id.clone(), "started".into());
+                t.usd_per_hour = usd_per_hour;
                 Ok(Step::Write((), t))
             })
             .await;
@@ -1709,9 +1917,9 @@ impl Store for DynamoStore {
         lease: &LeaseRef,
         completion: &Completion,
         now_ms: i64,
-    ) -> StoreResult<JobState> {
+    ) -> StoreResult<Completed> {
         let result = self
-            .mutate(&lease.job_id, |row| {
+            .mutate_settling(&lease.job_id, |row| {
                 if !row.holds(lease) {
                     let repeat = row.done.as_ref().is_some_and(|(a, sid, outcome, exit)| {
                         *a == lease.attempt
@@ -1731,42 +1939,37 @@ impl Store for DynamoStore {
             .await;
         match result {
             Err(StoreError::NotFound(_)) => Err(lease_lost(lease)),
-            other => other,
+            other => other.map(|(state, released)| Completed { state, released }),
         }
     }
 
     async fn cancel(&self, job_id: &str, now_ms: i64) -> StoreResult<Job> {
-        self.mutate(job_id, |row| match row.state {
-            JobState::Pending | JobState::Queued => {
-                row.state = JobState::Cancelled;
-                row.cancel_requested = true;
-                row.updated_at_ms = now_ms;
-                row.finished_at_ms = Some(now_ms);
-                row.reason = Some("cancelled by request".into());
-                Ok(Step::Write(
-                    (),
-                    Transition::event(JobState::Cancelled, None, "cancelled by request".into()),
-                ))
-            }
-            JobState::Leased | JobState::Running if !row.cancel_requested => {
-                row.cancel_requested = true;
-                row.updated_at_ms = now_ms;
-                Ok(Step::Write(
-                    (),
-                    Transition::event(
-                        row.state,
-                        row.agent_id.clone(),
-                        "cancel requested; the agent is stopping the job".into(),
-                    ),
-                ))
-            }
-            JobState::Leased | JobState::Running | JobState::Cancelled => Ok(Step::Keep(())),
-            state => Err(StoreError::Conflict(format!(
-                "job {job_id} already finished ({state}); nothing to cancel"
-            ))),
-        })
-        .await?;
+        self.mutate(job_id, |row| cancel_row(row, now_ms)).await?;
         self.load_job(job_id).await
+    }
+
+    async fn create_run(&self, run: &RunRecord, jobs: Vec<NewJob>, now_ms: i64) -> StoreResult<()> {
+        self.create_run_impl(run, jobs, now_ms).await
+    }
+
+    async fn get_run(&self, run_id: &str) -> StoreResult<RunRecord> {
+        self.get_run_impl(run_id).await
+    }
+
+    async fn list_runs(&self, cursor: Option<&str>, limit: usize) -> StoreResult<Page<RunRecord>> {
+        self.list_runs_impl(cursor, limit).await
+    }
+
+    async fn cancel_run(&self, run_id: &str, now_ms: i64) -> StoreResult<RunRecord> {
+        self.cancel_run_impl(run_id, now_ms).await
+    }
+
+    async fn get_jobs(&self, job_ids: &[String]) -> StoreResult<Vec<Job>> {
+        self.get_jobs_impl(job_ids).await
+    }
+
+    async fn release_pending(&self, now_ms: i64) -> StoreResult<Vec<String>> {
+        self.release_pending_impl(now_ms).await
     }
 
     async fn retry(&self, job_id: &str, now_ms: i64) -> StoreResult<Job> {
@@ -1775,6 +1978,13 @@ impl Store for DynamoStore {
                 return Err(StoreError::Conflict(format!(
                     "job {job_id} is {}; only finished jobs can be retried (cancel it first)",
                     row.state
+                )));
+            }
+            if let (JobState::Succeeded, Some(link)) = (row.state, &row.workflow) {
+                return Err(StoreError::Conflict(format!(
+                    "job {job_id} is step {} of workflow run {} and SUCCEEDED: the steps \
+                     depending on it already counted it, so it cannot run again",
+                    link.step, link.run_id
                 )));
             }
             row.state = JobState::Queued;
@@ -2382,6 +2592,42 @@ impl DynamoStore {
             Err(StoreError::NotFound(_)) => Ok(()),
             other => other,
         }
+    }
+}
+
+/// What `cancel` does to a job: QUEUED/PENDING → CANCELLED at once;
+/// LEASED/RUNNING → the cancel recorded; CANCELLED again → nothing; other
+/// terminal states → `Conflict`.
+fn cancel_row(row: &mut JobRow, now_ms: i64) -> StoreResult<Step<()>> {
+    match row.state {
+        JobState::Pending | JobState::Queued => {
+            row.state = JobState::Cancelled;
+            row.cancel_requested = true;
+            row.updated_at_ms = now_ms;
+            row.finished_at_ms = Some(now_ms);
+            row.reason = Some("cancelled by request".into());
+            Ok(Step::Write(
+                (),
+                Transition::event(JobState::Cancelled, None, "cancelled by request".into()),
+            ))
+        }
+        JobState::Leased | JobState::Running if !row.cancel_requested => {
+            row.cancel_requested = true;
+            row.updated_at_ms = now_ms;
+            Ok(Step::Write(
+                (),
+                Transition::event(
+                    row.state,
+                    row.agent_id.clone(),
+                    "cancel requested; the agent is stopping the job".into(),
+                ),
+            ))
+        }
+        JobState::Leased | JobState::Running | JobState::Cancelled => Ok(Step::Keep(())),
+        state => Err(StoreError::Conflict(format!(
+            "job {} already finished ({state}); nothing to cancel",
+            row.id
+        ))),
     }
 }
 

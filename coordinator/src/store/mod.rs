@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use drover_proto::model::{
     Agent, FieldError, Job, JobEvent, JobSpec, JobState, Pool, Resources, RetryPolicy, SubmittedJob,
 };
+use drover_proto::workflow::{RunStep, WorkflowLink};
 
 #[cfg(test)]
 mod conformance;
@@ -60,6 +61,41 @@ pub struct LeaseRef {
 pub struct NewJob {
     pub id: String,
     pub spec: JobSpec,
+    /// Set for the jobs of a workflow run (only through [`Store::create_run`]).
+    pub workflow: Option<WorkflowLink>,
+}
+
+/// A workflow run as stored: its steps (dependencies and job ids) and
+/// whether it was cancelled. Its state is derived from its jobs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRecord {
+    /// A ULID: runs list newest first.
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub created_at_ms: i64,
+    pub steps: Vec<RunStep>,
+    pub cancel_requested: bool,
+}
+
+impl RunRecord {
+    /// Every job id of the run, in step order.
+    pub fn job_ids(&self) -> impl Iterator<Item = &str> {
+        self.steps
+            .iter()
+            .flat_map(|s| s.jobs.iter().map(String::as_str))
+    }
+}
+
+/// What a completion did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completed {
+    /// The job's state afterwards.
+    pub state: JobState,
+    /// The pool of every PENDING job this completion released to QUEUED (its
+    /// last dependency succeeded), one entry per job: the service wakes
+    /// that many claimers.
+    pub released: Vec<String>,
 }
 
 /// What an agent offers to one `claim`.
@@ -386,8 +422,15 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> StoreResult<Vec<ClaimedJob>>;
 
-    /// LEASED → RUNNING. Fenced; idempotent when already RUNNING.
-    async fn start(&self, lease: &LeaseRef, now_ms: i64) -> StoreResult<()>;
+    /// LEASED → RUNNING. Fenced; idempotent when already RUNNING. The
+    /// RUNNING event records `usd_per_hour`, the attempt's price on its
+    /// agent when known (the base of cost estimates).
+    async fn start(
+        &self,
+        lease: &LeaseRef,
+        now_ms: i64,
+        usd_per_hour: Option<f64>,
+    ) -> StoreResult<()>;
 
     /// Fenced check only (for log appends).
     async fn check_lease(&self, lease: &LeaseRef) -> StoreResult<()>;
@@ -399,12 +442,23 @@ pub trait Store: Send + Sync + 'static {
     /// into CANCELLED. Repeating the same completion of the same lease returns
     /// the job's state again (idempotent); anything else on a lease no longer
     /// held is `LeaseLost`. Returns the job's state afterwards.
+    ///
+    /// Workflow jobs: in the same operation (as far as the backend allows;
+    /// [`Store::release_pending`] is the backstop), SUCCEEDED decrements the
+    /// dependency counter of every job of every step depending on this
+    /// job's step and releases those that reach zero (PENDING → QUEUED,
+    /// exactly once however many dependencies finish at the same moment);
+    /// FAILED, CANCELLED or TIMED_OUT fails every PENDING dependent,
+    /// transitively, with a reason starting `dependency_failed`
+    /// ([`drover_proto::workflow::dependency_failed_reason`]). Every other
+    /// path to those states (cancel, sessions ended or reaped with the infra
+    /// budget spent, `cancel_run`) fails dependents the same way.
     async fn complete(
         &self,
         lease: &LeaseRef,
         completion: &Completion,
         now_ms: i64,
-    ) -> StoreResult<JobState>;
+    ) -> StoreResult<Completed>;
 
     /// QUEUED/PENDING → CANCELLED at once; LEASED/RUNNING → cancel recorded
     /// on the job (the agent is told; a requeue cannot resurrect it).
@@ -412,7 +466,40 @@ pub trait Store: Send + Sync + 'static {
     async fn cancel(&self, job_id: &str, now_ms: i64) -> StoreResult<Job>;
 
     /// A terminal job back to QUEUED as a fresh run (failure counts reset).
+    /// A SUCCEEDED workflow job is a `Conflict` (its dependents already
+    /// counted it).
     async fn retry(&self, job_id: &str, now_ms: i64) -> StoreResult<Job>;
+
+    /// Creates a workflow run and all its jobs, all or none: until it
+    /// returns, neither the run nor any of its jobs is visible (get, list,
+    /// claim). Jobs of steps without dependencies start QUEUED, the others
+    /// PENDING with a counter of the jobs they wait for
+    /// ([`drover_proto::workflow::dependency_count`]). Every job has
+    /// `workflow` set. An existing run id is a `Conflict`.
+    async fn create_run(&self, run: &RunRecord, jobs: Vec<NewJob>, now_ms: i64) -> StoreResult<()>;
+
+    async fn get_run(&self, run_id: &str) -> StoreResult<RunRecord>;
+
+    /// Newest first. The cursor is opaque to callers.
+    async fn list_runs(&self, cursor: Option<&str>, limit: usize) -> StoreResult<Page<RunRecord>>;
+
+    /// Marks the run cancelled and cancels every unfinished job as
+    /// [`Store::cancel`] does, dependents before their dependencies, so a
+    /// PENDING step ends CANCELLED rather than `dependency_failed`.
+    /// Cancelling a finished or cancelled run again is a no-op.
+    async fn cancel_run(&self, run_id: &str, now_ms: i64) -> StoreResult<RunRecord>;
+
+    /// The jobs with these ids that exist, in the given order (redacted
+    /// like `get_job`); missing ids are skipped.
+    async fn get_jobs(&self, job_ids: &[String]) -> StoreResult<Vec<Job>>;
+
+    /// The sweep behind dependency release: every PENDING workflow job whose
+    /// dependencies all SUCCEEDED becomes QUEUED, and one with a dependency
+    /// that ended FAILED, CANCELLED or TIMED_OUT becomes FAILED
+    /// (`dependency_failed`). Decides from the dependencies' states, not the
+    /// counters, so a completion interrupted between its writes cannot
+    /// strand a step. Returns the pool of each job released to QUEUED.
+    async fn release_pending(&self, now_ms: i64) -> StoreResult<Vec<String>>;
 
     async fn create_session(&self, session: &NewSession, now_ms: i64) -> StoreResult<()>;
 

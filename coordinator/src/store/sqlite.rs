@@ -15,11 +15,15 @@ use drover_proto::model::{
 };
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 
+use drover_proto::workflow::WorkflowLink;
+
 use super::{
-    ClaimOffer, ClaimedJob, Completion, EndedSession, HeartbeatAnswer, JobFilter, JobNeeds,
-    LeaderLease, LeaseRef, LostSession, NewJob, NewSession, OutcomeKind, Page, PoolCapacity,
-    ReapedJobs, SessionAuth, Store, StoreError, StoreResult,
+    ClaimOffer, ClaimedJob, Completed, Completion, EndedSession, HeartbeatAnswer, JobFilter,
+    JobNeeds, LeaderLease, LeaseRef, LostSession, NewJob, NewSession, OutcomeKind, Page,
+    PoolCapacity, ReapedJobs, RunRecord, SessionAuth, Store, StoreError, StoreResult,
 };
+
+mod workflows;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS jobs (
@@ -63,6 +67,7 @@ CREATE TABLE IF NOT EXISTS events (
     state TEXT NOT NULL,
     agent_id TEXT,
     reason TEXT NOT NULL,
+    usd_per_hour REAL,
     PRIMARY KEY (job_id, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS attempts (
@@ -116,11 +121,40 @@ CREATE TABLE IF NOT EXISTS scaler_states (
     pool TEXT PRIMARY KEY,
     state TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    description TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    steps TEXT NOT NULL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS job_links (
+    job_id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    step TEXT NOT NULL,
+    task_index INTEGER,
+    deps_remaining INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS jobs_pending ON jobs(id) WHERE state = 'PENDING';
 "#;
 
-const JOB_COLUMNS: &str = "id, spec, state, attempt, failures, infra_retries, created_at_ms, \
-     updated_at_ms, not_before_ms, session_id, agent_id, started_at_ms, finished_at_ms, \
-     exit_code, reason, cancel_requested";
+/// Columns added after a table's first release: `(table, column, type)`.
+/// [`SqliteStore::init`] adds each one a database file lacks, so files
+/// written by older versions keep opening.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("events", "usd_per_hour", "REAL")];
+
+/// The first event of a job that starts QUEUED.
+const SUBMITTED: &str = "submitted";
+
+/// What [`row_to_job`] reads, from [`JOB_FROM`].
+const JOB_COLUMNS: &str = "jobs.id, jobs.spec, jobs.state, jobs.attempt, jobs.failures, \
+     jobs.infra_retries, jobs.created_at_ms, jobs.updated_at_ms, jobs.not_before_ms, \
+     jobs.session_id, jobs.agent_id, jobs.started_at_ms, jobs.finished_at_ms, jobs.exit_code, \
+     jobs.reason, jobs.cancel_requested, l.run_id, l.step, l.task_index";
+
+/// Jobs with their workflow link (if any).
+const JOB_FROM: &str = "jobs LEFT JOIN job_links l ON l.job_id = jobs.id";
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -145,14 +179,15 @@ impl SqliteStore {
         Self::init(Connection::open_in_memory().map_err(backend)?)
     }
 
-    fn init(conn: Connection) -> StoreResult<Self> {
+    fn init(mut conn: Connection) -> StoreResult<Self> {
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(backend)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(backend)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(backend)?;
-        conn.execute_batch(SCHEMA).map_err(backend)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        migrate(&mut conn)?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -179,6 +214,30 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
     }
+}
+
+/// Creates what is missing (tables, indexes, columns added since), in one
+/// immediate transaction so that coordinators opening the same file at once
+/// cannot both add a column.
+fn migrate(conn: &mut Connection) -> StoreResult<()> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(backend)?;
+    tx.execute_batch(SCHEMA).map_err(backend)?;
+    for (table, column, kind) in ADDED_COLUMNS {
+        let present: i64 = tx
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
+                [table, column],
+                |r| r.get(0),
+            )
+            .map_err(backend)?;
+        if present == 0 {
+            tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))
+                .map_err(backend)?;
+        }
+    }
+    tx.commit().map_err(backend)
 }
 
 fn backend(e: rusqlite::Error) -> StoreError {
@@ -219,6 +278,15 @@ fn row_to_job(row: &Row<'_>) -> rusqlite::Result<JobRow> {
         exit_code: row.get(13)?,
         reason: row.get(14)?,
         cancel_requested: row.get::<_, i64>(15)? != 0,
+        workflow: match row.get::<_, Option<String>>(16)? {
+            None => None,
+            Some(run_id) => Some(WorkflowLink {
+                run_id,
+                step: row.get(17)?,
+                task_index: row.get::<_, Option<i64>>(18)?.map(|i| i as u32),
+            }),
+        },
+        cost_usd: None,
     };
     Ok((job, state, spec_json))
 }
@@ -234,7 +302,7 @@ fn finish_job((mut job, state, spec_json): JobRow) -> StoreResult<Job> {
 fn load_job(tx: &Transaction<'_>, job_id: &str) -> StoreResult<Job> {
     let row = tx
         .query_row(
-            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"),
+            &format!("SELECT {JOB_COLUMNS} FROM {JOB_FROM} WHERE jobs.id = ?1"),
             [job_id],
             row_to_job,
         )
@@ -262,29 +330,90 @@ fn append_event(
     agent_id: Option<&str>,
     reason: &str,
 ) -> StoreResult<()> {
+    append_priced_event(tx, job_id, now_ms, attempt, state, agent_id, reason, None)
+}
+
+/// [`append_event`] with the attempt's price (RUNNING events).
+#[allow(clippy::too_many_arguments)]
+fn append_priced_event(
+    tx: &Transaction<'_>,
+    job_id: &str,
+    now_ms: i64,
+    attempt: u64,
+    state: JobState,
+    agent_id: Option<&str>,
+    reason: &str,
+    usd_per_hour: Option<f64>,
+) -> StoreResult<()> {
     let seq: i64 = tx
-        .query_row(
+        .prepare_cached(
             "UPDATE jobs SET next_event_seq = next_event_seq + 1 WHERE id = ?1 \
              RETURNING next_event_seq - 1",
-            [job_id],
-            |r| r.get(0),
         )
+        .map_err(backend)?
+        .query_row([job_id], |r| r.get(0))
         .map_err(backend)?;
-    tx.execute(
-        "INSERT INTO events (job_id, seq, at_ms, attempt, state, agent_id, reason) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
-            job_id,
-            seq,
-            now_ms,
-            attempt as i64,
-            state.as_str(),
-            agent_id,
-            reason
-        ],
+    tx.prepare_cached(
+        "INSERT INTO events (job_id, seq, at_ms, attempt, state, agent_id, reason, usd_per_hour) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )
+    .map_err(backend)?
+    .execute(params![
+        job_id,
+        seq,
+        now_ms,
+        attempt as i64,
+        state.as_str(),
+        agent_id,
+        reason,
+        usd_per_hour
+    ])
     .map_err(backend)?;
     Ok(())
+}
+
+/// Inserts a new job row in `state` (QUEUED, or PENDING for a workflow job
+/// waiting for its dependencies) with its first event: the one insert
+/// behind `submit` and `create_run`.
+fn insert_job(
+    tx: &Transaction<'_>,
+    job_id: &str,
+    spec: &JobSpec,
+    state: JobState,
+    reason: &str,
+    now_ms: i64,
+) -> StoreResult<()> {
+    let constraints = if spec.constraints.is_empty() {
+        None
+    } else {
+        Some(serde_json::to_string(&spec.constraints).map_err(json_err)?)
+    };
+    // Only a state's own reason is kept on the row: "submitted" is not one.
+    let row_reason = (state != JobState::Queued).then_some(reason);
+    tx.prepare_cached(
+        "INSERT INTO jobs (id, pool, name, priority, spec, cpu_millis, memory_mib, gpus, \
+         disk_gib, gpu_model, constraints, state, created_at_ms, updated_at_ms, reason) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13, ?14)",
+    )
+    .map_err(backend)?
+    .execute(params![
+        job_id,
+        spec.pool,
+        spec.name,
+        spec.priority,
+        serde_json::to_string(spec).map_err(json_err)?,
+        spec.resources.cpu_millis,
+        spec.resources.memory_mib as i64,
+        spec.resources.gpus,
+        spec.resources.disk_gib,
+        spec.resources.gpu_model,
+        constraints,
+        state.as_str(),
+        now_ms,
+        row_reason,
+    ])
+    .map_err(backend)?;
+    append_event(tx, job_id, now_ms, 0, state, None, reason)
 }
 
 /// The lease's job row, if the lease still holds it.
@@ -338,7 +467,10 @@ fn counters(tx: &Transaction<'_>, job_id: &str) -> StoreResult<Counters> {
 }
 
 /// Writes the job's next state (out of its lease: back in the queue or done)
-/// and its event. `exit_code` is recorded when given.
+/// and its event. `exit_code` is recorded when given. Every end of a leased
+/// job passes here, so this is where a workflow job's dependents learn of
+/// it ([`workflows::settle_dependents`]). Returns the new state and the
+/// pools of the dependents released to QUEUED.
 fn move_job(
     tx: &Transaction<'_>,
     job_id: &str,
@@ -346,7 +478,7 @@ fn move_job(
     next: &super::NextState,
     exit_code: Option<Option<i32>>,
     now_ms: i64,
-) -> StoreResult<JobState> {
+) -> StoreResult<Completed> {
     let terminal = next.state.is_terminal();
     tx.execute(
         "UPDATE jobs SET state = ?2, failures = ?3, infra_retries = ?4, updated_at_ms = ?5, \
@@ -378,7 +510,11 @@ fn move_job(
         job.agent_id.as_deref(),
         &next.reason,
     )?;
-    Ok(next.state)
+    let released = workflows::settle_dependents(tx, job_id, next.state, now_ms)?;
+    Ok(Completed {
+        state: next.state,
+        released,
+    })
 }
 
 /// Puts a leased job back in the queue on the infrastructure budget, or ends
@@ -397,7 +533,8 @@ fn requeue_infra(
         job.cancel_requested,
         reason,
     );
-    move_job(tx, job_id, &job, &next, None, now_ms)
+    // An infrastructure loss never succeeds, so it releases nothing.
+    Ok(move_job(tx, job_id, &job, &next, None, now_ms)?.state)
 }
 
 /// Records a held lease's outcome and moves the job on (see `Store::complete`).
@@ -406,7 +543,7 @@ fn apply_completion(
     lease: &LeaseRef,
     completion: &Completion,
     now_ms: i64,
-) -> StoreResult<JobState> {
+) -> StoreResult<Completed> {
     tx.execute(
         "INSERT INTO attempts (job_id, attempt, session_id, outcome, exit_code, reason, \
          finished_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -494,6 +631,57 @@ fn finish_agent((mut agent, labels, capacity): (Agent, String, String)) -> Store
     Ok(agent)
 }
 
+/// What `cancel` does to one job (see [`Store::cancel`]); a QUEUED or
+/// PENDING workflow job fails its PENDING dependents.
+fn cancel_tx(tx: &Transaction<'_>, job: &Job, now_ms: i64) -> StoreResult<()> {
+    let job_id = job.id.as_str();
+    match job.state {
+        JobState::Pending | JobState::Queued => {
+            tx.execute(
+                "UPDATE jobs SET state = 'CANCELLED', cancel_requested = 1, updated_at_ms = ?2, \
+                 finished_at_ms = ?2, reason = 'cancelled by request' WHERE id = ?1",
+                params![job_id, now_ms],
+            )
+            .map_err(backend)?;
+            append_event(
+                tx,
+                job_id,
+                now_ms,
+                job.attempt,
+                JobState::Cancelled,
+                None,
+                "cancelled by request",
+            )?;
+            workflows::settle_dependents(tx, job_id, JobState::Cancelled, now_ms)?;
+        }
+        JobState::Leased | JobState::Running => {
+            if !job.cancel_requested {
+                tx.execute(
+                    "UPDATE jobs SET cancel_requested = 1, updated_at_ms = ?2 WHERE id = ?1",
+                    params![job_id, now_ms],
+                )
+                .map_err(backend)?;
+                append_event(
+                    tx,
+                    job_id,
+                    now_ms,
+                    job.attempt,
+                    job.state,
+                    job.agent_id.as_deref(),
+                    "cancel requested; the agent is stopping the job",
+                )?;
+            }
+        }
+        JobState::Cancelled => {}
+        state => {
+            return Err(StoreError::Conflict(format!(
+                "job {job_id} already finished ({state}); nothing to cancel"
+            )))
+        }
+    }
+    Ok(())
+}
+
 fn end_session_tx(
     tx: &Transaction<'_>,
     session_id: &str,
@@ -549,9 +737,11 @@ impl Store for SqliteStore {
             for job in jobs {
                 if let Some(key) = &job.spec.idempotency_key {
                     let existing: Option<String> = tx
-                        .query_row("SELECT job_id FROM idempotency WHERE key = ?1", [key], |r| {
-                            r.get(0)
-                        })
+                        .query_row(
+                            "SELECT job_id FROM idempotency WHERE key = ?1",
+                            [key],
+                            |r| r.get(0),
+                        )
                         .optional()
                         .map_err(backend)?;
                     if let Some(id) = existing {
@@ -571,33 +761,7 @@ impl Store for SqliteStore {
                     )
                     .map_err(backend)?;
                 }
-                let spec = &job.spec;
-                let constraints = if spec.constraints.is_empty() {
-                    None
-                } else {
-                    Some(serde_json::to_string(&spec.constraints).map_err(json_err)?)
-                };
-                tx.execute(
-                    "INSERT INTO jobs (id, pool, name, priority, spec, cpu_millis, memory_mib, gpus, \
-                     disk_gib, gpu_model, constraints, state, created_at_ms, updated_at_ms) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'QUEUED', ?12, ?12)",
-                    params![
-                        job.id,
-                        spec.pool,
-                        spec.name,
-                        spec.priority,
-                        serde_json::to_string(spec).map_err(json_err)?,
-                        spec.resources.cpu_millis,
-                        spec.resources.memory_mib as i64,
-                        spec.resources.gpus,
-                        spec.resources.disk_gib,
-                        spec.resources.gpu_model,
-                        constraints,
-                        now_ms,
-                    ],
-                )
-                .map_err(backend)?;
-                append_event(tx, &job.id, now_ms, 0, JobState::Queued, None, "submitted")?;
+                insert_job(tx, &job.id, &job.spec, JobState::Queued, SUBMITTED, now_ms)?;
                 out.push(SubmittedJob {
                     id: job.id,
                     state: JobState::Queued,
@@ -624,25 +788,25 @@ impl Store for SqliteStore {
         let filter = filter.clone();
         let limit = limit.clamp(1, 1000);
         self.tx(move |tx| {
-            let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE 1 = 1");
+            let mut sql = format!("SELECT {JOB_COLUMNS} FROM {JOB_FROM} WHERE 1 = 1");
             let mut args: Vec<String> = Vec::new();
             if let Some(state) = filter.state {
                 args.push(state.as_str().to_string());
-                sql.push_str(&format!(" AND state = ?{}", args.len()));
+                sql.push_str(&format!(" AND jobs.state = ?{}", args.len()));
             }
             if let Some(pool) = filter.pool {
                 args.push(pool);
-                sql.push_str(&format!(" AND pool = ?{}", args.len()));
+                sql.push_str(&format!(" AND jobs.pool = ?{}", args.len()));
             }
             if let Some(name) = filter.name {
                 args.push(name);
-                sql.push_str(&format!(" AND name = ?{}", args.len()));
+                sql.push_str(&format!(" AND jobs.name = ?{}", args.len()));
             }
             if let Some(after) = after {
                 args.push(after);
-                sql.push_str(&format!(" AND id < ?{}", args.len()));
+                sql.push_str(&format!(" AND jobs.id < ?{}", args.len()));
             }
-            sql.push_str(&format!(" ORDER BY id DESC LIMIT {}", limit + 1));
+            sql.push_str(&format!(" ORDER BY jobs.id DESC LIMIT {}", limit + 1));
             let mut stmt = tx.prepare(&sql).map_err(backend)?;
             let rows = stmt
                 .query_map(rusqlite::params_from_iter(args.iter()), row_to_job)
@@ -668,8 +832,8 @@ impl Store for SqliteStore {
             load_job(tx, &job_id)?;
             let mut stmt = tx
                 .prepare(
-                    "SELECT seq, at_ms, attempt, state, agent_id, reason FROM events \
-                     WHERE job_id = ?1 ORDER BY seq",
+                    "SELECT seq, at_ms, attempt, state, agent_id, reason, usd_per_hour \
+                     FROM events WHERE job_id = ?1 ORDER BY seq",
                 )
                 .map_err(backend)?;
             let rows = stmt
@@ -681,12 +845,14 @@ impl Store for SqliteStore {
                         r.get::<_, String>(3)?,
                         r.get::<_, Option<String>>(4)?,
                         r.get::<_, String>(5)?,
+                        r.get::<_, Option<f64>>(6)?,
                     ))
                 })
                 .map_err(backend)?;
             let mut events = Vec::new();
             for row in rows {
-                let (seq, at_ms, attempt, state, agent_id, reason) = row.map_err(backend)?;
+                let (seq, at_ms, attempt, state, agent_id, reason, usd_per_hour) =
+                    row.map_err(backend)?;
                 events.push(JobEvent {
                     seq: seq as u64,
                     at_ms,
@@ -694,6 +860,7 @@ impl Store for SqliteStore {
                     state: parse_state(&state)?,
                     agent_id,
                     reason,
+                    usd_per_hour,
                 });
             }
             Ok(events)
@@ -819,7 +986,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn start(&self, lease: &LeaseRef, now_ms: i64) -> StoreResult<()> {
+    async fn start(
+        &self,
+        lease: &LeaseRef,
+        now_ms: i64,
+        usd_per_hour: Option<f64>,
+    ) -> StoreResult<()> {
         let lease = lease.clone();
         self.tx(move |tx| {
             let (state, agent) = held(tx, &lease)?.ok_or_else(|| lease_lost(&lease))?;
@@ -831,7 +1003,7 @@ impl Store for SqliteStore {
                 params![lease.job_id, now_ms],
             )
             .map_err(backend)?;
-            append_event(
+            append_priced_event(
                 tx,
                 &lease.job_id,
                 now_ms,
@@ -839,6 +1011,7 @@ impl Store for SqliteStore {
                 JobState::Running,
                 agent.as_deref(),
                 "started",
+                usd_per_hour,
             )
         })
         .await
@@ -859,7 +1032,7 @@ impl Store for SqliteStore {
         lease: &LeaseRef,
         completion: &Completion,
         now_ms: i64,
-    ) -> StoreResult<JobState> {
+    ) -> StoreResult<Completed> {
         let lease = lease.clone();
         let completion = completion.clone();
         self.tx(move |tx| {
@@ -880,7 +1053,10 @@ impl Store for SqliteStore {
                             && outcome == completion.outcome.as_str()
                             && exit_code == completion.exit_code =>
                     {
-                        Ok(load_job(tx, &lease.job_id)?.state)
+                        Ok(Completed {
+                            state: load_job(tx, &lease.job_id)?.state,
+                            released: Vec::new(),
+                        })
                     }
                     _ => Err(lease_lost(&lease)),
                 };
@@ -894,44 +1070,63 @@ impl Store for SqliteStore {
         let job_id = job_id.to_string();
         self.tx(move |tx| {
             let job = load_job(tx, &job_id)?;
-            match job.state {
-                JobState::Pending | JobState::Queued => {
-                    tx.execute(
-                        "UPDATE jobs SET state = 'CANCELLED', cancel_requested = 1, updated_at_ms = ?2, \
-                         finished_at_ms = ?2, reason = 'cancelled by request' WHERE id = ?1",
-                        params![job_id, now_ms],
-                    )
-                    .map_err(backend)?;
-                    append_event(tx, &job_id, now_ms, job.attempt, JobState::Cancelled, None, "cancelled by request")?;
-                }
-                JobState::Leased | JobState::Running => {
-                    if !job.cancel_requested {
-                        tx.execute(
-                            "UPDATE jobs SET cancel_requested = 1, updated_at_ms = ?2 WHERE id = ?1",
-                            params![job_id, now_ms],
-                        )
-                        .map_err(backend)?;
-                        append_event(
-                            tx,
-                            &job_id,
-                            now_ms,
-                            job.attempt,
-                            job.state,
-                            job.agent_id.as_deref(),
-                            "cancel requested; the agent is stopping the job",
-                        )?;
-                    }
-                }
-                JobState::Cancelled => {}
-                state => {
-                    return Err(StoreError::Conflict(format!(
-                        "job {job_id} already finished ({state}); nothing to cancel"
-                    )))
-                }
-            }
+            cancel_tx(tx, &job, now_ms)?;
             load_job(tx, &job_id)
         })
         .await
+    }
+
+    async fn create_run(&self, run: &RunRecord, jobs: Vec<NewJob>, now_ms: i64) -> StoreResult<()> {
+        let run = run.clone();
+        self.tx(move |tx| workflows::create_run(tx, &run, jobs, now_ms))
+            .await
+    }
+
+    async fn get_run(&self, run_id: &str) -> StoreResult<RunRecord> {
+        let run_id = run_id.to_string();
+        self.tx(move |tx| workflows::load_run(tx, &run_id)).await
+    }
+
+    async fn list_runs(&self, cursor: Option<&str>, limit: usize) -> StoreResult<Page<RunRecord>> {
+        let after = cursor.map(decode_cursor).transpose()?;
+        let limit = limit.clamp(1, 1000);
+        self.tx(move |tx| workflows::list_runs(tx, after.as_deref(), limit))
+            .await
+    }
+
+    async fn cancel_run(&self, run_id: &str, now_ms: i64) -> StoreResult<RunRecord> {
+        let run_id = run_id.to_string();
+        self.tx(move |tx| workflows::cancel_run(tx, &run_id, now_ms))
+            .await
+    }
+
+    async fn get_jobs(&self, job_ids: &[String]) -> StoreResult<Vec<Job>> {
+        if job_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = serde_json::to_string(job_ids).map_err(json_err)?;
+        self.tx(move |tx| {
+            // One query; `json_each` keeps the order the ids were given in.
+            let mut stmt = tx
+                .prepare_cached(&format!(
+                    "SELECT {JOB_COLUMNS} FROM json_each(?1) AS w \
+                     JOIN jobs ON jobs.id = w.value \
+                     LEFT JOIN job_links l ON l.job_id = jobs.id ORDER BY w.key"
+                ))
+                .map_err(backend)?;
+            let rows = stmt.query_map([&ids], row_to_job).map_err(backend)?;
+            let mut jobs = Vec::new();
+            for row in rows {
+                jobs.push(finish_job(row.map_err(backend)?)?);
+            }
+            Ok(jobs)
+        })
+        .await
+    }
+
+    async fn release_pending(&self, now_ms: i64) -> StoreResult<Vec<String>> {
+        self.tx(move |tx| workflows::release_pending(tx, now_ms))
+            .await
     }
 
     async fn retry(&self, job_id: &str, now_ms: i64) -> StoreResult<Job> {
@@ -942,6 +1137,13 @@ impl Store for SqliteStore {
                 return Err(StoreError::Conflict(format!(
                     "job {job_id} is {}; only finished jobs can be retried (cancel it first)",
                     job.state
+                )));
+            }
+            if let (JobState::Succeeded, Some(link)) = (job.state, &job.workflow) {
+                return Err(StoreError::Conflict(format!(
+                    "job {job_id} is step {} of workflow run {} and SUCCEEDED: the steps \
+                     depending on it already counted it, so it cannot run again",
+                    link.step, link.run_id
                 )));
             }
             tx.execute(
@@ -1659,4 +1861,241 @@ fn pool_entry<'a>(pools: &'a mut BTreeMap<String, Pool>, name: &str) -> &'a mut 
         oldest_queued_age_ms: None,
         scaling: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: i64 = 1_700_000_000_000;
+
+    /// The `jobs` and `events` tables as releases before workflows and
+    /// attempt prices created them.
+    const OLD_SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    pool TEXT NOT NULL,
+    name TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    spec TEXT NOT NULL,
+    cpu_millis INTEGER NOT NULL,
+    memory_mib INTEGER NOT NULL,
+    gpus INTEGER NOT NULL,
+    disk_gib INTEGER NOT NULL,
+    gpu_model TEXT,
+    constraints TEXT,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,
+    infra_retries INTEGER NOT NULL DEFAULT 0,
+    created_at_ms INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL,
+    not_before_ms INTEGER NOT NULL DEFAULT 0,
+    session_id TEXT,
+    agent_id TEXT,
+    leased_at_ms INTEGER,
+    started_at_ms INTEGER,
+    finished_at_ms INTEGER,
+    exit_code INTEGER,
+    reason TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    missed_reports INTEGER NOT NULL DEFAULT 0,
+    next_event_seq INTEGER NOT NULL DEFAULT 1
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(pool, priority DESC) WHERE state = 'QUEUED';
+CREATE INDEX IF NOT EXISTS jobs_session ON jobs(session_id) WHERE session_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_active ON jobs(state) WHERE state IN ('LEASED', 'RUNNING');
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    agent_id TEXT,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+"#;
+
+    const OLD_JOB: &str = "01HZZZZZZZZZZZZZZZZZZZZZZZ";
+
+    /// An old-version database file holding one QUEUED job and its event.
+    fn old_database(path: &Path) {
+        let conn = Connection::open(path).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.execute_batch(OLD_SCHEMA).unwrap();
+        let spec = serde_json::to_string(&JobSpec::command(["true"])).unwrap();
+        conn.execute(
+            "INSERT INTO jobs (id, pool, name, priority, spec, cpu_millis, memory_mib, gpus, \
+             disk_gib, state, created_at_ms, updated_at_ms, next_event_seq) \
+             VALUES (?1, 'default', '', 0, ?2, 1000, 512, 0, 0, 'QUEUED', ?3, ?3, 2)",
+            params![OLD_JOB, spec, T0],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO events (job_id, seq, at_ms, attempt, state, reason) \
+             VALUES (?1, 1, ?2, 0, 'QUEUED', 'submitted')",
+            params![OLD_JOB, T0],
+        )
+        .unwrap();
+    }
+
+    fn columns(store: &SqliteStore, table: &str) -> Vec<String> {
+        let conn = store.conn.lock().unwrap();
+        let mut stmt = conn
+            .prepare("SELECT name FROM pragma_table_info(?1)")
+            .unwrap();
+        let rows = stmt.query_map([table], |r| r.get(0)).unwrap();
+        rows.map(Result::unwrap).collect()
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_workflows_opens_and_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("drover.db");
+        old_database(&path);
+
+        let store = SqliteStore::open(&path).unwrap();
+        assert!(columns(&store, "events").contains(&"usd_per_hour".to_string()));
+        for table in ["runs", "job_links"] {
+            assert!(!columns(&store, table).is_empty(), "{table}");
+        }
+        let old = store.get_job(OLD_JOB).await.unwrap();
+        assert_eq!((old.state, old.workflow), (JobState::Queued, None));
+        let events = store.events(OLD_JOB).await.unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].usd_per_hour, None);
+
+        // The old job runs, with a price on its RUNNING event.
+        store
+            .create_session(
+                &NewSession {
+                    session_id: "s1".into(),
+                    token_hash: "h".into(),
+                    agent_id: "a1".into(),
+                    pool: "default".into(),
+                    hostname: "host".into(),
+                    labels: BTreeMap::new(),
+                    capacity: Resources::default(),
+                    runtime: "process".into(),
+                    version: "test".into(),
+                    health_addr: String::new(),
+                    ttl_ms: 60_000,
+                },
+                T0,
+            )
+            .await
+            .unwrap();
+        let offer = ClaimOffer {
+            session_id: "s1".into(),
+            agent_id: "a1".into(),
+            pool: "default".into(),
+            labels: BTreeMap::new(),
+            free: Resources {
+                cpu_millis: 4000,
+                memory_mib: 4096,
+                gpus: 0,
+                disk_gib: 10,
+                gpu_model: None,
+            },
+            max_jobs: 1,
+        };
+        let claimed = store.claim(&offer, 8, T0 + 1).await.unwrap();
+        assert_eq!(claimed[0].lease.job_id, OLD_JOB);
+        store
+            .start(&claimed[0].lease, T0 + 2, Some(0.5))
+            .await
+            .unwrap();
+        let done = store
+            .complete(
+                &claimed[0].lease,
+                &Completion {
+                    outcome: OutcomeKind::Succeeded,
+                    exit_code: Some(0),
+                    reason: "ok".into(),
+                },
+                T0 + 3,
+            )
+            .await
+            .unwrap();
+        assert_eq!(done.state, JobState::Succeeded);
+        assert!(done.released.is_empty());
+        let events = store.events(OLD_JOB).await.unwrap();
+        let prices: Vec<_> = events.iter().map(|e| (e.state, e.usd_per_hour)).collect();
+        assert_eq!(
+            prices,
+            [
+                (JobState::Queued, None),
+                (JobState::Leased, None),
+                (JobState::Running, Some(0.5)),
+                (JobState::Succeeded, None),
+            ]
+        );
+
+        // New jobs and workflow runs go in next to it.
+        let run_id = ulid::Ulid::new().to_string();
+        let job_id = ulid::Ulid::new().to_string();
+        let run = RunRecord {
+            id: run_id.clone(),
+            name: "wf".into(),
+            description: "after the upgrade".into(),
+            created_at_ms: T0,
+            steps: vec![drover_proto::workflow::RunStep {
+                name: "only".into(),
+                depends_on: Vec::new(),
+                array: None,
+                jobs: vec![job_id.clone()],
+            }],
+            cancel_requested: false,
+        };
+        store
+            .create_run(
+                &run,
+                vec![NewJob {
+                    id: job_id.clone(),
+                    spec: JobSpec::command(["true"]),
+                    workflow: Some(WorkflowLink {
+                        run_id,
+                        step: "only".into(),
+                        task_index: None,
+                    }),
+                }],
+                T0 + 4,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            store.get_job(&job_id).await.unwrap().state,
+            JobState::Queued
+        );
+        drop(store);
+
+        // Opening it again (already migrated) changes nothing.
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.get_run(&run.id).await.unwrap(), run);
+        assert_eq!(store.events(OLD_JOB).await.unwrap().len(), 4);
+        let usd = columns(&store, "events")
+            .iter()
+            .filter(|c| *c == "usd_per_hour")
+            .count();
+        assert_eq!(usd, 1);
+    }
+
+    #[test]
+    fn coordinators_opening_an_old_file_at_once_migrate_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("drover.db");
+        old_database(&path);
+        let openers: Vec<_> = (0..4)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || SqliteStore::open(&path).map(|_| ()))
+            })
+            .collect();
+        for opener in openers {
+            opener.join().unwrap().unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert!(columns(&store, "events").contains(&"usd_per_hour".to_string()));
+    }
 }

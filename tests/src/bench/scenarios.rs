@@ -301,6 +301,7 @@ async fn store(opts: &Options) -> anyhow::Result<Report> {
             .map(|_| NewJob {
                 id: ulid_like(),
                 spec: noop(),
+                workflow: None,
             })
             .collect();
         for chunk in specs.chunks(500) {

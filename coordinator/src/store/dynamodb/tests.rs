@@ -161,6 +161,7 @@ async fn job_lifecycle_costs_at_most_four_write_requests_beyond_events() {
     let warm = NewJob {
         id: ulid::Ulid::new().to_string(),
         spec: JobSpec::command(["true"]),
+        workflow: None,
     };
     store.submit(vec![warm], now).await.unwrap();
     counter.take();
@@ -173,6 +174,7 @@ async fn job_lifecycle_costs_at_most_four_write_requests_beyond_events() {
             vec![NewJob {
                 id: id.clone(),
                 spec,
+                workflow: None,
             }],
             now,
         )
@@ -208,7 +210,7 @@ async fn job_lifecycle_costs_at_most_four_write_requests_beyond_events() {
         other_items: claim.other_items / 2,
         estimated_wcu: claim.estimated_wcu / 2,
     };
-    store.start(&lease, now + 1).await.unwrap();
+    store.start(&lease, now + 1, None).await.unwrap();
     let start = counter.take();
     let done = Completion {
         outcome: OutcomeKind::Succeeded,
@@ -314,6 +316,7 @@ async fn delayed_jobs_stay_off_the_queue_head_until_due() {
             vec![NewJob {
                 id: id.clone(),
                 spec,
+                workflow: None,
             }],
             now,
         )
@@ -370,4 +373,474 @@ async fn delayed_jobs_stay_off_the_queue_head_until_due() {
         .is_empty());
     let again = store.claim(&offer, 64, now + 60_000).await.unwrap();
     assert_eq!(again[0].lease.attempt, 2);
+}
+
+// ---- workflows ----
+
+/// A run from a workflow given as JSON.
+fn run_of(json: serde_json::Value, created_at_ms: i64) -> (RunRecord, Vec<NewJob>) {
+    let wf: drover_proto::workflow::WorkflowSpec =
+        serde_json::from_value(json).expect("workflow parses");
+    wf.validate().expect("workflow is valid");
+    let run_id = ulid::Ulid::new().to_string();
+    let ex = wf.expand(&run_id, || ulid::Ulid::new().to_string());
+    let run = RunRecord {
+        id: run_id,
+        name: wf.name.clone(),
+        description: wf.description.clone(),
+        created_at_ms,
+        steps: ex.steps,
+        cancel_requested: false,
+    };
+    let jobs = ex
+        .jobs
+        .into_iter()
+        .map(|j| NewJob {
+            id: j.id,
+            spec: j.spec,
+            workflow: Some(j.link),
+        })
+        .collect();
+    (run, jobs)
+}
+
+fn step(name: &str, depends_on: &[&str]) -> serde_json::Value {
+    serde_json::json!({"name": name, "depends_on": depends_on, "command": ["true"]})
+}
+
+fn step_jobs<'a>(run: &'a RunRecord, name: &str) -> &'a [String] {
+    &run.steps.iter().find(|s| s.name == name).unwrap().jobs
+}
+
+/// A live session and the offer it makes (room for 200 jobs).
+async fn offer_of(store: &DynamoStore, session_id: &str, now: i64) -> ClaimOffer {
+    store
+        .create_session(
+            &NewSession {
+                session_id: session_id.into(),
+                token_hash: "h".into(),
+                agent_id: format!("agent-{session_id}"),
+                pool: "default".into(),
+                hostname: "host".into(),
+                labels: BTreeMap::new(),
+                capacity: Resources::default(),
+                runtime: "process".into(),
+                version: "test".into(),
+                health_addr: String::new(),
+                ttl_ms: 3_600_000,
+            },
+            now,
+        )
+        .await
+        .unwrap();
+    ClaimOffer {
+        session_id: session_id.into(),
+        agent_id: format!("agent-{session_id}"),
+        pool: "default".into(),
+        labels: BTreeMap::new(),
+        free: Resources::default(),
+        max_jobs: 200,
+    }
+}
+
+/// Claims everything claimable, whatever it takes.
+async fn claim_all(store: &DynamoStore, offer: &ClaimOffer, now: i64) -> Vec<LeaseRef> {
+    let mut leases = Vec::new();
+    loop {
+        let claimed = store.claim(offer, 1000, now).await.unwrap();
+        if claimed.is_empty() {
+            return leases;
+        }
+        leases.extend(claimed.into_iter().map(|c| c.lease));
+    }
+}
+
+fn ok() -> Completion {
+    Completion {
+        outcome: OutcomeKind::Succeeded,
+        exit_code: Some(0),
+        reason: "exit 0".into(),
+    }
+}
+
+async fn state_item(store: &DynamoStore, id: &str) -> Item {
+    store.get(job_pk(id), "STATE").await.unwrap().unwrap()
+}
+
+async fn states(store: &DynamoStore, ids: &[String]) -> Vec<JobState> {
+    store
+        .get_jobs(ids)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| j.state)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_too_large_for_one_transaction_is_created_in_chunks_and_fully_visible() {
+    let counter = WriteCounter::default();
+    let store = store_with(client(Some(counter.clone()))).await;
+    let now = 1_700_000_000_000;
+    // seed → fan[100] → join: 102 jobs, 307 items; seed's success has more
+    // dependents than fit in its completion's transaction.
+    let mut fan = step("fan", &["seed"]);
+    fan["array"] = 100.into();
+    let (run, jobs) = run_of(
+        serde_json::json!({"name": "big", "steps": [step("seed", &[]), fan, step("join", &["fan"])]}),
+        now,
+    );
+    let all: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+    counter.take();
+    store.create_run(&run, jobs, now).await.unwrap();
+    let create = counter.take();
+    println!(
+        "create_run of 102 jobs: {} write request(s), {} item write(s) + {} event item(s), ~{} WCU",
+        create.write_requests, create.other_items, create.event_items, create.estimated_wcu
+    );
+    assert!(create.write_requests > 3, "written in chunks");
+
+    assert_eq!(store.get_run(&run.id).await.unwrap(), run);
+    let got = store.get_jobs(&all).await.unwrap();
+    assert_eq!(
+        got.iter().map(|j| &j.id).collect::<Vec<_>>(),
+        all.iter().collect::<Vec<_>>()
+    );
+    for job in &got {
+        let step = &job.workflow.as_ref().unwrap().step;
+        let expected = if step == "seed" {
+            JobState::Queued
+        } else {
+            JobState::Pending
+        };
+        assert_eq!(job.state, expected, "{step}");
+    }
+    // Published: index keys in place, no expiry, no marker left.
+    for id in &all {
+        let item = state_item(&store, id).await;
+        assert!(!item.contains_key("unpub") && !item.contains_key(TTL_ATTRIBUTE));
+        assert!(item.contains_key("gsi3pk"));
+        let expected = if id == &step_jobs(&run, "seed")[0] {
+            "gsi1pk"
+        } else {
+            "gsi2pk"
+        };
+        assert!(item.contains_key(expected), "{item:?}");
+    }
+    let run_item = store
+        .get(format!("RUN#{}", run.id), "RUN")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!run_item.contains_key("gsi2pk") && !run_item.contains_key("unpub"));
+    let listed = store.list_runs(None, 10).await.unwrap();
+    assert_eq!(listed.items, vec![run.clone()]);
+    let jobs_listed = store
+        .list_jobs(&JobFilter::default(), None, 1000)
+        .await
+        .unwrap();
+    assert_eq!(jobs_listed.items.len(), 102);
+    assert!(store
+        .release_pending(now + 120_000)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // seed succeeds: its 100 dependents are counted down after its
+    // transaction, then all released.
+    let offer = offer_of(&store, "s1", now).await;
+    let leases = claim_all(&store, &offer, now).await;
+    assert_eq!(leases.len(), 1, "only the root is queued");
+    let done = store.complete(&leases[0], &ok(), now + 1).await.unwrap();
+    assert_eq!(done.released.len(), 100);
+    let fan_ids = step_jobs(&run, "fan");
+    assert!(states(&store, fan_ids)
+        .await
+        .iter()
+        .all(|s| *s == JobState::Queued));
+    let join = &step_jobs(&run, "join")[0];
+    assert_eq!(
+        get_n::<i64>(&state_item(&store, join).await, "deps"),
+        Some(100)
+    );
+
+    // Fan tasks count join down (moto is slow with a table this size: two
+    // of them; the conformance suite runs joins to the end).
+    let one = ClaimOffer {
+        max_jobs: 1,
+        ..offer
+    };
+    for _ in 0..2 {
+        let lease = store
+            .claim(&one, 100, now + 2)
+            .await
+            .unwrap()
+            .remove(0)
+            .lease;
+        let done = store.complete(&lease, &ok(), now + 3).await.unwrap();
+        assert!(done.released.is_empty());
+    }
+    assert_eq!(
+        get_n::<i64>(&state_item(&store, join).await, "deps"),
+        Some(98)
+    );
+    assert!(store.release_pending(now + 4).await.unwrap().is_empty());
+    assert_eq!(
+        states(&store, std::slice::from_ref(join)).await,
+        [JobState::Pending]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_publishes_a_run_whose_create_was_interrupted() {
+    let store = fresh_store().await;
+    let now = 1_700_000_000_000;
+    let mut fan = step("fan", &["seed"]);
+    fan["array"] = 40.into();
+    let wf = serde_json::json!({"name": "cut", "steps": [step("seed", &[]), fan]});
+
+    // Died before the run item: the jobs stay invisible and expire.
+    let (orphan, orphan_jobs) = run_of(wf.clone(), now);
+    store.stage_jobs(&orphan, &orphan_jobs, now).await.unwrap();
+    let item = state_item(&store, &orphan_jobs[0].id).await;
+    assert_eq!(
+        get_n::<i64>(&item, TTL_ATTRIBUTE),
+        Some((now + DAY_MS) / 1000),
+        "short expiry"
+    );
+    assert!(!item.contains_key("gsi1pk") && !item.contains_key("gsi3pk"));
+
+    // Died after the run item (the commit point), before publishing.
+    let (run, jobs) = run_of(wf, now);
+    let all: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+    store.stage_jobs(&run, &jobs, now).await.unwrap();
+    store.commit_run(&run, now).await.unwrap();
+    // ...and had published one job (a dependent: they go first).
+    let fan_ids = step_jobs(&run, "fan");
+    store
+        .mutate_many(&fan_ids[..1], |row| {
+            Ok(row.unpublished_at_ms.take().map(|_| Transition::silent()))
+        })
+        .await
+        .unwrap();
+
+    let invisible = |store: DynamoStore, all: Vec<String>, run_id: String| async move {
+        assert!(matches!(
+            store.get_run(&run_id).await,
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(store.list_runs(None, 10).await.unwrap().items.is_empty());
+        assert_eq!(
+            store.get_jobs(&all).await.unwrap().len(),
+            1,
+            "the published one"
+        );
+        assert!(matches!(
+            store.get_job(&all[0]).await,
+            Err(StoreError::NotFound(_))
+        ));
+    };
+    invisible(store.clone(), all.clone(), run.id.clone()).await;
+    let offer = offer_of(&store, "s1", now).await;
+    assert!(store.claim(&offer, 100, now).await.unwrap().is_empty());
+
+    // Within a minute the creator may still be at it: left alone.
+    assert!(store
+        .release_pending(now + 30_000)
+        .await
+        .unwrap()
+        .is_empty());
+    invisible(store.clone(), all.clone(), run.id.clone()).await;
+
+    // Later the sweep finishes the publish.
+    assert!(store
+        .release_pending(now + 61_000)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.get_run(&run.id).await.unwrap(), run);
+    assert_eq!(
+        store.list_runs(None, 10).await.unwrap().items,
+        vec![run.clone()]
+    );
+    let got = store.get_jobs(&all).await.unwrap();
+    assert_eq!(got.len(), 41);
+    for id in &all {
+        let item = state_item(&store, id).await;
+        assert!(!item.contains_key("unpub") && !item.contains_key(TTL_ATTRIBUTE));
+    }
+    assert!(states(&store, fan_ids)
+        .await
+        .iter()
+        .all(|s| *s == JobState::Pending));
+    let leases = claim_all(&store, &offer, now + 61_000).await;
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].job_id, step_jobs(&run, "seed")[0]);
+    let done = store
+        .complete(&leases[0], &ok(), now + 62_000)
+        .await
+        .unwrap();
+    assert_eq!(done.released.len(), 40);
+    // The orphan never shows.
+    assert!(store
+        .get_jobs(&[orphan_jobs[0].id.clone()])
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+/// Writes a completion as a coordinator that died right after its
+/// transaction would: the job's state and event, no dependent counted
+/// down, released or failed.
+async fn complete_without_follow_up(
+    store: &DynamoStore,
+    lease: &LeaseRef,
+    completion: &Completion,
+    now: i64,
+) {
+    let row = store.load_row(&lease.job_id).await.unwrap().unwrap();
+    let mut next = row.clone();
+    let transition = next.complete(lease, completion, now);
+    next.version = row.version + 1;
+    let items = store.transition_items(&row, &mut next, transition).unwrap();
+    assert!(store.transact(items).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_settles_what_a_lost_follow_up_left_pending() {
+    let store = fresh_store().await;
+    let now = 1_700_000_000_000;
+    let chain = || {
+        serde_json::json!({"name": "chain", "steps": [
+            step("first", &[]), step("second", &["first"]), step("third", &["second"]),
+        ]})
+    };
+    let offer = offer_of(&store, "s1", now).await;
+
+    // A success whose dependents were never counted down.
+    let (run, jobs) = run_of(chain(), now);
+    store.create_run(&run, jobs, now).await.unwrap();
+    let lease = claim_all(&store, &offer, now).await.remove(0);
+    complete_without_follow_up(&store, &lease, &ok(), now + 1).await;
+    let second = &step_jobs(&run, "second")[0];
+    let item = state_item(&store, second).await;
+    assert_eq!(get_s(&item, "state"), Some("PENDING"));
+    assert_eq!(get_n::<i64>(&item, "deps"), Some(1), "never counted down");
+    assert_eq!(store.release_pending(now + 2).await.unwrap(), ["default"]);
+    let job = store.get_job(second).await.unwrap();
+    assert_eq!(job.state, JobState::Queued);
+    let events = store.events(second).await.unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last.state, last.reason.as_str()),
+        (JobState::Queued, "dependencies succeeded")
+    );
+    assert_eq!(
+        states(&store, step_jobs(&run, "third")).await,
+        [JobState::Pending]
+    );
+    assert!(store.release_pending(now + 3).await.unwrap().is_empty());
+    let lease = claim_all(&store, &offer, now + 3).await.remove(0);
+    assert_eq!(&lease.job_id, second);
+    let first_third = step_jobs(&run, "third")[0].clone();
+
+    // A failure whose dependents were never failed.
+    let (run, jobs) = run_of(chain(), now);
+    store.create_run(&run, jobs, now).await.unwrap();
+    let lease = claim_all(&store, &offer, now).await.remove(0);
+    let failed = Completion {
+        outcome: OutcomeKind::Failed,
+        exit_code: Some(1),
+        reason: "exit 1".into(),
+    };
+    complete_without_follow_up(&store, &lease, &failed, now + 1).await;
+    assert!(store.release_pending(now + 2).await.unwrap().is_empty());
+    for step in ["second", "third"] {
+        let job = store.get_job(&step_jobs(&run, step)[0]).await.unwrap();
+        assert_eq!(job.state, JobState::Failed, "{step}");
+        assert!(job
+            .reason
+            .unwrap()
+            .starts_with(drover_proto::workflow::DEPENDENCY_FAILED));
+    }
+    // Only the first chain's last step is still PENDING (its dependency
+    // runs): the failed ones left the partition the sweep reads.
+    let pending: Vec<String> = store
+        .query_index(OWNER_INDEX, "gsi2pk", "PENDING".into(), None)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|i| get_s(i, "gsi2sk").map(str::to_string))
+        .collect();
+    assert_eq!(pending, [first_third]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_step_workflow_costs_one_write_request_per_transition() {
+    let counter = WriteCounter::default();
+    let store = store_with(client(Some(counter.clone()))).await;
+    let now = 1_700_000_000_000;
+    let offer = offer_of(&store, "s1", now).await;
+    // The per-process pool and listing markers are not per run.
+    let (warm, warm_jobs) = run_of(
+        serde_json::json!({"name": "warm", "steps": [step("only", &[])]}),
+        now,
+    );
+    store.create_run(&warm, warm_jobs, now).await.unwrap();
+    let warm_lease = claim_all(&store, &offer, now).await.remove(0);
+    store.complete(&warm_lease, &ok(), now).await.unwrap();
+    counter.take();
+
+    let (run, jobs) = run_of(
+        serde_json::json!({"name": "abc", "steps": [
+            step("a", &[]), step("b", &["a"]), step("c", &["b"]),
+        ]}),
+        now,
+    );
+    store.create_run(&run, jobs, now).await.unwrap();
+    let mut phases = vec![("create_run".to_string(), counter.take())];
+    for name in ["a", "b", "c"] {
+        let lease = claim_all(&store, &offer, now).await.remove(0);
+        assert_eq!(lease.job_id, step_jobs(&run, name)[0]);
+        phases.push((format!("claim {name}"), counter.take()));
+        store.start(&lease, now, Some(0.5)).await.unwrap();
+        phases.push((format!("start {name}"), counter.take()));
+        let done = store.complete(&lease, &ok(), now).await.unwrap();
+        assert_eq!(done.released.len(), (name != "c") as usize);
+        phases.push((format!("complete {name}"), counter.take()));
+    }
+    let mut total = Tally::default();
+    for (phase, t) in &phases {
+        println!(
+            "{phase:>12}: {} write request(s), {} item(s) + {} event item(s), ~{} WCU",
+            t.write_requests, t.other_items, t.event_items, t.estimated_wcu
+        );
+        total.write_requests += t.write_requests;
+        total.other_items += t.other_items;
+        total.event_items += t.event_items;
+        total.estimated_wcu += t.estimated_wcu;
+    }
+    println!(
+        "       total: {} write request(s), {} item(s) + {} event item(s), ~{} WCU",
+        total.write_requests, total.other_items, total.event_items, total.estimated_wcu
+    );
+    let requests = |phase: &str| {
+        phases
+            .iter()
+            .find(|(p, _)| p == phase)
+            .map(|(_, t)| t.write_requests)
+            .unwrap()
+    };
+    assert_eq!(requests("create_run"), 1, "one transaction");
+    // A completion that releases its dependent: its own transaction (which
+    // counts the dependent down) and the release.
+    assert_eq!(requests("complete a"), 2);
+    assert_eq!(requests("complete b"), 2);
+    assert_eq!(requests("complete c"), 1, "like a plain job");
+    // One event per transition: the root's four, and the dependents' five
+    // (PENDING, then QUEUED on release, LEASED, RUNNING, SUCCEEDED).
+    assert_eq!(total.event_items, 4 + 5 + 5);
+    // As many as three plain jobs cost (4 each): the release replaces the
+    // submit.
+    assert_eq!(total.write_requests, 12);
 }
