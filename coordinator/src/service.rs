@@ -59,6 +59,8 @@ pub struct Service {
     sessions: Mutex<HashMap<String, SessionAuth>>,
     /// Each fresh lease's price per hour, from its claim until its start.
     rates: Mutex<HashMap<(String, u64), Option<f64>>>,
+    /// Finished jobs' attempts by (job id, last update), for run views.
+    finished_attempts: Mutex<HashMap<(String, i64), Vec<crate::cost::AttemptCost>>>,
     /// When the reaper's circuit breaker tripped, while it holds.
     breaker_since_ms: Mutex<Option<i64>>,
     /// Base of the signed URLs the coordinator serves (config or bound address).
@@ -92,6 +94,7 @@ impl Service {
             commands: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             rates: Mutex::new(HashMap::new()),
+            finished_attempts: Mutex::new(HashMap::new()),
             breaker_since_ms: Mutex::new(None),
             public_url,
             metrics: Metrics::default(),

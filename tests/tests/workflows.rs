@@ -539,3 +539,91 @@ steps:
         both(&out)
     );
 }
+
+/// `drover …` in `dir`, finding the coordinator the way a user does: through
+/// the `.drover/cli.toml` that `drover dev` wrote there.
+async fn drover_in(dir: &Path, args: &[&str]) -> Output {
+    let run = tokio::process::Command::new(binary("drover"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("DROVER_ADDR")
+        .env_remove("DROVER_TOKEN")
+        .env_remove("DROVER_CONFIG")
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(COMMAND_LIMIT, run)
+        .await
+        .unwrap_or_else(|_| panic!("drover {args:?} did not finish within {COMMAND_LIMIT:?}"))
+        .expect("running drover")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_examples_run_under_drover_dev_as_the_readme_shows() {
+    let dir = tempfile::tempdir().unwrap();
+    let _dev = tokio::process::Command::new(binary("drover"))
+        .args(["dev", "--agents", "2"])
+        .current_dir(dir.path())
+        .env_remove("DROVER_ADDR")
+        .env_remove("DROVER_TOKEN")
+        .env_remove("DROVER_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting drover dev");
+    let config = dir.path().join(".drover/cli.toml");
+    wait_until("drover dev is up", Duration::from_secs(60), || async {
+        (config.exists() && drover_in(dir.path(), &["runs"]).await.status.success()).then_some(())
+    })
+    .await;
+
+    let out = drover_in(dir.path(), &["run", &example("calc.yaml")]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", both(&out));
+    let id = {
+        let out = drover_in(dir.path(), &["--json", "runs"]).await;
+        let list: RunList = serde_json::from_slice(&out.stdout).expect("a RunList");
+        list.runs[0].id.clone()
+    };
+    let into = tempfile::tempdir().unwrap();
+    let mut values = Vec::new();
+    for (target, file) in [
+        ("generate", "x"),
+        ("generate", "y"),
+        ("generate", "z"),
+        ("sum", "result"),
+    ] {
+        let dest = into.path().join(target);
+        if !dest.exists() {
+            let out = drover_in(
+                dir.path(),
+                &[
+                    "artifacts",
+                    "get",
+                    &format!("{id}/{target}"),
+                    "-x",
+                    dest.to_str().unwrap(),
+                ],
+            )
+            .await;
+            assert!(out.status.success(), "{}", both(&out));
+        }
+        values.push(read_number(&dest, file));
+    }
+    let [x, y, z, result] = values[..] else {
+        unreachable!()
+    };
+    assert!(
+        (result - (x * y + x / z)).abs() < 1e-5,
+        "{result} vs {x}*{y} + {x}/{z}"
+    );
+
+    let out = drover_in(dir.path(), &["run", &example("fanout.yaml")]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", both(&out));
+    let out = drover_in(dir.path(), &["run", &example("failing.yaml")]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", both(&out));
+    assert!(
+        text(&out.stdout).contains(DEPENDENCY_FAILED),
+        "{}",
+        both(&out)
+    );
+}

@@ -18,6 +18,8 @@ use crate::store::{ClaimedJob, LeaseRef, NewJob, RunRecord, SessionAuth};
 /// Prices remembered between claim and start; beyond this many (leases
 /// that never started) the memory is dropped and starts read the job.
 const MAX_REMEMBERED_RATES: usize = 100_000;
+/// Finished jobs whose attempts (durations, costs) are kept for run views.
+const MAX_CACHED_ATTEMPTS: usize = 100_000;
 
 impl Service {
     /// Validates the workflow (nothing is written unless every step is
@@ -173,11 +175,7 @@ impl Service {
                         run.id, step.name
                     )));
                 };
-                let attempts = if job.attempt > 0 {
-                    cost::attempt_costs(&self.store.events(id).await?, now)
-                } else {
-                    Vec::new()
-                };
+                let attempts = self.attempts_of(job, now).await?;
                 for a in &attempts {
                     first_start =
                         Some(first_start.map_or(a.started_at_ms, |f| f.min(a.started_at_ms)));
@@ -230,6 +228,31 @@ impl Service {
             steps,
             cost_usd: total,
         })
+    }
+
+    /// A job's attempts with their durations and costs. A finished job's
+    /// never change: they are kept (keyed by its last update, which a retry
+    /// moves), so following a large run does not re-read every job's events
+    /// on every poll.
+    async fn attempts_of(&self, job: &Job, now: i64) -> ServiceResult<Vec<cost::AttemptCost>> {
+        if job.attempt == 0 {
+            return Ok(Vec::new());
+        }
+        let key = (job.id.clone(), job.updated_at_ms);
+        if job.state.is_terminal() {
+            if let Some(hit) = self.finished_attempts.lock().map_err(poisoned)?.get(&key) {
+                return Ok(hit.clone());
+            }
+        }
+        let attempts = cost::attempt_costs(&self.store.events(&job.id).await?, now);
+        if job.state.is_terminal() {
+            let mut cache = self.finished_attempts.lock().map_err(poisoned)?;
+            if cache.len() >= MAX_CACHED_ATTEMPTS {
+                cache.clear();
+            }
+            cache.insert(key, attempts.clone());
+        }
+        Ok(attempts)
     }
 
     /// Prices the fresh leases of a claim for their start.
