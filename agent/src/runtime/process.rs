@@ -103,13 +103,12 @@ impl Runtime for ProcessRuntime {
             }
         })?;
 
-        let mut cmd = Command::new(&program);
-        cmd.args(&spec.argv[1..])
+        let path = std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_string());
+        let mut cmd = Command::new(resolve_program(&program, &path));
+        cmd.arg0(&program)
+            .args(&spec.argv[1..])
             .env_clear()
-            .env(
-                "PATH",
-                std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_string()),
-            )
+            .env("PATH", &path)
             .env("HOME", &workdir)
             .env("DROVER_JOB_ID", &spec.job_id)
             .env("DROVER_ATTEMPT", spec.attempt.to_string())
@@ -219,6 +218,27 @@ impl Runtime for ProcessRuntime {
         let _ = tokio::fs::remove_dir_all(&self.work_root).await;
         Ok(killed)
     }
+}
+
+/// `program` as an absolute path when it is a bare name found on `path`
+/// (the PATH the job gets), else unchanged. Looking it up here rather than in
+/// the child lets the standard library start the job with `posix_spawn`
+/// (vfork semantics) instead of `fork`, which copies the agent's page tables:
+/// the biggest CPU cost of starting a short job. A name not found is left for
+/// the spawn to report as "command not found".
+fn resolve_program(program: &str, path: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') {
+        return PathBuf::from(program);
+    }
+    path.split(':')
+        .filter(|dir| dir.starts_with('/'))
+        .map(|dir| Path::new(dir).join(program))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .unwrap_or_else(|| PathBuf::from(program))
 }
 
 fn spawn_error(program: &str, e: std::io::Error) -> RuntimeError {
@@ -351,6 +371,29 @@ mod tests {
     use super::*;
     use crate::runtime::suite::{collect, wait_until, SuiteRuntime};
     use std::time::Duration;
+
+    #[test]
+    fn bare_program_names_resolve_on_the_jobs_path() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (first, second) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir_all(&first).unwrap();
+        std::fs::create_dir_all(&second).unwrap();
+        // Not executable in the first directory: skipped.
+        std::fs::write(first.join("tool"), "#!/bin/sh\n").unwrap();
+        std::fs::write(second.join("tool"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(second.join("tool"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        let path = format!("relative:{}:{}", first.display(), second.display());
+        assert_eq!(resolve_program("tool", &path), second.join("tool"));
+        // Paths are kept as given; unknown names are left to the spawn.
+        assert_eq!(resolve_program("./tool", &path), PathBuf::from("./tool"));
+        assert_eq!(
+            resolve_program("/bin/tool", &path),
+            PathBuf::from("/bin/tool")
+        );
+        assert_eq!(resolve_program("nope", &path), PathBuf::from("nope"));
+    }
 
     #[async_trait]
     impl SuiteRuntime for ProcessRuntime {

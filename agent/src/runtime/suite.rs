@@ -119,6 +119,14 @@ pub async fn exit_code_zero_is_success<R: SuiteRuntime>(cx: &Ctx<R>) {
     assert_eq!(out, "hello\n");
 }
 
+/// A program found on PATH still sees the name it was called by (busybox
+/// applets and multi-call tools depend on it).
+pub async fn the_program_sees_the_name_it_was_called_by<R: SuiteRuntime>(cx: &Ctx<R>) {
+    let (status, out, _) = run(&cx.rt, cx.sh("echo \"$0\"")).await;
+    assert!(status.success());
+    assert_eq!(out.trim(), "sh");
+}
+
 pub async fn nonzero_exit_code_is_reported<R: SuiteRuntime>(cx: &Ctx<R>) {
     let rt = &cx.rt;
     let (status, _, _) = run(rt, cx.sh("exit 3")).await;
@@ -356,6 +364,7 @@ macro_rules! runtime_suite {
             use super::*;
             $crate::runtime_suite!(@tests $make;
                 exit_code_zero_is_success,
+                the_program_sees_the_name_it_was_called_by,
                 nonzero_exit_code_is_reported,
                 env_is_passed_with_drover_variables,
                 secret_env_reaches_the_job,
