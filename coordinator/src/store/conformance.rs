@@ -8,7 +8,7 @@ use drover_proto::model::{JobSpec, JobState, Resources, RetryPolicy};
 
 use super::*;
 
-mod workflows;
+pub(in crate::store) mod workflows;
 use workflows::*;
 
 const T0: i64 = 1_700_000_000_000;

@@ -6,7 +6,10 @@ use drover_proto::workflow::{WorkflowSpec, DEPENDENCY_FAILED};
 use super::*;
 
 /// A run from a workflow given as JSON (the YAML a user writes, as JSON).
-fn run_of(json: serde_json::Value, created_at_ms: i64) -> (RunRecord, Vec<NewJob>) {
+pub(in crate::store) fn run_of(
+    json: serde_json::Value,
+    created_at_ms: i64,
+) -> (RunRecord, Vec<NewJob>) {
     let wf: WorkflowSpec = serde_json::from_value(json).expect("workflow parses");
     wf.validate().expect("workflow is valid");
     let run_id = ulid::Ulid::new().to_string();
@@ -31,7 +34,7 @@ fn run_of(json: serde_json::Value, created_at_ms: i64) -> (RunRecord, Vec<NewJob
     (run, jobs)
 }
 
-fn step(name: &str, depends_on: &[&str]) -> serde_json::Value {
+pub(in crate::store) fn step(name: &str, depends_on: &[&str]) -> serde_json::Value {
     serde_json::json!({"name": name, "depends_on": depends_on, "command": ["true"]})
 }
 

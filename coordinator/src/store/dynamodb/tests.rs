@@ -377,36 +377,8 @@ async fn delayed_jobs_stay_off_the_queue_head_until_due() {
 
 // ---- workflows ----
 
-/// A run from a workflow given as JSON.
-fn run_of(json: serde_json::Value, created_at_ms: i64) -> (RunRecord, Vec<NewJob>) {
-    let wf: drover_proto::workflow::WorkflowSpec =
-        serde_json::from_value(json).expect("workflow parses");
-    wf.validate().expect("workflow is valid");
-    let run_id = ulid::Ulid::new().to_string();
-    let ex = wf.expand(&run_id, || ulid::Ulid::new().to_string());
-    let run = RunRecord {
-        id: run_id,
-        name: wf.name.clone(),
-        description: wf.description.clone(),
-        created_at_ms,
-        steps: ex.steps,
-        cancel_requested: false,
-    };
-    let jobs = ex
-        .jobs
-        .into_iter()
-        .map(|j| NewJob {
-            id: j.id,
-            spec: j.spec,
-            workflow: Some(j.link),
-        })
-        .collect();
-    (run, jobs)
-}
-
-fn step(name: &str, depends_on: &[&str]) -> serde_json::Value {
-    serde_json::json!({"name": name, "depends_on": depends_on, "command": ["true"]})
-}
+// The run builders are the conformance suite's.
+use crate::store::conformance::workflows::{run_of, step};
 
 fn step_jobs<'a>(run: &'a RunRecord, name: &str) -> &'a [String] {
     &run.steps.iter().find(|s| s.name == name).unwrap().jobs
