@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use drover_proto::model::{self, Job, JobState, Resources};
+use drover_proto::model::{Job, JobState, Resources};
 use drover_proto::v1;
 use drover_proto::workflow::{
     RunList, RunState, RunStepStatus, RunSummary, RunTask, WorkflowRun, WorkflowSpec,
@@ -202,7 +202,10 @@ impl Service {
             steps.push(RunStepStatus {
                 name: step.name.clone(),
                 depends_on: step.depends_on.clone(),
-                state: step_state(tasks.iter().map(|t| t.state), run.cancel_requested),
+                state: step_state(
+                    &tasks.iter().map(|t| t.state).collect::<Vec<_>>(),
+                    run.cancel_requested,
+                ),
                 tasks: tasks.len() as u32,
                 done: tasks.iter().filter(|t| t.state.is_terminal()).count() as u32,
                 succeeded: tasks
@@ -285,20 +288,21 @@ impl Service {
 
 /// A step's state for people: the run-style outcome once every task ended,
 /// else the most advanced state any task is in.
-fn step_state(states: impl Iterator<Item = JobState> + Clone, cancel_requested: bool) -> String {
-    let all: Vec<JobState> = states.collect();
-    if all.iter().all(|s| s.is_terminal()) {
-        return RunState::of(all, cancel_requested).as_str().to_string();
+fn step_state(states: &[JobState], cancel_requested: bool) -> String {
+    if states.iter().all(|s| s.is_terminal()) {
+        return RunState::of(states.iter().copied(), cancel_requested).to_string();
     }
-    let any = |f: &dyn Fn(JobState) -> bool| all.iter().any(|s| f(*s));
-    let state = if any(&|s| matches!(s, JobState::Running | JobState::Leased)) {
+    let state = if states
+        .iter()
+        .any(|s| matches!(s, JobState::Running | JobState::Leased))
+    {
         JobState::Running
-    } else if any(&|s| s == JobState::Queued) {
+    } else if states.contains(&JobState::Queued) {
         JobState::Queued
     } else {
         JobState::Pending
     };
-    model::JobState::as_str(state).to_string()
+    state.to_string()
 }
 
 #[cfg(test)]
@@ -308,12 +312,12 @@ mod tests {
     #[test]
     fn a_step_shows_its_most_advanced_task_until_all_ended() {
         use JobState::*;
-        let s = |states: &[JobState]| step_state(states.iter().copied(), false);
+        let s = |states: &[JobState]| step_state(states, false);
         assert_eq!(s(&[Pending, Pending]), "PENDING");
         assert_eq!(s(&[Pending, Queued]), "QUEUED");
         assert_eq!(s(&[Succeeded, Leased, Queued]), "RUNNING");
         assert_eq!(s(&[Succeeded, Succeeded]), "SUCCEEDED");
         assert_eq!(s(&[Succeeded, Failed]), "FAILED");
-        assert_eq!(step_state([Cancelled].into_iter(), true), "CANCELLED");
+        assert_eq!(step_state(&[Cancelled], true), "CANCELLED");
     }
 }

@@ -576,6 +576,18 @@ fn encode_cursor(id: &str) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id)
 }
 
+/// A page from up to `limit + 1` rows read newest first: the extra row only
+/// says there is more, and the cursor names the last id kept.
+fn page_of<T>(mut items: Vec<T>, limit: usize, id: impl Fn(&T) -> &str) -> Page<T> {
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|item| encode_cursor(id(item)))
+    } else {
+        None
+    };
+    Page { items, next_cursor }
+}
+
 fn decode_cursor(cursor: &str) -> StoreResult<String> {
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(cursor)
@@ -815,13 +827,7 @@ impl Store for SqliteStore {
             for row in rows {
                 items.push(finish_job(row.map_err(backend)?)?);
             }
-            let next_cursor = if items.len() > limit {
-                items.truncate(limit);
-                items.last().map(|j| encode_cursor(&j.id))
-            } else {
-                None
-            };
-            Ok(Page { items, next_cursor })
+            Ok(page_of(items, limit, |j| &j.id))
         })
         .await
     }

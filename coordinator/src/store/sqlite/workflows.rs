@@ -14,8 +14,8 @@ use drover_proto::workflow::{
 use rusqlite::{params, OptionalExtension, Transaction};
 
 use super::{
-    append_event, backend, cancel_tx, encode_cursor, insert_job, json_err, load_job, parse_state,
-    NewJob, Page, RunRecord, StoreError, StoreResult, SUBMITTED,
+    append_event, backend, cancel_tx, insert_job, json_err, load_job, page_of, parse_state, NewJob,
+    Page, RunRecord, StoreError, StoreResult, SUBMITTED,
 };
 
 /// The event (and reason) of a PENDING job released to QUEUED.
@@ -182,13 +182,7 @@ pub(super) fn list_runs(
     for row in rows {
         items.push(finish_run(row.map_err(backend)?)?);
     }
-    let next_cursor = if items.len() > limit {
-        items.truncate(limit);
-        items.last().map(|r| encode_cursor(&r.id))
-    } else {
-        None
-    };
-    Ok(Page { items, next_cursor })
+    Ok(page_of(items, limit, |r| &r.id))
 }
 
 /// See [`super::Store::cancel_run`]: dependents first, so a PENDING step is
