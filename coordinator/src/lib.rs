@@ -87,7 +87,11 @@ impl Server {
                 .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
                 .add_service(grpc)
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(grpc_listener),
+                    // Nagle off, as tonic's own listener has it: a response
+                    // written in pieces must not wait for the peer's
+                    // delayed ACK.
+                    tonic::transport::server::TcpIncoming::from(grpc_listener)
+                        .with_nodelay(Some(true)),
                     stop.cancelled_owned(),
                 )
                 .await
@@ -97,6 +101,12 @@ impl Server {
         let app = http::router(service.clone());
         let stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {
+            use axum::serve::ListenerExt as _;
+            let http_listener = http_listener.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!("cannot set TCP_NODELAY on an HTTP connection: {e}");
+                }
+            });
             axum::serve(http_listener, app)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await

@@ -67,7 +67,6 @@ const SDK_OPERATIONS: &[(&str, Option<&str>)] = &[
     ("get_authorization_token", Some("ecr:GetAuthorizationToken")),
     ("get_object", Some("s3:GetObject")),
     ("put_object", Some("s3:PutObject")),
-    ("head_object", Some("s3:GetObject")),
     ("delete_object", Some("s3:DeleteObject")),
     ("list_objects_v2", Some("s3:ListBucket")),
     ("get_parameter", Some("ssm:GetParameter")),

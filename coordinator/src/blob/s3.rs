@@ -530,24 +530,26 @@ impl BlobStore for S3BlobStore {
         Ok(SignedUrl::External(request.uri().to_string()))
     }
 
+    /// Listed rather than HEADed: a HEAD of a missing key answers 403 unless
+    /// the role may list the whole bucket, while a listing under the exact
+    /// key needs `s3:ListBucket` only for the coordinator's own prefix.
     async fn artifact_size(&self, key: &ArtifactKey) -> Result<Option<u64>, BlobError> {
-        match self
+        let object = self.inner.artifact_key(key);
+        let out = self
             .inner
             .client
-            .head_object()
+            .list_objects_v2()
             .bucket(&self.inner.bucket)
-            .key(self.inner.artifact_key(key))
+            .prefix(&object)
+            .max_keys(1)
             .send()
             .await
-        {
-            Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
-            Err(SdkError::ServiceError(e))
-                if e.err().is_not_found() || e.raw().status().as_u16() == 404 =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(s3_err("HeadObject", e)),
-        }
+            .map_err(|e| s3_err("ListObjectsV2", e))?;
+        Ok(out
+            .contents()
+            .iter()
+            .find(|o| o.key() == Some(object.as_str()))
+            .map(|o| o.size().unwrap_or(0).max(0) as u64))
     }
 
     /// S3 checks its own presigned URLs; the coordinator's route serves none.
