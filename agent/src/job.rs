@@ -121,11 +121,15 @@ pub(crate) async fn run(
         // Everything before the job runs: its directories, its lease kept
         // beside them (for adoption), its inputs, the start.
         Begin::Start => {
-            let dirs = match JobDirs::create(root).await {
+            let empty_input = shared.config.data_dir.join(EMPTY_INPUT_DIR);
+            let shared_input = payload.inputs.is_empty().then_some(empty_input.as_path());
+            let dirs = match JobDirs::create(root, shared_input).await {
                 Ok(dirs) => dirs,
                 Err(e) => return not_started(&shared, &auth, &lease, &orders, e, None).await,
             };
-            save_lease(&dirs, &lease, &payload, &gpus).await;
+            if shared.runtime.adopts() {
+                save_lease(&dirs, &lease, &payload, &gpus).await;
+            }
             if let Err(e) = artifacts::fetch_inputs(&dirs, &payload.inputs).await {
                 return not_started(&shared, &auth, &lease, &orders, e, Some(&dirs)).await;
             }
@@ -297,6 +301,9 @@ async fn save_lease(
             &mut options.open(dirs.root.join(LEASE_FILE))?,
             &saved.encode_to_vec(),
         )?;
+        if uuids.is_empty() {
+            return Ok(());
+        }
         std::fs::write(dirs.root.join(GPUS_FILE), uuids)
     };
     if let Err(e) = write.await {
@@ -305,6 +312,9 @@ async fn save_lease(
 }
 
 const LEASE_FILE: &str = "lease.pb";
+/// Under the data dir: the empty, read-only input dir that attempts without
+/// inputs share.
+const EMPTY_INPUT_DIR: &str = "empty-input";
 const GPUS_FILE: &str = "gpus";
 
 /// What [`save_lease`] kept for `lease`: its payload and GPU UUIDs.

@@ -377,3 +377,43 @@ async fn health_is_503_during_a_drain_and_the_agent_exits_after_its_last_job() {
     assert!(status.success(), "{status}");
     assert_eq!(sandbox.job(&later).await.state, JobState::Queued);
 }
+
+/// What a process-runtime job without inputs finds on disk: it runs in its
+/// scratch dir, its input dir is the shared empty read-only one, and its
+/// attempt dir holds only its output and scratch dirs (no lease file: the
+/// process runtime never adopts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_job_runs_in_its_scratch_dir_with_a_lean_attempt_dir() {
+    let sandbox = Sandbox::start(1, CoordinatorSettings::default()).await;
+    let id = submit(
+        &sandbox,
+        sh(r#"echo "cwd=$(pwd)"
+echo "home=$HOME"
+echo "scratch=$DROVER_SCRATCH_DIR"
+echo "attempt=$(ls -A "$(dirname "$DROVER_OUTPUT_DIR")" | tr '\n' ' ')"
+echo "input=$(ls -A "$DROVER_INPUT_DIR" | tr '\n' ' ')"
+echo "input_mode=$(stat -c %a "$DROVER_INPUT_DIR")""#),
+    )
+    .await;
+    let job = sandbox
+        .wait_job(&id, "to finish", Duration::from_secs(60), |j| {
+            j.state.is_terminal()
+        })
+        .await;
+    assert_eq!(job.state, JobState::Succeeded, "{job:?}");
+    let out = logs(&sandbox, &id, None).await;
+    let field = |key: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key}= in {out}"))
+            .trim()
+            .to_string()
+    };
+    let scratch = field("scratch");
+    assert!(scratch.ends_with("/scratch"), "{out}");
+    assert_eq!(field("cwd"), scratch, "{out}");
+    assert_eq!(field("home"), scratch, "{out}");
+    assert_eq!(field("attempt"), "output scratch", "{out}");
+    assert_eq!(field("input"), "", "{out}");
+    assert_eq!(field("input_mode"), "555", "{out}");
+}

@@ -388,7 +388,7 @@ impl AttemptDirs {
                 owned: false,
             },
             None => AttemptDirs {
-                dirs: JobDirs::create(root).await?,
+                dirs: JobDirs::create(root, None).await?,
                 owned: true,
             },
         })
@@ -597,6 +597,10 @@ impl Runtime for DockerRuntime {
             }
         }
         Ok(killed)
+    }
+
+    fn adopts(&self) -> bool {
+        true
     }
 
     async fn adopt(&self, spec: &RunSpec) -> Result<Option<Started>, RuntimeError> {

@@ -69,34 +69,59 @@ pub struct JobDirs {
 impl JobDirs {
     /// Makes `root/{input,output,scratch}`; the job may run as any user, so
     /// `output` and `scratch` are writable by all while `root` keeps others
-    /// from listing its neighbours.
-    pub async fn create(root: PathBuf) -> Result<JobDirs, RuntimeError> {
+    /// from listing its neighbours. With `shared_input`, an attempt with no
+    /// inputs sees that (empty, read-only, shared by all such attempts)
+    /// directory as its input instead of a fresh one: one inode less to
+    /// create and remove per attempt.
+    pub async fn create(
+        root: PathBuf,
+        shared_input: Option<&Path>,
+    ) -> Result<JobDirs, RuntimeError> {
         let dirs = JobDirs {
-            input: root.join("input"),
+            input: shared_input
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| root.join("input")),
             output: root.join("output"),
             scratch: root.join("scratch"),
             root,
         };
-        let make = async {
-            use std::os::unix::fs::PermissionsExt;
-            // A leftover of a crashed run of the same attempt must not leak in.
-            match tokio::fs::remove_dir_all(&dirs.root).await {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                _ => {}
+        let own_input = shared_input.is_none();
+        // One blocking task for it all (each tokio::fs call would be one);
+        // modes set explicitly, whatever the umask.
+        let make = {
+            let dirs = dirs.clone();
+            move || -> std::io::Result<()> {
+                use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+                let make = |dir: &Path, mode: u32| -> std::io::Result<()> {
+                    std::fs::DirBuilder::new().mode(mode).create(dir)?;
+                    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+                };
+                // A leftover of a crashed run of the same attempt must not
+                // leak in.
+                match std::fs::remove_dir_all(&dirs.root) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+                if let Some(parent) = dirs.root.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                if !own_input && !dirs.input.is_dir() {
+                    std::fs::create_dir_all(&dirs.input)?;
+                    std::fs::set_permissions(&dirs.input, std::fs::Permissions::from_mode(0o555))?;
+                }
+                make(&dirs.root, 0o711)?;
+                if own_input {
+                    make(&dirs.input, 0o755)?;
+                }
+                make(&dirs.output, 0o777)?;
+                make(&dirs.scratch, 0o777)
             }
-            tokio::fs::create_dir_all(&dirs.root).await?;
-            tokio::fs::set_permissions(&dirs.root, std::fs::Permissions::from_mode(0o711)).await?;
-            for (dir, mode) in [
-                (&dirs.input, 0o755),
-                (&dirs.output, 0o777),
-                (&dirs.scratch, 0o777),
-            ] {
-                tokio::fs::create_dir_all(dir).await?;
-                tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).await?;
-            }
-            Ok::<_, std::io::Error>(())
         };
-        if let Err(e) = make.await {
+        let made = tokio::task::spawn_blocking(make)
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+        if let Err(e) = made {
             dirs.remove().await;
             return Err(RuntimeError::Infra(format!(
                 "cannot create the attempt's dirs under {}: {e} — is the data dir writable? (DROVER_DATA_DIR)",
@@ -296,6 +321,12 @@ pub trait Runtime: Send + Sync + 'static {
     /// job (it is then completed as interrupted).
     async fn adopt(&self, _spec: &RunSpec) -> Result<Option<Started>, RuntimeError> {
         Ok(None)
+    }
+
+    /// Whether [`Runtime::adopt`] can ever take a job over: only then does
+    /// the agent keep each attempt's lease on disk for a restart to find.
+    fn adopts(&self) -> bool {
+        false
     }
 
     /// Periodic cleanup of what jobs leave on the host beyond their own

@@ -1,5 +1,6 @@
 //! The `process` runtime: each job is a child process group in a work
-//! directory (Fargate, hosts without Docker, `drover dev`).
+//! directory — the job's `workdir`, else its attempt's scratch dir — (Fargate,
+//! hosts without Docker, `drover dev`).
 //!
 //! Guarantees: the job gets a minimal base env (PATH, HOME, DROVER_JOB_ID,
 //! DROVER_ATTEMPT) with its own env on top; it runs in its own process group,
@@ -86,22 +87,28 @@ impl Runtime for ProcessRuntime {
             _ => return Err(RuntimeError::Job("command is empty: nothing to run".into())),
         };
         let name = file_name(&spec.job_id, spec.attempt);
-        let (workdir, owned_workdir) = match &spec.workdir {
-            Some(dir) => (dir.clone(), false),
-            None => (self.work_root.join(&name), true),
+        // The job's own workdir, else its scratch dir (removed with the
+        // attempt's dirs), else one of ours.
+        let (workdir, owned_workdir) = match (&spec.workdir, &spec.dirs) {
+            (Some(dir), _) => (dir.clone(), false),
+            (None, Some(dirs)) => (dirs.scratch.clone(), false),
+            (None, None) => (self.work_root.join(&name), true),
         };
         if owned_workdir {
             // A leftover from a crashed run of the same attempt must not leak in.
             let _ = tokio::fs::remove_dir_all(&workdir).await;
         }
-        tokio::fs::create_dir_all(&workdir).await.map_err(|e| {
-            let msg = format!("cannot create workdir {}: {e}", workdir.display());
-            if owned_workdir {
-                RuntimeError::Infra(msg)
-            } else {
-                RuntimeError::Job(msg)
-            }
-        })?;
+        let made_by_agent = spec.workdir.is_none() && spec.dirs.is_some();
+        if !made_by_agent {
+            tokio::fs::create_dir_all(&workdir).await.map_err(|e| {
+                let msg = format!("cannot create workdir {}: {e}", workdir.display());
+                if owned_workdir {
+                    RuntimeError::Infra(msg)
+                } else {
+                    RuntimeError::Job(msg)
+                }
+            })?;
+        }
 
         let path = std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_string());
         let mut cmd = Command::new(resolve_program(&program, &path));
