@@ -607,6 +607,71 @@ async fn fargate_launch_errors_back_off_and_are_reported() {
 }
 
 #[tokio::test]
+async fn fargate_tasks_ecs_could_not_place_back_off_and_are_launched_later() {
+    let (cloud, calls) = counted_cloud().await;
+    let cfg = fargate_setup(&cloud).await;
+    let env = Env::new(vec![("batch", ScalingConfig::Fargate(cfg.clone()))]);
+    let scaler = Scaler::new(env.service.clone(), cloud.clone());
+    moto::run_task_failures(
+        &cfg.cluster,
+        "RESOURCE:FARGATE",
+        "no Fargate capacity in us-east-1a",
+        3,
+    )
+    .await;
+    env.submit("batch", 8).await;
+
+    // 8 jobs / 2 slots = 4 tasks asked for; ECS starts 1 and fails 3.
+    let report = scaler.tick().await.unwrap();
+    assert_eq!(report.decisions["batch"].action, "error", "{report:?}");
+    assert_eq!(calls.count("RunTask"), 1);
+    assert_eq!(pool_tasks(&cloud, &cfg, "batch").await.len(), 1);
+    let scaling = env.scaling("batch").await;
+    let error = scaling.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("could not start 3 tasks")
+            && error.contains("RESOURCE:FARGATE (no Fargate capacity in us-east-1a)"),
+        "{scaling:?}"
+    );
+    assert_eq!(scaling.desired, Some(1), "the started task is counted");
+    assert_eq!(scaling.backoff_until_ms, Some(T0 + 30_000));
+    let action = scaling.last_action.unwrap();
+    assert!(
+        action.reason.contains("launched 1 of 4 tasks"),
+        "{}",
+        action.reason
+    );
+    assert_eq!(
+        env.service
+            .metrics
+            .scaler_errors
+            .get("batch", "run_task_capacity"),
+        1
+    );
+    assert_eq!(env.service.metrics.scaler_errors.get("batch", "run_task"), 0);
+
+    env.clock.advance_ms(29_000);
+    let report = scaler.tick().await.unwrap();
+    assert_eq!(report.decisions["batch"].action, "backoff");
+    assert_eq!(calls.count("RunTask"), 1, "no call while backing off");
+
+    // After the backoff only the 3 missing tasks are launched.
+    env.clock.advance_ms(1_000);
+    let report = scaler.tick().await.unwrap();
+    assert_eq!(report.decisions["batch"].action, "launch", "{report:?}");
+    assert_eq!(calls.count("RunTask"), 2);
+    assert_eq!(pool_tasks(&cloud, &cfg, "batch").await.len(), 4);
+    let scaling = env.scaling("batch").await;
+    assert_eq!(
+        (scaling.last_error, scaling.backoff_until_ms, scaling.desired),
+        (None, None, Some(4))
+    );
+    let report = scaler.tick().await.unwrap();
+    assert_eq!(report.decisions["batch"].action, "none");
+    assert_eq!(calls.count("RunTask"), 2);
+}
+
+#[tokio::test]
 async fn two_scalers_on_one_store_act_once() {
     let (cloud, calls) = counted_cloud().await;
     let name = create_group(&cloud, 0, 20, 0).await;
