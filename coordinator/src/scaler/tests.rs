@@ -648,7 +648,10 @@ async fn fargate_tasks_ecs_could_not_place_back_off_and_are_launched_later() {
             .get("batch", "run_task_capacity"),
         1
     );
-    assert_eq!(env.service.metrics.scaler_errors.get("batch", "run_task"), 0);
+    assert_eq!(
+        env.service.metrics.scaler_errors.get("batch", "run_task"),
+        0
+    );
 
     env.clock.advance_ms(29_000);
     let report = scaler.tick().await.unwrap();
@@ -663,7 +666,11 @@ async fn fargate_tasks_ecs_could_not_place_back_off_and_are_launched_later() {
     assert_eq!(pool_tasks(&cloud, &cfg, "batch").await.len(), 4);
     let scaling = env.scaling("batch").await;
     assert_eq!(
-        (scaling.last_error, scaling.backoff_until_ms, scaling.desired),
+        (
+            scaling.last_error,
+            scaling.backoff_until_ms,
+            scaling.desired
+        ),
         (None, None, Some(4))
     );
     let report = scaler.tick().await.unwrap();
@@ -803,7 +810,7 @@ async fn zombie_instance_is_terminated_after_the_grace_period() {
     let env = Env::new(vec![("cpu", ScalingConfig::Asg(cfg))]);
     let scaler = Scaler::new(env.service.clone(), cloud.clone());
 
-    register(&env, "cpu", "a-zombie", ec2_labels(zombie, &name)).await;
+    let zombie_session = register(&env, "cpu", "a-zombie", ec2_labels(zombie, &name)).await;
     register(&env, "cpu", "a-restarted", ec2_labels(restarted, &name)).await;
     // Its labels say this pool's group, but the instance is in another one:
     // the labels are never trusted, the Auto Scaling API is.
@@ -830,6 +837,8 @@ async fn zombie_instance_is_terminated_after_the_grace_period() {
         instance_state(&cloud, zombie).await.as_deref(),
         Some("InService")
     );
+    let agents = env.service.agents().await.unwrap();
+    assert!(agents.iter().all(|a| a.note.is_none()), "{agents:?}");
 
     env.clock.advance_ms(1_000);
     let report = scaler.tick().await.unwrap();
@@ -843,6 +852,29 @@ async fn zombie_instance_is_terminated_after_the_grace_period() {
         Some("InService")
     );
     assert_eq!(group(&cloud, &other).await.0, 1);
+    // `GET /v1/agents` / `drover agents` say why the agent is gone.
+    let agents = env.service.agents().await.unwrap();
+    let (noted, others): (Vec<_>, Vec<_>) = agents.iter().partition(|a| a.note.is_some());
+    assert_eq!(noted.len(), 1, "{agents:?}");
+    assert_eq!(
+        (noted[0].agent_id.as_str(), &noted[0].session_id),
+        ("a-zombie", &zombie_session)
+    );
+    assert_eq!(noted[0].state, drover_proto::model::AgentState::Gone);
+    let note = noted[0].note.as_deref().unwrap();
+    for part in [
+        format!("instance {zombie} terminated by the coordinator"),
+        "still InService 5m".to_string(),
+        format!("after session {zombie_session} expired"),
+        "desired capacity decremented".to_string(),
+    ] {
+        assert!(note.contains(&part), "{part:?} not in {note:?}");
+    }
+    assert_eq!(
+        others.len(),
+        4,
+        "a-restarted twice, a-liar, a-stray: {others:?}"
+    );
 
     for _ in 0..2 {
         env.clock.advance_ms(60_000);
