@@ -1,18 +1,20 @@
-//! moto's server for the coordinator's tests: one per test process on a free
-//! loopback port, shared by the DynamoDB store and the scaler tests.
+//! moto's server for the coordinator's tests: one per test process, shared
+//! by the DynamoDB store and the scaler tests.
 //!
-//! moto's own `moto_server` is threaded, and moto checks a condition and
-//! applies the write without a lock: two concurrent conditional updates can
-//! both pass (AWS never does that). So moto's app is served single-threaded
-//! with the same venv's Python instead, with one gap filled the way AWS
-//! behaves (AWS-EMULATION.md): `TerminateInstanceInAutoScalingGroup` with
-//! decrement is refused when the group is at its minimum size.
+//! It is the tests crate's launcher, `tests/moto/server.py`, run with the
+//! venv's Python: moto with the gaps filled the way AWS behaves
+//! (AWS-EMULATION.md) — DynamoDB served one request at a time (moto checks a
+//! condition and applies the write without a lock, so two concurrent
+//! conditional updates could both pass), the Auto Scaling min-size refusal
+//! and lifecycle waits — and harness endpoints (`/_drover/…`) for faults the
+//! tests inject. It prints `port N` once it listens and exits when its
+//! standard input closes, i.e. when this process exits.
 
-use std::io::Write as _;
+use std::io::{BufRead as _, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_sdk_dynamodb::config::{Credentials, Region};
 
@@ -20,85 +22,93 @@ pub(crate) const REGION: &str = "us-east-1";
 
 struct Moto {
     endpoint: String,
-    /// `sh` waits on its stdin and kills moto when this process exits and
-    /// the pipe closes; holding the child keeps the pipe open.
-    _guard: Child,
+    /// The launcher exits when this pipe closes (this process exits).
+    _stdin: ChildStdin,
+    _child: Child,
 }
 
-const SERIAL_MOTO: &str = r#"
-import sys
-from werkzeug.serving import run_simple
-from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
-from moto.autoscaling.models import AutoScalingBackend
-from moto.autoscaling.exceptions import ValidationError
+/// The venv's python, next to `$DROVER_MOTO_SERVER` (scripts/test.sh sets
+/// it to `.venv/bin/moto_server`).
+fn moto_python() -> PathBuf {
+    let server = std::env::var("DROVER_MOTO_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server")
+        });
+    server.with_file_name("python")
+}
 
-_terminate = AutoScalingBackend.terminate_instance
-
-def terminate_instance(self, instance_id, should_decrement):
-    for group in self.autoscaling_groups.values():
-        if any(s.instance.id == instance_id for s in group.instance_states):
-            if should_decrement and group.desired_capacity <= group.min_size:
-                raise ValidationError(
-                    "Currently, desiredSize equals minSize (%d). Terminating instance without "
-                    "replacement will violate group's min size constraint. Either set "
-                    "shouldDecrementDesiredCapacity flag to false or lower group's min size."
-                    % group.min_size
-                )
-    return _terminate(self, instance_id, should_decrement)
-
-AutoScalingBackend.terminate_instance = terminate_instance
-run_simple('127.0.0.1', int(sys.argv[1]), DomainDispatcherApplication(create_backend_app), threaded=False)
-"#;
-
-fn moto_binary() -> PathBuf {
-    if let Ok(path) = std::env::var("DROVER_MOTO_SERVER") {
-        return PathBuf::from(path);
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server")
+/// The launcher script, shared with the tests crate.
+fn launcher() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/moto/server.py")
 }
 
 fn moto() -> &'static Moto {
     static MOTO: OnceLock<Moto> = OnceLock::new();
     MOTO.get_or_init(|| {
-        let binary = moto_binary();
+        let python = moto_python();
+        let script = launcher();
         assert!(
-            binary.exists(),
-            "moto_server not found at {}: run scripts/test.sh (it installs moto[server] into .venv) \
-             or point DROVER_MOTO_SERVER at a moto_server binary",
-            binary.display()
+            python.exists(),
+            "{} not found: run scripts/test.sh (it installs moto[server] into .venv) \
+             or point DROVER_MOTO_SERVER at a venv's moto_server",
+            python.display()
         );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
-        let python = binary.with_file_name("python");
-        let guard = Command::new("sh")
-            .arg("-c")
-            .arg(r#""$0" -c "$2" "$1" </dev/null >/dev/null 2>&1 & pid=$!; cat >/dev/null; kill $pid"#)
-            .arg(&python)
-            .arg(port.to_string())
-            .arg(SERIAL_MOTO)
+        let mut child = Command::new(&python)
+            .arg(&script)
             .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(Stdio::piped())
+            // Piped and copied by a thread rather than inherited: a child
+            // holding the test's own stderr would outlive the test (nextest
+            // reports it as a leak).
+            .stderr(Stdio::piped())
             .spawn()
-            .expect("starting moto_server");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(mut conn) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-                let _ = conn.write_all(b"GET /moto-api/ HTTP/1.0\r\n\r\n");
-                break;
+            .unwrap_or_else(|e| {
+                panic!(
+                    "starting {} {}: {e}",
+                    python.display(),
+                    script.display()
+                )
+            });
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                match line {
+                    Ok(line) => eprintln!("moto: {line}"),
+                    Err(_) => break,
+                }
             }
-            assert!(
-                Instant::now() < deadline,
-                "moto_server ({}) did not listen on port {port} within 60s",
-                binary.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = tx.send(BufReader::new(stdout).read_line(&mut line).map(|_| line));
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(Ok(line)) => line,
+            Ok(Err(e)) => panic!("reading the moto launcher's first line: {e}"),
+            Err(_) => panic!(
+                "{} {} did not announce its port within 60s",
+                python.display(),
+                script.display()
+            ),
+        };
+        let port: u16 = line
+            .trim()
+            .strip_prefix("port ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "unexpected first line from {}: {line:?} (expected `port N`; its errors are on stderr)",
+                    script.display()
+                )
+            });
         Moto {
             endpoint: format!("http://127.0.0.1:{port}"),
-            _guard: guard,
+            _stdin: stdin,
+            _child: child,
         }
     })
 }
@@ -163,4 +173,27 @@ pub(crate) fn xml_value(xml: &str, tag: &str) -> String {
         .find(&format!("</{tag}>"))
         .unwrap_or_else(|| panic!("unterminated <{tag}> in {xml}"));
     xml[start..start + end].to_string()
+}
+
+/// Makes the next RunTask calls on `cluster` start `count` fewer tasks and
+/// answer with a `failures` entry (`reason`, `detail`) for each, as AWS does
+/// when it cannot place them (`/_drover/run-task-failures`, server.py).
+pub(crate) async fn run_task_failures(cluster: &str, reason: &str, detail: &str, count: u32) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/_drover/run-task-failures", endpoint()))
+        .json(&serde_json::json!({
+            "cluster": cluster,
+            "reason": reason,
+            "detail": detail,
+            "count": count,
+        }))
+        .send()
+        .await
+        .expect("calling moto's harness endpoint");
+    let status = resp.status();
+    assert!(
+        status.is_success(),
+        "POST /_drover/run-task-failures: {status}: {}",
+        resp.text().await.unwrap_or_default()
+    );
 }

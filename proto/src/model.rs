@@ -733,6 +733,11 @@ pub struct Agent {
     pub running: u32,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub health_addr: String,
+    /// What the coordinator did about this agent beyond ending its session,
+    /// e.g. "instance i-… terminated by the coordinator: …" when the scaler
+    /// terminated its instance as a zombie. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

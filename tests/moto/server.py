@@ -17,6 +17,12 @@ started it. What it adds to moto (see shared/AWS-EMULATION.md):
   terminating hook both CONTINUE and ABANDON terminate).
 - RecordLifecycleActionHeartbeat (restarts the heartbeat timeout) and
   CompleteLifecycleAction.
+- DynamoDB requests are served one at a time: moto checks a condition and
+  applies the write without a lock, so two concurrent conditional updates
+  could both pass (AWS never lets them).
+- ECS RunTask can answer with `failures[]` as AWS does when it cannot place
+  some of the tasks (see /_drover/run-task-failures below); moto alone
+  always starts them all.
 
 Harness endpoints (not AWS; for assertions):
 
@@ -27,6 +33,23 @@ Harness endpoints (not AWS; for assertions):
                                with that error (Query-protocol XML)
 - GET  /_drover/instance/<id>  {"group", "lifecycle_state", "protected"} of an
                                instance in an Auto Scaling group (404 if none)
+- POST /_drover/run-task-failures
+                               {"cluster", "reason", "detail", "count"}: the
+                               next RunTask calls on that cluster (name or ARN;
+                               other clusters are untouched, so concurrent tests
+                               do not meet each other's failures) start `count`
+                               fewer tasks in all and answer with one
+                               `failures` entry {"arn" (the cluster's),
+                               "reason", "detail"} per task not started, until
+                               `count` is used up; a call asking for k tasks
+                               takes at most k of them. `reason` is what AWS
+                               says, e.g. "RESOURCE:FARGATE", "RESOURCE:ENI";
+                               `detail` is optional. A call that fails
+                               (unknown cluster, task definition) uses none.
+
+AWS requests are logged with `action` from the Query protocol's `Action`
+parameter or the JSON protocol's X-Amz-Target header; `params` holds the
+Query protocol's form parameters ({} for JSON-protocol calls).
 """
 
 import io
@@ -44,7 +67,8 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 from moto.autoscaling import models as asg_models
 from moto.autoscaling.exceptions import ValidationError
 from moto.autoscaling.responses import AutoScalingResponse
-from moto.core.responses import EmptyResult
+from moto.core.responses import ActionResult, EmptyResult
+from moto.ecs.responses import EC2ContainerServiceResponse
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
 LOCK = threading.RLock()
@@ -201,6 +225,74 @@ AutoScalingResponse.record_lifecycle_action_heartbeat = record_lifecycle_action_
 AutoScalingResponse.complete_lifecycle_action = complete_lifecycle_action
 
 
+# --- ECS RunTask failures --------------------------------------------------
+
+# cluster name -> [{"reason", "detail", "count"}], used in order
+RUN_TASK_FAILURES = {}
+
+
+def cluster_name(cluster):
+    """A cluster's name from its name or ARN (arn:aws:ecs:…:cluster/NAME)."""
+    return str(cluster or "default").split("/")[-1]
+
+
+def take_run_task_failures(cluster, wanted):
+    """Up to `wanted` injected failures for `cluster`, removed from its list."""
+    taken = []
+    with LOCK:
+        queue = RUN_TASK_FAILURES.get(cluster, [])
+        while queue and len(taken) < wanted:
+            planned = queue[0]
+            n = min(planned["count"], wanted - len(taken))
+            taken.extend([(planned["reason"], planned.get("detail"))] * n)
+            planned["count"] -= n
+            if planned["count"] <= 0:
+                queue.pop(0)
+    return taken
+
+
+def give_back_run_task_failures(cluster, taken):
+    with LOCK:
+        queue = RUN_TASK_FAILURES.setdefault(cluster, [])
+        for reason, detail in reversed(taken):
+            queue.insert(0, {"reason": reason, "detail": detail, "count": 1})
+
+
+def ecs_run_task(self):
+    """moto's RunTask (moto 5.2.5's parameters) with injected failures."""
+    cluster = self._get_param("cluster", "default")
+    count = self._get_int_param("count", 1)
+    failing = take_run_task_failures(cluster_name(cluster), count)
+    try:
+        tasks = self.ecs_backend.run_task(
+            cluster,
+            self._get_param("taskDefinition"),
+            count - len(failing),
+            self._get_param("overrides"),
+            self._get_param("startedBy"),
+            self._get_param("tags"),
+            self._get_param("launchType"),
+            self._get_param("networkConfiguration"),
+            self._get_param("group"),
+            self._get_param("platformVersion"),
+            self._get_param("capacityProviderStrategy"),
+        )
+    except BaseException:
+        give_back_run_task_failures(cluster_name(cluster), failing)
+        raise
+    arn = self.ecs_backend._get_cluster(cluster).arn
+    failures = []
+    for reason, detail in failing:
+        failure = {"arn": arn, "reason": reason}
+        if detail:
+            failure["detail"] = detail
+        failures.append(failure)
+    return ActionResult({"tasks": tasks, "failures": failures})
+
+
+EC2ContainerServiceResponse.run_task = ecs_run_task
+
+
 # --- harness endpoints and call log ----------------------------------------
 
 CALLS = []
@@ -258,6 +350,24 @@ def harness(app):
             with LOCK:
                 FAULTS.append(fault)
             return respond(start_response, "200 OK", b"{}")
+        if path == "/_drover/run-task-failures" and method == "POST":
+            planned = json.loads(body)
+            count = int(planned.get("count", 0))
+            if not planned.get("cluster") or not planned.get("reason") or count < 1:
+                return respond(
+                    start_response,
+                    "400 Bad Request",
+                    b'{"error": "cluster, reason and count >= 1 are required"}',
+                )
+            with LOCK:
+                RUN_TASK_FAILURES.setdefault(cluster_name(planned["cluster"]), []).append(
+                    {
+                        "reason": planned["reason"],
+                        "detail": planned.get("detail"),
+                        "count": count,
+                    }
+                )
+            return respond(start_response, "200 OK", b"{}")
         if path.startswith("/_drover/instance/"):
             info = instance_info(path.rsplit("/", 1)[1])
             if info is None:
@@ -266,8 +376,14 @@ def harness(app):
 
         scope = SCOPE.search(environ.get("HTTP_AUTHORIZATION", ""))
         service = scope.group(2) if scope else ""
-        params = dict(parse_qsl(body.decode("utf-8", "replace")))
-        action = params.pop("Action", "")
+        target = environ.get("HTTP_X_AMZ_TARGET", "")
+        if target:
+            # JSON protocol (DynamoDB, ECS): the operation is in a header.
+            params = {}
+            action = target.rsplit(".", 1)[-1]
+        else:
+            params = dict(parse_qsl(body.decode("utf-8", "replace")))
+            action = params.pop("Action", "")
         record = {
             "service": service,
             "action": action,
@@ -298,7 +414,8 @@ def harness(app):
 
         if service == "dynamodb":
             with DYNAMODB:
-                return app(environ, capture)
+                # The whole answer is produced under the lock.
+                return list(app(environ, capture))
         return app(environ, capture)
 
     return wrapped

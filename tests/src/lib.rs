@@ -270,6 +270,20 @@ impl Sandbox {
     }
 
     fn spawn_agent(&self, agent_id: &str, extra_env: &[(String, String)]) -> AgentProcess {
+        let child = self
+            .agent_command(agent_id, extra_env)
+            .spawn()
+            .expect("starting drover-agent");
+        AgentProcess {
+            child,
+            agent_id: agent_id.to_string(),
+        }
+    }
+
+    /// The `drover-agent` command of [`add_agent_env`](Self::add_agent_env)
+    /// (this coordinator, a local platform unless `extra_env` says otherwise,
+    /// stderr inherited), for a test that runs the process itself.
+    pub fn agent_command(&self, agent_id: &str, extra_env: &[(String, String)]) -> Command {
         let data_dir = self.dir.path().join(agent_id);
         let mut command = Command::new(binary("drover-agent"));
         command
@@ -297,11 +311,7 @@ impl Sandbox {
         for (k, v) in extra_env {
             command.env(k, v);
         }
-        let child = command.spawn().expect("starting drover-agent");
-        AgentProcess {
-            child,
-            agent_id: agent_id.to_string(),
-        }
+        command
     }
 
     /// The agent's `/health` URL, from the address it advertised.

@@ -168,6 +168,9 @@ impl<S: Store> Store for TimedStore<S> {
     async fn request_drain(&self, agent_id: &str, now_ms: i64) -> StoreResult<Agent> {
         self.inner.request_drain(agent_id, now_ms).await
     }
+    async fn note_agent(&self, session_id: &str, note: &str) -> StoreResult<()> {
+        self.inner.note_agent(session_id, note).await
+    }
     async fn list_agents(&self, now_ms: i64, recent_ms: i64) -> StoreResult<Vec<Agent>> {
         self.inner.list_agents(now_ms, recent_ms).await
     }

@@ -631,6 +631,80 @@ async fn rebalance_recommendation_stops_claiming_and_the_instance_ends_after_its
     assert_eq!(moto.ec2_state(&instance).await.unwrap(), "terminated");
 }
 
+/// Two IMDS endpoints that do not answer: a loopback port nothing listens on
+/// (connection refused) and one that accepts connections and never answers
+/// (like IMDS behind a hop limit of 1, which drops the token's answer).
+async fn dead_imds_endpoints() -> (Vec<String>, tokio::net::TcpListener) {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoints = vec![
+        format!("http://{closed}"),
+        format!("http://{}", silent.local_addr().unwrap()),
+    ];
+    (endpoints, silent)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explicit_ec2_without_imds_exits_non_zero_naming_the_setting_and_the_fix() {
+    let sandbox = Sandbox::start(0, CoordinatorSettings::default()).await;
+    let (endpoints, _silent) = dead_imds_endpoints().await;
+    for (i, endpoint) in endpoints.iter().enumerate() {
+        let env: Vec<(String, String)> = [
+            ("DROVER_PLATFORM", "ec2"),
+            ("DROVER_IMDS_ENDPOINT", endpoint.as_str()),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let mut command = sandbox.agent_command(&format!("ec2-{i}"), &env);
+        command.stderr(std::process::Stdio::piped());
+        let out = tokio::time::timeout(PATIENCE, command.output())
+            .await
+            .unwrap_or_else(|_| panic!("the agent did not exit with IMDS at {endpoint}"))
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{endpoint}: {stderr}");
+        for part in [
+            "platform = \"ec2\"",
+            "DROVER_PLATFORM",
+            &format!("IMDSv2) at {endpoint} did not answer"),
+            "set platform = \"local\"",
+            "enable IMDSv2",
+            "hop limit of 2",
+            "DROVER_IMDS_ENDPOINT",
+        ] {
+            assert!(stderr.contains(part), "{part:?} missing from:\n{stderr}");
+        }
+    }
+    // Never silently local: no agent ever registered.
+    let agents = sandbox.client.list_agents().await.unwrap().agents;
+    assert!(agents.is_empty(), "{agents:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automatic_detection_without_imds_falls_back_to_local() {
+    let mut sandbox = Sandbox::start(0, CoordinatorSettings::default()).await;
+    let (endpoints, _silent) = dead_imds_endpoints().await;
+    for endpoint in &endpoints {
+        // An overridden endpoint makes `auto` ask IMDS even off EC2.
+        let index = sandbox
+            .add_agent(&[
+                ("DROVER_PLATFORM", "auto"),
+                ("DROVER_IMDS_ENDPOINT", endpoint),
+                ("AWS_EC2_METADATA_DISABLED", "true"),
+            ])
+            .await;
+        let id = sandbox.agents[index].agent_id.clone();
+        let labels = agent(&sandbox, &id).await.labels;
+        assert_eq!(labels["platform"], "local", "{endpoint}: {labels:?}");
+        assert!(!labels.contains_key("instance_id"), "{labels:?}");
+    }
+}
+
 fn fargate_env(ecs: &EcsMetadata, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     [
         // auto: the ECS variable makes it fargate.

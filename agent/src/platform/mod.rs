@@ -84,6 +84,16 @@ pub enum IdleExit {
 pub enum PlatformError {
     #[error("instance metadata (IMDS) at {endpoint}: {message} (DROVER_IMDS_ENDPOINT)")]
     Imds { endpoint: String, message: String },
+    /// `platform = ec2` was asked for but IMDS did not answer.
+    #[error(
+        "platform = \"ec2\" (agent.toml `platform`, --platform, DROVER_PLATFORM) but the instance \
+         metadata service (IMDSv2) at {endpoint} did not answer: {message}. Fix: on a host that is \
+         not an EC2 instance set platform = \"local\" (or \"auto\"); on EC2 enable IMDSv2 \
+         (HttpEndpoint=enabled, HttpTokens=required) and, for an agent in a container, a hop \
+         limit of 2 (HttpPutResponseHopLimit); or point imds_endpoint (DROVER_IMDS_ENDPOINT) at \
+         the right address"
+    )]
+    Ec2WithoutImds { endpoint: String, message: String },
     #[error("ECS task metadata at {url}: {message} (ECS_CONTAINER_METADATA_URI_V4)")]
     TaskMetadata { url: String, message: String },
     #[error("{op} failed ({kind:?}): {message}")]
@@ -195,7 +205,16 @@ pub async fn detect(
             };
             Ok(Arc::new(fargate::FargatePlatform::detect(&url).await?))
         }
-        PlatformChoice::Ec2 => Ok(Arc::new(ec2::Ec2Platform::detect(config, calls).await?)),
+        // Never silently local: an agent told it is on EC2 that cannot read
+        // IMDS stops at once, saying so (the IMDS client's short timeouts
+        // bound how long that takes).
+        PlatformChoice::Ec2 => match ec2::Ec2Platform::detect(config, calls).await {
+            Ok(p) => Ok(Arc::new(p)),
+            Err(PlatformError::Imds { endpoint, message }) => {
+                Err(PlatformError::Ec2WithoutImds { endpoint, message })
+            }
+            Err(e) => Err(e),
+        },
         PlatformChoice::Auto => {
             if let Some(url) = ecs {
                 match fargate::FargatePlatform::detect(&url).await {

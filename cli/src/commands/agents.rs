@@ -12,8 +12,28 @@ pub async fn list(client: &Client, json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(&list);
     }
-    print!("{}", agents_table(&list.agents, human::now_ms()));
+    print!("{}", agents_text(&list.agents, human::now_ms()));
     Ok(())
+}
+
+/// The table, then what the coordinator did about agents that have a note
+/// (e.g. a zombie instance it terminated), one line each: notes are too long
+/// for a column.
+pub fn agents_text(agents: &[Agent], now_ms: i64) -> String {
+    let mut out = agents_table(agents, now_ms).render();
+    let notes: Vec<String> = agents
+        .iter()
+        .filter_map(|a| {
+            a.note
+                .as_ref()
+                .map(|note| format!("{} (session {}): {note}\n", a.agent_id, a.session_id))
+        })
+        .collect();
+    if !notes.is_empty() {
+        out.push('\n');
+        out.extend(notes);
+    }
+    out
 }
 
 pub fn agents_table(agents: &[Agent], now_ms: i64) -> Table {
@@ -139,6 +159,7 @@ mod tests {
             last_heartbeat_ms: 97_000,
             running: 2,
             health_addr: String::new(),
+            note: None,
         };
         let mut local = agent.clone();
         local.agent_id = "laptop".into();
@@ -163,5 +184,44 @@ mod tests {
         );
         let row: Vec<&str> = out.lines().nth(2).unwrap().split_whitespace().collect();
         assert_eq!(row[5..7], ["local", "-"]);
+    }
+
+    #[test]
+    fn agents_with_a_note_get_a_line_under_the_table() {
+        let agent = |id: &str, note: Option<&str>| Agent {
+            agent_id: id.into(),
+            session_id: format!("s-{id}"),
+            pool: "cpu".into(),
+            hostname: "h".into(),
+            labels: BTreeMap::new(),
+            capacity: Resources::default(),
+            runtime: "docker".into(),
+            version: "0.1.0".into(),
+            state: AgentState::Gone,
+            registered_at_ms: 0,
+            last_heartbeat_ms: 0,
+            running: 0,
+            health_addr: String::new(),
+            note: note.map(str::to_string),
+        };
+        let out = agents_text(
+            &[
+                agent("a1", None),
+                agent(
+                    "a2",
+                    Some("instance i-0abc terminated by the coordinator: still InService"),
+                ),
+            ],
+            1_000,
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 5, "{out}");
+        assert_eq!(lines[3], "");
+        assert_eq!(
+            lines[4],
+            "a2 (session s-a2): instance i-0abc terminated by the coordinator: still InService"
+        );
+        let plain = agents_text(&[agent("a1", None)], 1_000);
+        assert_eq!(plain, agents_table(&[agent("a1", None)], 1_000).render());
     }
 }

@@ -168,6 +168,17 @@ pub fn openapi_document() -> Value {
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
             "responses": { "Error": { "description": "ApiErrorBody", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ApiErrorBody" } } } } },
             "schemas": {
+                "AgentList": { "type": "object", "required": ["agents"], "properties": { "agents": { "type": "array", "items": { "$ref": "#/components/schemas/Agent" } } } },
+                "Agent": { "type": "object", "description": "One agent session: an agent that restarted after its session expired is listed once per session.", "required": ["agent_id", "session_id", "pool", "hostname", "labels", "capacity", "runtime", "version", "state", "registered_at_ms", "last_heartbeat_ms", "running"], "properties": {
+                    "agent_id": { "type": "string" }, "session_id": { "type": "string" }, "pool": { "type": "string" }, "hostname": { "type": "string" },
+                    "labels": { "type": "object", "additionalProperties": { "type": "string" }, "description": "platform, instance_id, asg, instance_type, az, region, spot, arch, … (set by the agent)" },
+                    "capacity": { "type": "object", "properties": { "cpu_millis": { "type": "integer" }, "memory_mib": { "type": "integer" }, "gpus": { "type": "integer" }, "disk_gib": { "type": "integer" }, "gpu_model": { "type": "string" } } },
+                    "runtime": { "type": "string" }, "version": { "type": "string" },
+                    "state": { "type": "string", "enum": ["active", "draining", "gone"] },
+                    "registered_at_ms": { "type": "integer" }, "last_heartbeat_ms": { "type": "integer" },
+                    "running": { "type": "integer", "description": "jobs leased or running" },
+                    "health_addr": { "type": "string" },
+                    "note": { "type": "string", "description": "what the coordinator did about the agent beyond ending its session, e.g. \"instance i-… terminated by the coordinator: still InService 5m after session … expired …\" (zombie reaping)" } } },
                 "PoolList": { "type": "object", "required": ["pools"], "properties": { "pools": { "type": "array", "items": { "$ref": "#/components/schemas/Pool" } } } },
                 "Pool": { "type": "object", "required": ["pool", "queued", "running", "agents", "paused"], "properties": {
                     "pool": { "type": "string" }, "queued": { "type": "integer" }, "running": { "type": "integer" }, "agents": { "type": "integer" },
@@ -203,4 +214,63 @@ pub fn openapi_document() -> Value {
     });
     document["components"]["schemas"]["WorkflowSpec"] = workflow_spec;
     document
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use drover_proto::model::{Agent, AgentList, AgentState, Resources};
+
+    #[test]
+    fn agent_schema_describes_every_field() {
+        let agent = Agent {
+            agent_id: "a".into(),
+            session_id: "s".into(),
+            pool: "p".into(),
+            hostname: "h".into(),
+            labels: BTreeMap::from([("platform".into(), "ec2".into())]),
+            capacity: Resources {
+                gpu_model: Some("t4".into()),
+                ..Resources::default()
+            },
+            runtime: "docker".into(),
+            version: "1".into(),
+            state: AgentState::Gone,
+            registered_at_ms: 1,
+            last_heartbeat_ms: 1,
+            running: 0,
+            health_addr: "127.0.0.1:1".into(),
+            note: Some("n".into()),
+        };
+        let doc = super::openapi_document();
+        let schemas = &doc["components"]["schemas"];
+        let json = serde_json::to_value(AgentList {
+            agents: vec![agent],
+        })
+        .unwrap();
+        for (schema, value) in [
+            ("AgentList", &json),
+            ("Agent", &json["agents"][0]),
+            ("Agent.capacity", &json["agents"][0]["capacity"]),
+        ] {
+            let described = match schema.split_once('.') {
+                Some((name, field)) => &schemas[name]["properties"][field]["properties"],
+                None => &schemas[schema]["properties"],
+            };
+            let mut documented: Vec<&String> = described
+                .as_object()
+                .unwrap_or_else(|| panic!("{schema} is not described"))
+                .keys()
+                .collect();
+            let mut fields: Vec<&String> = value.as_object().unwrap().keys().collect();
+            documented.sort();
+            fields.sort();
+            assert_eq!(documented, fields, "{schema}");
+        }
+        assert_eq!(
+            schemas["Agent"]["properties"]["state"]["enum"],
+            serde_json::json!(["active", "draining", "gone"])
+        );
+    }
 }

@@ -296,6 +296,20 @@ pub(super) async fn reap_zombies(
                     .zombies_terminated
                     .inc(tick.name, &cfg.asg_name);
                 record.acted("terminate_zombie", format!("{reason}: {outcome_text}"), now);
+                // On the agent's record too, so `drover agents` says more
+                // than `gone`.
+                let agent_note = format!(
+                    "instance {instance} terminated by the coordinator: still InService {} after session {} expired (zombie_grace_ms {grace}); {outcome_text}",
+                    human_ms(now - session.ended_at_ms),
+                    session.session_id,
+                );
+                if let Err(error) = tick
+                    .store()
+                    .note_agent(&session.session_id, &agent_note)
+                    .await
+                {
+                    tracing::warn!(pool = tick.name, session = %session.session_id, %error, "cannot record the zombie termination on the agent");
+                }
             }
             Err(error) => {
                 tracing::warn!(pool = tick.name, %instance, %error, "zombie instance could not be terminated");

@@ -607,6 +607,78 @@ async fn fargate_launch_errors_back_off_and_are_reported() {
 }
 
 #[tokio::test]
+async fn fargate_tasks_ecs_could_not_place_back_off_and_are_launched_later() {
+    let (cloud, calls) = counted_cloud().await;
+    let cfg = fargate_setup(&cloud).await;
+    let env = Env::new(vec![("batch", ScalingConfig::Fargate(cfg.clone()))]);
+    let scaler = Scaler::new(env.service.clone(), cloud.clone());
+    moto::run_task_failures(
+        &cfg.cluster,
+        "RESOURCE:FARGATE",
+        "no Fargate capacity in us-east-1a",
+        3,
+    )
+    .await;
+    env.submit("batch", 8).await;
+
+    // 8 jobs / 2 slots = 4 tasks asked for; ECS starts 1 and fails 3.
+    let report = scaler.tick().await.unwrap();
+    assert_eq!(report.decisions["batch"].action, "error", "{report:?}");
+    assert_eq!(calls.count("RunTask"), 1);
+    assert_eq!(pool_tasks(&cloud, &cfg, "batch").await.len(), 1);
+    let scaling = env.scaling("batch").await;
+    let error = scaling.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("could not start 3 tasks")
+            && error.contains("RESOURCE:FARGATE (no Fargate capacity in us-east-1a)"),
+        "{scaling:?}"
+    );
+    assert_eq!(scaling.desired, Some(1), "the started task is counted");
+    assert_eq!(scaling.backoff_until_ms, Some(T0 + 30_000));
+    let action = scaling.last_action.unwrap();
+    assert!(
+        action.reason.contains("launched 1 of 4 tasks"),
+        "{}",
+        action.reason
+    );
+    assert_eq!(
+        env.service
+            .metrics
+            .scaler_errors
+            .get("batch", "run_task_capacity"),
+        1
+    );
+    assert_eq!(
+        env.service.metrics.scaler_errors.get("batch", "run_task"),
+        0
+    );
+
+    env.clock.advance_ms(29_000);
+    let report = scaler.tick().await.unwrap();
+    assert_eq!(report.decisions["batch"].action, "backoff");
+    assert_eq!(calls.count("RunTask"), 1, "no call while backing off");
+
+    // After the backoff only the 3 missing tasks are launched.
+    env.clock.advance_ms(1_000);
+    let report = scaler.tick().await.unwrap();
+    assert_eq!(report.decisions["batch"].action, "launch", "{report:?}");
+    assert_eq!(calls.count("RunTask"), 2);
+    assert_eq!(pool_tasks(&cloud, &cfg, "batch").await.len(), 4);
+    let scaling = env.scaling("batch").await;
+    assert_eq!(
+        (
+            scaling.last_error,
+            scaling.backoff_until_ms,
+            scaling.desired
+        ),
+        (None, None, Some(4))
+    );
+    let report = scaler.tick().await.unwrap();
+    assert_eq!(report.decisions["batch"].action, "none");
+    assert_eq!(calls.count("RunTask"), 2);
+}
+
+#[tokio::test]
 async fn two_scalers_on_one_store_act_once() {
     let (cloud, calls) = counted_cloud().await;
     let name = create_group(&cloud, 0, 20, 0).await;
@@ -738,7 +810,7 @@ async fn zombie_instance_is_terminated_after_the_grace_period() {
     let env = Env::new(vec![("cpu", ScalingConfig::Asg(cfg))]);
     let scaler = Scaler::new(env.service.clone(), cloud.clone());
 
-    register(&env, "cpu", "a-zombie", ec2_labels(zombie, &name)).await;
+    let zombie_session = register(&env, "cpu", "a-zombie", ec2_labels(zombie, &name)).await;
     register(&env, "cpu", "a-restarted", ec2_labels(restarted, &name)).await;
     // Its labels say this pool's group, but the instance is in another one:
     // the labels are never trusted, the Auto Scaling API is.
@@ -765,6 +837,8 @@ async fn zombie_instance_is_terminated_after_the_grace_period() {
         instance_state(&cloud, zombie).await.as_deref(),
         Some("InService")
     );
+    let agents = env.service.agents().await.unwrap();
+    assert!(agents.iter().all(|a| a.note.is_none()), "{agents:?}");
 
     env.clock.advance_ms(1_000);
     let report = scaler.tick().await.unwrap();
@@ -778,6 +852,29 @@ async fn zombie_instance_is_terminated_after_the_grace_period() {
         Some("InService")
     );
     assert_eq!(group(&cloud, &other).await.0, 1);
+    // `GET /v1/agents` / `drover agents` say why the agent is gone.
+    let agents = env.service.agents().await.unwrap();
+    let (noted, others): (Vec<_>, Vec<_>) = agents.iter().partition(|a| a.note.is_some());
+    assert_eq!(noted.len(), 1, "{agents:?}");
+    assert_eq!(
+        (noted[0].agent_id.as_str(), &noted[0].session_id),
+        ("a-zombie", &zombie_session)
+    );
+    assert_eq!(noted[0].state, drover_proto::model::AgentState::Gone);
+    let note = noted[0].note.as_deref().unwrap();
+    for part in [
+        format!("instance {zombie} terminated by the coordinator"),
+        "still InService 5m".to_string(),
+        format!("after session {zombie_session} expired"),
+        "desired capacity decremented".to_string(),
+    ] {
+        assert!(note.contains(&part), "{part:?} not in {note:?}");
+    }
+    assert_eq!(
+        others.len(),
+        4,
+        "a-restarted twice, a-liar, a-stray: {others:?}"
+    );
 
     for _ in 0..2 {
         env.clock.advance_ms(60_000);

@@ -1123,6 +1123,47 @@ pub async fn lost_sessions_are_the_expired_ones_not_those_that_left<S: Store>(st
     );
 }
 
+pub async fn a_note_on_an_agent_is_listed_with_it<S: Store>(store: S) {
+    session(&store, "zombie", T0).await;
+    session(&store, "other", T0).await;
+    let expired_at = T0 + TTL as i64 + 1;
+    store
+        .end_session("zombie", "agent lost: session expired", expired_at)
+        .await
+        .unwrap();
+    let note = "instance i-0abc terminated by the coordinator: still InService 5m after session zombie expired";
+    store.note_agent("zombie", note).await.unwrap();
+    let notes = |agents: Vec<Agent>| -> BTreeMap<String, (drover_proto::model::AgentState, Option<String>)> {
+        agents
+            .into_iter()
+            .map(|a| (a.session_id, (a.state, a.note)))
+            .collect()
+    };
+    let listed = notes(store.list_agents(expired_at, 600_000).await.unwrap());
+    assert_eq!(
+        listed["zombie"],
+        (
+            drover_proto::model::AgentState::Gone,
+            Some(note.to_string())
+        )
+    );
+    assert_eq!(listed["other"].1, None, "only the noted agent");
+
+    // A later note replaces it; a note on no session is NotFound.
+    store.note_agent("zombie", "second note").await.unwrap();
+    let listed = notes(store.list_agents(expired_at, 600_000).await.unwrap());
+    assert_eq!(listed["zombie"].1.as_deref(), Some("second note"));
+    assert!(
+        matches!(
+            store.note_agent("nobody", "x").await,
+            Err(StoreError::NotFound(_))
+        ),
+        "unknown session"
+    );
+    let listed = notes(store.list_agents(expired_at, 600_000).await.unwrap());
+    assert!(!listed.contains_key("nobody"), "no session was created");
+}
+
 pub async fn queued_needs_list_what_queued_jobs_ask_for<S: Store>(store: S) {
     let mut gpu = spec("gpu");
     gpu.resources.gpus = 1;
@@ -1208,6 +1249,7 @@ macro_rules! store_conformance {
                 released_leader_lease_is_taken_over_at_once,
                 lost_sessions_are_the_expired_ones_not_those_that_left,
                 queued_needs_list_what_queued_jobs_ask_for,
+                a_note_on_an_agent_is_listed_with_it,
                 workflow_run_is_created_with_roots_queued_and_the_rest_pending,
                 dependents_are_released_when_all_their_dependencies_succeeded,
                 two_dependencies_finishing_together_release_the_step_exactly_once,

@@ -1211,6 +1211,7 @@ impl DynamoStore {
             last_heartbeat_ms: req_n(item, "last_heartbeat")?,
             running: running as u32,
             health_addr: get_s(item, "health_addr").unwrap_or_default().to_string(),
+            note: get_s(item, "note").map(str::to_string),
         })
     }
 
@@ -2423,6 +2424,19 @@ impl Store for DynamoStore {
             .last()
             .ok_or_else(|| StoreError::NotFound(format!("agent {agent_id} (no live session)")))?;
         self.agent_of(newest, now_ms).await
+    }
+
+    async fn note_agent(&self, session_id: &str, note: &str) -> StoreResult<()> {
+        let mut expr = Expr::new();
+        expr.set("note", s(note)).when_present("pk");
+        self.update_item(
+            key(session_pk(session_id), "SESSION"),
+            &expr,
+            ReturnValue::None,
+        )
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("session {session_id}")))?;
+        Ok(())
     }
 
     async fn list_agents(&self, now_ms: i64, recent_ms: i64) -> StoreResult<Vec<Agent>> {

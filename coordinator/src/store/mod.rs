@@ -549,6 +549,12 @@ pub trait Store: Send + Sync + 'static {
     /// Asks the agent's live session(s) to drain. `NotFound` when none.
     async fn request_drain(&self, agent_id: &str, now_ms: i64) -> StoreResult<Agent>;
 
+    /// Records on the session's agent what the coordinator did about it
+    /// (e.g. terminated its instance as a zombie): [`Agent::note`], shown by
+    /// `list_agents`. Replaces an earlier note. `NotFound` when the session
+    /// is unknown.
+    async fn note_agent(&self, session_id: &str, note: &str) -> StoreResult<()>;
+
     /// Agents with a live session, and those gone within `recent_ms`.
     async fn list_agents(&self, now_ms: i64, recent_ms: i64) -> StoreResult<Vec<Agent>>;
 

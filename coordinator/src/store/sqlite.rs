@@ -102,7 +102,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     gone INTEGER NOT NULL DEFAULT 0,
     ended_at_ms INTEGER,
     draining INTEGER NOT NULL DEFAULT 0,
-    drain_requested INTEGER NOT NULL DEFAULT 0
+    drain_requested INTEGER NOT NULL DEFAULT 0,
+    note TEXT
 );
 CREATE INDEX IF NOT EXISTS sessions_live ON sessions(expires_at_ms) WHERE gone = 0;
 CREATE TABLE IF NOT EXISTS pools (
@@ -142,7 +143,10 @@ CREATE INDEX IF NOT EXISTS jobs_pending ON jobs(id) WHERE state = 'PENDING';
 /// Columns added after a table's first release: `(table, column, type)`.
 /// [`SqliteStore::init`] adds each one a database file lacks, so files
 /// written by older versions keep opening.
-const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("events", "usd_per_hour", "REAL")];
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("events", "usd_per_hour", "REAL"),
+    ("sessions", "note", "TEXT"),
+];
 
 /// The first event of a job that starts QUEUED.
 const SUBMITTED: &str = "submitted";
@@ -627,6 +631,7 @@ fn row_to_agent(row: &Row<'_>, now_ms: i64) -> rusqlite::Result<(Agent, String, 
         last_heartbeat_ms: row.get(9)?,
         running: row.get::<_, i64>(10)? as u32,
         health_addr: row.get(11)?,
+        note: row.get(15)?,
     };
     Ok((agent, row.get(4)?, row.get(5)?))
 }
@@ -635,7 +640,8 @@ const AGENT_SELECT: &str = "SELECT s.agent_id, s.session_id, s.pool, s.hostname,
      s.capacity, s.runtime, s.version, s.created_at_ms, s.last_heartbeat_ms, \
      (SELECT COUNT(*) FROM jobs j WHERE j.session_id = s.session_id \
         AND j.state IN ('LEASED', 'RUNNING')), \
-     s.health_addr, s.gone, s.draining OR s.drain_requested, s.expires_at_ms FROM sessions s";
+     s.health_addr, s.gone, s.draining OR s.drain_requested, s.expires_at_ms, s.note \
+     FROM sessions s";
 
 fn finish_agent((mut agent, labels, capacity): (Agent, String, String)) -> StoreResult<Agent> {
     agent.labels = serde_json::from_str(&labels).map_err(json_err)?;
@@ -1531,6 +1537,23 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn note_agent(&self, session_id: &str, note: &str) -> StoreResult<()> {
+        let (session_id, note) = (session_id.to_string(), note.to_string());
+        self.tx(move |tx| {
+            let changed = tx
+                .execute(
+                    "UPDATE sessions SET note = ?2 WHERE session_id = ?1",
+                    params![session_id, note],
+                )
+                .map_err(backend)?;
+            if changed == 0 {
+                return Err(StoreError::NotFound(format!("session {session_id}")));
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn list_agents(&self, now_ms: i64, recent_ms: i64) -> StoreResult<Vec<Agent>> {
         self.tx(move |tx| {
             let mut stmt = tx
@@ -1875,8 +1898,8 @@ mod tests {
 
     const T0: i64 = 1_700_000_000_000;
 
-    /// The `jobs` and `events` tables as releases before workflows and
-    /// attempt prices created them.
+    /// The `jobs`, `events` and `sessions` tables as releases before
+    /// workflows, attempt prices and agent notes created them.
     const OLD_SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -1921,6 +1944,26 @@ CREATE TABLE IF NOT EXISTS events (
     reason TEXT NOT NULL,
     PRIMARY KEY (job_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    pool TEXT NOT NULL,
+    hostname TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    capacity TEXT NOT NULL,
+    runtime TEXT NOT NULL,
+    version TEXT NOT NULL,
+    health_addr TEXT NOT NULL,
+    ttl_ms INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    last_heartbeat_ms INTEGER NOT NULL,
+    gone INTEGER NOT NULL DEFAULT 0,
+    ended_at_ms INTEGER,
+    draining INTEGER NOT NULL DEFAULT 0,
+    drain_requested INTEGER NOT NULL DEFAULT 0
+);
 "#;
 
     const OLD_JOB: &str = "01HZZZZZZZZZZZZZZZZZZZZZZZ";
@@ -1963,6 +2006,7 @@ CREATE TABLE IF NOT EXISTS events (
 
         let store = SqliteStore::open(&path).unwrap();
         assert!(columns(&store, "events").contains(&"usd_per_hour".to_string()));
+        assert!(columns(&store, "sessions").contains(&"note".to_string()));
         for table in ["runs", "job_links"] {
             assert!(!columns(&store, table).is_empty(), "{table}");
         }
@@ -2006,6 +2050,9 @@ CREATE TABLE IF NOT EXISTS events (
             },
             max_jobs: 1,
         };
+        store.note_agent("s1", "noted").await.unwrap();
+        let agents = store.list_agents(T0, 0).await.unwrap();
+        assert_eq!(agents[0].note.as_deref(), Some("noted"));
         let claimed = store.claim(&offer, 8, T0 + 1).await.unwrap();
         assert_eq!(claimed[0].lease.job_id, OLD_JOB);
         store
@@ -2085,6 +2132,11 @@ CREATE TABLE IF NOT EXISTS events (
             .filter(|c| *c == "usd_per_hour")
             .count();
         assert_eq!(usd, 1);
+        let note = columns(&store, "sessions")
+            .iter()
+            .filter(|c| *c == "note")
+            .count();
+        assert_eq!(note, 1);
     }
 
     #[test]
@@ -2103,5 +2155,6 @@ CREATE TABLE IF NOT EXISTS events (
         }
         let store = SqliteStore::open(&path).unwrap();
         assert!(columns(&store, "events").contains(&"usd_per_hour".to_string()));
+        assert!(columns(&store, "sessions").contains(&"note".to_string()));
     }
 }
