@@ -918,7 +918,7 @@ mod tests {
         assert_eq!(b.bytes, 0);
     }
 
-    /// `n` bytes of output from `offset`, as the batch would send them.
+    /// `text` batched at the tail's end and kept, as the shipper does.
     fn sent(tail: &mut RetainedTail, text: &[u8]) {
         let mut b = Batch {
             next_offset: tail.end(),
