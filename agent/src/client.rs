@@ -220,17 +220,19 @@ impl Client {
             .map_err(|s| self.err(s, true))
     }
 
+    /// Stored and durable lengths after the append, and where to resend
+    /// from when the coordinator lost output it had accepted (not an error).
     pub async fn append_logs(
         &self,
         auth: &Auth,
         msg: v1::AppendLogsRequest,
-    ) -> Result<u64, CallError> {
+    ) -> Result<v1::AppendLogsResponse, CallError> {
         let req = self.request(Some(auth), msg, CALL_TIMEOUT);
         self.inner
             .clone()
             .append_logs(req)
             .await
-            .map(|r| r.into_inner().stored_bytes)
+            .map(|r| r.into_inner())
             .map_err(|s| self.err(s, true))
     }
 

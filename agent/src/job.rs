@@ -5,6 +5,7 @@
 //! (FAILED_PRECONDITION, a Kill order, a fence) kills the job and never
 //! completes it; transient coordinator errors are retried with backoff.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,15 @@ use crate::runtime::{supervise, JobDirs, OutputChunk, RunSpec, RuntimeError, Sto
 pub const BATCH_BYTES: usize = 64 * 1024;
 /// Longest a piece of output waits before it is sent.
 pub const BATCH_DELAY: Duration = Duration::from_millis(100);
+/// Most output an attempt keeps after sending it until the coordinator says
+/// it is durable, to resend what a stopped coordinator lost. Past it the
+/// oldest bytes are let go; if a coordinator then loses them, the log gets a
+/// marker of the same length in their place ([`RetainedTail::rewind`]).
+pub const RETAIN_BYTES: usize = 16 << 20;
+/// Resend orders in a row before the shipper gives up on the attempt's
+/// output (the job carries on): a coordinator that keeps losing what it
+/// is sent is broken, not crashed.
+const MAX_RESENDS: u32 = 8;
 
 fn name(lease: &v1::LeaseRef) -> String {
     format!("{}#{}", lease.job_id, lease.attempt)
@@ -534,9 +544,251 @@ impl Batch {
     }
 }
 
+/// Output sent but not yet durable (offsets `start()..end()`), kept to
+/// resend when a coordinator stops before persisting it. At most `cap` bytes
+/// of output are kept; older ones are let go even if not durable.
+#[derive(Debug)]
+pub(crate) struct RetainedTail {
+    /// Contiguous, from `start` to `end`.
+    pieces: VecDeque<Piece>,
+    start: u64,
+    end: u64,
+    /// The furthest durable offset a coordinator reported.
+    durable: u64,
+    /// Bytes of output held (markers are made when sent, not held).
+    held: usize,
+    cap: usize,
+}
+
+#[derive(Debug)]
+enum Piece {
+    Output(v1::LogChunk),
+    /// The region `at..at + len` of bytes a coordinator lost beyond what
+    /// was kept: a marker of that length, held from offset `from`.
+    Lost {
+        at: u64,
+        len: u64,
+        from: u64,
+    },
+}
+
+impl Piece {
+    fn range(&self) -> (u64, u64) {
+        match self {
+            Piece::Output(c) => (c.offset, c.offset + c.data.len() as u64),
+            Piece::Lost { at, len, from } => (*from, at + len),
+        }
+    }
+}
+
+/// The notice for `len` lost bytes.
+fn marker(len: u64) -> String {
+    format!("\n[drover: {len} bytes of output lost when a coordinator stopped]\n")
+}
+
+/// Byte `pos` of the `len` bytes standing in for lost output: the notice,
+/// then spaces up to a final newline (cut short if `len` is shorter).
+fn marker_byte(len: u64, pos: u64) -> u8 {
+    let text = marker(len);
+    let body = text.len() as u64 - 1;
+    if len <= body || pos < body {
+        text.as_bytes()[pos as usize]
+    } else if pos + 1 == len {
+        b'\n'
+    } else {
+        b' '
+    }
+}
+
+impl RetainedTail {
+    pub fn new(cap: usize) -> RetainedTail {
+        RetainedTail {
+            pieces: VecDeque::new(),
+            start: 0,
+            end: 0,
+            durable: 0,
+            held: 0,
+            cap,
+        }
+    }
+
+    /// The next offset to send (every byte before it was sent once).
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// True when a coordinator reported every sent byte durable.
+    pub fn is_durable(&self) -> bool {
+        self.durable >= self.end
+    }
+
+    /// Keeps chunks just sent (they continue at [`end`](Self::end)); lets
+    /// the oldest output go beyond the cap.
+    pub fn keep(&mut self, chunks: Vec<v1::LogChunk>) {
+        for chunk in chunks {
+            debug_assert_eq!(chunk.offset, self.end, "output is kept in order");
+            if chunk.data.is_empty() {
+                continue;
+            }
+            self.end += chunk.data.len() as u64;
+            self.held += chunk.data.len();
+            self.pieces.push_back(Piece::Output(chunk));
+        }
+        while self.held > self.cap {
+            let excess = (self.held - self.cap) as u64;
+            self.drop_front(self.start + excess);
+        }
+    }
+
+    /// Forgets what a coordinator reported durable.
+    pub fn confirm(&mut self, durable: u64) {
+        self.durable = self.durable.max(durable.min(self.end));
+        self.drop_front(self.durable);
+    }
+
+    /// Drops kept bytes before `to`.
+    fn drop_front(&mut self, to: u64) {
+        let to = to.min(self.end);
+        while let Some(front) = self.pieces.front_mut() {
+            let (from, end) = front.range();
+            if end <= to {
+                if let Piece::Output(c) = front {
+                    self.held -= c.data.len();
+                }
+                self.pieces.pop_front();
+                continue;
+            }
+            if from < to {
+                let cut = to - from;
+                match front {
+                    Piece::Output(c) => {
+                        c.data.drain(..cut as usize);
+                        c.offset = to;
+                        self.held -= cut as usize;
+                    }
+                    Piece::Lost { from, .. } => *from = to,
+                }
+            }
+            break;
+        }
+        self.start = self.start.max(to);
+    }
+
+    /// Prepares a resend from `from`, where a coordinator's stored output
+    /// ends. Bytes from there that were let go (beyond the cap) become a
+    /// marker of the same length, so every later offset stays as sent; a
+    /// short loss takes a few kept bytes with it so that the marker fits.
+    /// Returns how many bytes the marker replaces (0: all was kept).
+    pub fn rewind(&mut self, from: u64) -> u64 {
+        // That coordinator holds no more than `from`, durable or not.
+        self.durable = self.durable.min(from);
+        if from >= self.start {
+            return 0;
+        }
+        let mut len = self.start - from;
+        while (marker(len).len() as u64) > len {
+            len = marker(len).len() as u64;
+        }
+        let len = len.min(self.end - from);
+        self.drop_front(from + len);
+        self.pieces.push_front(Piece::Lost {
+            at: from,
+            len,
+            from,
+        });
+        self.start = from;
+        len
+    }
+
+    /// Chunks holding up to `max_bytes` of the kept output from `from`.
+    pub fn chunks(&self, from: u64, max_bytes: usize) -> Vec<v1::LogChunk> {
+        let limit = from.max(self.start) + max_bytes as u64;
+        let mut out = Vec::new();
+        for piece in &self.pieces {
+            let (start, end) = piece.range();
+            let (lo, hi) = (start.max(from), end.min(limit));
+            if lo >= hi {
+                continue;
+            }
+            let chunk = match piece {
+                Piece::Output(c) => v1::LogChunk {
+                    offset: lo,
+                    data: c.data[(lo - start) as usize..(hi - start) as usize].to_vec(),
+                    stream: c.stream,
+                },
+                Piece::Lost { at, len, .. } => v1::LogChunk {
+                    offset: lo,
+                    data: (lo..hi).map(|p| marker_byte(*len, p - at)).collect(),
+                    stream: v1::LogStream::Stderr as i32,
+                },
+            };
+            out.push(chunk);
+        }
+        out
+    }
+}
+
+/// Sends the kept output from `from` to its end in calls of up to
+/// [`BATCH_BYTES`], resending from wherever a coordinator says its stored
+/// output ends; with `flush`, the last call makes it all durable.
+async fn send_kept(
+    shared: &Shared,
+    auth: &Auth,
+    lease: &v1::LeaseRef,
+    orders: &mut watch::Receiver<Option<StopOrder>>,
+    tail: &mut RetainedTail,
+    mut from: u64,
+    flush: bool,
+) -> Result<(), CallError> {
+    let mut resends = 0;
+    loop {
+        if from >= tail.end() && (!flush || tail.is_durable()) {
+            return Ok(());
+        }
+        let chunks = tail.chunks(from, BATCH_BYTES);
+        let to = chunks
+            .last()
+            .map_or(from, |c| c.offset + c.data.len() as u64);
+        let last = to >= tail.end();
+        let req = v1::AppendLogsRequest {
+            lease: Some(lease.clone()),
+            chunks,
+            flush: flush && last,
+        };
+        let answer = retry_call(orders, || shared.client.append_logs(auth, req.clone())).await?;
+        tail.confirm(answer.durable_bytes);
+        match answer.resend_from {
+            Some(at) => {
+                resends += 1;
+                if resends > MAX_RESENDS {
+                    return Err(CallError::Rejected {
+                        code: tonic::Code::DataLoss,
+                        message: format!(
+                            "the coordinator asked to resend output from offset {at} {MAX_RESENDS} times in a row; the rest of this attempt's output is not stored"
+                        ),
+                    });
+                }
+                let lost = tail.rewind(at);
+                if lost > 0 {
+                    tracing::warn!(job = %name(lease), offset = at, bytes = lost, "a coordinator lost output beyond what the agent kept ({RETAIN_BYTES} bytes): marked in the log");
+                } else {
+                    tracing::info!(job = %name(lease), offset = at, "a coordinator lost output before persisting it: resending");
+                }
+                from = at.min(tail.end());
+            }
+            None if last => return Ok(()),
+            None => {
+                resends = 0;
+                from = to;
+            }
+        }
+    }
+}
+
 /// ReportStarted, then AppendLogs in batches of up to [`BATCH_BYTES`] or
-/// [`BATCH_DELAY`] until the output ends. Returns the error that stopped it;
-/// on a lost lease it orders the job killed.
+/// [`BATCH_DELAY`] until the output ends, keeping what is not yet durable
+/// to resend; the last call makes it all durable. Returns the error that
+/// stopped it; on a lost lease it orders the job killed.
 async fn ship_output(
     shared: Arc<Shared>,
     auth: Auth,
@@ -550,6 +802,7 @@ async fn ship_output(
         })
         .await?;
         let mut batch = Batch::default();
+        let mut tail = RetainedTail::new(RETAIN_BYTES);
         let mut flush_at: Option<Instant> = None;
         loop {
             let flush_due = async {
@@ -572,17 +825,10 @@ async fn ship_output(
             let due = flush_at.is_some_and(|at| at <= Instant::now());
             if done || due || batch.bytes >= BATCH_BYTES {
                 flush_at = None;
-                let chunks = batch.take();
-                if !chunks.is_empty() {
-                    let req = v1::AppendLogsRequest {
-                        lease: Some(lease.clone()),
-                        chunks,
-                    };
-                    retry_call(&mut orders, || {
-                        shared.client.append_logs(&auth, req.clone())
-                    })
-                    .await?;
-                }
+                let from = tail.end();
+                tail.keep(batch.take());
+                // The last call makes all output durable before Complete.
+                send_kept(&shared, &auth, &lease, &mut orders, &mut tail, from, done).await?;
             }
             if done {
                 return Ok(());
@@ -680,5 +926,127 @@ mod tests {
         let second = b.take();
         assert_eq!(second[0].offset, 7, "offsets continue across batches");
         assert_eq!(b.bytes, 0);
+    }
+
+    /// `text` batched at the tail's end and kept, as the shipper does.
+    fn sent(tail: &mut RetainedTail, text: &[u8]) {
+        let mut b = Batch {
+            next_offset: tail.end(),
+            ..Batch::default()
+        };
+        for part in text.chunks(7) {
+            b.push(OutputChunk {
+                stream: Stream::Stdout,
+                data: Bytes::copy_from_slice(part),
+            });
+        }
+        tail.keep(b.take());
+    }
+
+    /// The bytes a resend from `from` carries, checking the chunks are
+    /// contiguous and at most `max` bytes a call.
+    fn resent(tail: &RetainedTail, from: u64, max: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut at = from;
+        loop {
+            let chunks = tail.chunks(at, max);
+            if chunks.is_empty() {
+                return out;
+            }
+            assert!(chunks.iter().map(|c| c.data.len()).sum::<usize>() <= max);
+            for c in chunks {
+                assert_eq!(c.offset, at, "chunks are contiguous");
+                at += c.data.len() as u64;
+                out.extend(c.data);
+            }
+        }
+    }
+
+    fn output(n: usize) -> Vec<u8> {
+        (0..n).map(|i| b"abcdefghij\n"[i % 11]).collect()
+    }
+
+    #[test]
+    fn the_tail_keeps_sent_output_until_it_is_durable() {
+        let log = output(300);
+        let mut tail = RetainedTail::new(1 << 20);
+        sent(&mut tail, &log[..100]);
+        assert!(!tail.is_durable());
+        tail.confirm(40);
+        assert_eq!((tail.start, tail.end(), tail.held), (40, 100, 60));
+        sent(&mut tail, &log[100..]);
+        // A coordinator that stored 70 bytes: everything from there, in
+        // calls of at most 64 bytes.
+        assert_eq!(tail.rewind(70), 0, "nothing was let go");
+        assert_eq!(resent(&tail, 70, 64), &log[70..]);
+        tail.confirm(300);
+        assert!(tail.is_durable());
+        assert_eq!((tail.start, tail.held), (300, 0));
+        assert!(tail.chunks(300, 64).is_empty());
+        // A stale or smaller durable offset changes nothing.
+        tail.confirm(10);
+        assert_eq!(tail.start, 300);
+    }
+
+    #[test]
+    fn the_tail_keeps_at_most_its_cap_and_marks_what_it_let_go() {
+        let log = output(1000);
+        let mut tail = RetainedTail::new(500);
+        sent(&mut tail, &log);
+        assert_eq!((tail.start, tail.end(), tail.held), (500, 1000, 500));
+        // The coordinator kept 200 bytes: 300 are gone for good. They become
+        // a 300-byte marker, and everything after keeps its offset.
+        assert_eq!(tail.rewind(200), 300);
+        let log_after = resent(&tail, 200, 64);
+        assert_eq!(log_after.len(), 800);
+        let marker = String::from_utf8(log_after[..300].to_vec()).unwrap();
+        assert!(
+            marker.starts_with("\n[drover: 300 bytes of output lost when a coordinator stopped] "),
+            "{marker:?}"
+        );
+        let notice = "\n[drover: 300 bytes of output lost when a coordinator stopped]".len();
+        assert!(marker[notice..299].bytes().all(|b| b == b' ') && marker.ends_with('\n'));
+        assert_eq!(&log_after[300..], &log[500..]);
+        // The marker is kept like output until it is durable, and the same
+        // bytes are sent if the next coordinator loses it again.
+        tail.confirm(250);
+        assert_eq!(resent(&tail, 250, 1000), &log_after[50..]);
+        assert_eq!(tail.rewind(250), 0);
+        tail.confirm(1000);
+        assert!(tail.is_durable() && tail.pieces.is_empty());
+    }
+
+    #[test]
+    fn a_short_loss_takes_kept_bytes_so_the_marker_is_whole() {
+        let log = output(400);
+        let mut tail = RetainedTail::new(300);
+        sent(&mut tail, &log);
+        assert_eq!(tail.start, 100);
+        // 10 bytes lost; the marker needs more, taken from kept output.
+        let replaced = tail.rewind(90);
+        let text = marker(replaced);
+        assert_eq!(replaced, text.len() as u64, "exactly the notice");
+        let log_after = resent(&tail, 90, 50);
+        assert_eq!(&log_after[..text.len()], text.as_bytes());
+        assert_eq!(&log_after[text.len()..], &log[90 + text.len()..]);
+        assert_eq!(90 + log_after.len() as u64, tail.end(), "offsets unchanged");
+    }
+
+    #[test]
+    fn the_tail_is_durable_only_as_far_as_the_last_coordinator_said() {
+        let mut tail = RetainedTail::new(1 << 20);
+        assert!(tail.is_durable(), "nothing sent");
+        sent(&mut tail, b"hello world");
+        tail.confirm(11);
+        assert!(tail.is_durable());
+        // A coordinator that holds 5 bytes (and so at most 5 durable).
+        sent(&mut tail, b"!");
+        assert_eq!(
+            tail.rewind(5),
+            7,
+            "the marker takes what is kept, up to the end"
+        );
+        assert_eq!(resent(&tail, 5, 64), b"\n[drove");
+        assert!(!tail.is_durable());
     }
 }

@@ -60,6 +60,13 @@ struct Args {
     /// Path-style S3 URLs (`endpoint/bucket/key`), for emulators.
     #[arg(long, env = "DROVER_S3_FORCE_PATH_STYLE")]
     s3_force_path_style: Option<bool>,
+    /// Bytes of an attempt's output per S3 log object (s3.log_segment_bytes).
+    #[arg(long, env = "DROVER_S3_LOG_SEGMENT_BYTES")]
+    s3_log_segment_bytes: Option<usize>,
+    /// Longest buffered output waits before it is written to S3
+    /// (s3.log_flush_ms).
+    #[arg(long, env = "DROVER_S3_LOG_FLUSH_MS")]
+    s3_log_flush_ms: Option<u64>,
     /// Auto Scaling and ECS endpoint other than AWS's, for the scaler (a
     /// local emulator).
     #[arg(long, env = "DROVER_AWS_ENDPOINT")]
@@ -146,6 +153,12 @@ fn load(args: &Args) -> anyhow::Result<Config> {
     }
     if let Some(v) = args.s3_force_path_style {
         config.s3.force_path_style = v;
+    }
+    if let Some(v) = args.s3_log_segment_bytes {
+        config.s3.log_segment_bytes = v;
+    }
+    if let Some(v) = args.s3_log_flush_ms {
+        config.s3.log_flush_ms = v;
     }
     if let Some(v) = &args.aws_endpoint {
         config.aws.endpoint = Some(v.clone());

@@ -15,6 +15,9 @@ pub struct Metrics {
     pub heartbeats: AtomicU64,
     /// Fenced calls rejected because the lease was lost.
     pub fenced_rejections: AtomicU64,
+    /// AppendLogs answered with `resend_from`: output a coordinator had
+    /// accepted was lost before it was persisted.
+    pub log_resends: AtomicU64,
     pub sessions_registered: AtomicU64,
     pub sessions_expired: AtomicU64,
     /// Jobs requeued because their session ended or never reported them.
@@ -82,7 +85,7 @@ impl Metrics {
 
     pub fn render(&self, pools: &[Pool]) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64); 10] = [
+        let counters: [(&str, &str, &AtomicU64); 11] = [
             (
                 "drover_jobs_submitted_total",
                 "Jobs accepted by submit.",
@@ -103,6 +106,11 @@ impl Metrics {
                 "drover_fenced_rejections_total",
                 "Calls rejected because the lease was lost.",
                 &self.fenced_rejections,
+            ),
+            (
+                "drover_log_resends_total",
+                "AppendLogs calls answered with resend_from (output lost by a coordinator before it was persisted).",
+                &self.log_resends,
             ),
             (
                 "drover_sessions_registered_total",

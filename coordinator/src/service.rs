@@ -21,7 +21,7 @@ mod workflows;
 pub use artifacts::UploadUrl;
 
 use crate::auth::{self, JoinCheck, Tokens};
-use crate::blob::BlobStore;
+use crate::blob::{BlobError, BlobStore};
 use crate::clock::Clock;
 use crate::config::{Config, Scope};
 use crate::error::{ServiceError, ServiceResult};
@@ -783,21 +783,46 @@ impl Service {
         Ok(self.blobs.flush_all().await?)
     }
 
+    /// Appends `chunks` in order. A chunk past the stored end (output this
+    /// or another coordinator accepted and lost in a crash) stops the append
+    /// and is answered with `resend_from`, never as a lost lease. With
+    /// `flush`, every stored byte is made durable before the answer.
     pub async fn append_logs(
         &self,
         lease: &LeaseRef,
         chunks: Vec<v1::LogChunk>,
-    ) -> ServiceResult<u64> {
+        flush: bool,
+    ) -> ServiceResult<Appended> {
         self.fenced(self.store.check_lease(lease).await)?;
-        let mut stored = 0;
+        let (job_id, attempt) = (lease.job_id.as_str(), lease.attempt);
+        let mut resend_from = None;
         for chunk in chunks {
-            stored = self
+            match self
                 .blobs
-                .append_log(&lease.job_id, lease.attempt, chunk.offset, &chunk.data)
-                .await?;
+                .append_log(job_id, attempt, chunk.offset, &chunk.data)
+                .await
+            {
+                Ok(_) => {}
+                Err(BlobError::Gap { offset, stored }) => {
+                    tracing::info!(job = %job_id, attempt, offset, stored, "log gap: asking the agent to resend");
+                    Metrics::inc(&self.metrics.log_resends);
+                    resend_from = Some(stored);
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut len = self.blobs.log_len(job_id, attempt).await?;
+        if flush && resend_from.is_none() {
+            self.blobs.flush_log(job_id, attempt).await?;
+            len.durable = len.stored;
         }
         self.bump_logs();
-        Ok(stored)
+        Ok(Appended {
+            stored: len.stored,
+            durable: len.durable,
+            resend_from,
+        })
     }
 
     pub async fn complete(
@@ -935,6 +960,17 @@ impl Service {
         report.not_started = reaped.not_started.len() as u32;
         Ok(report)
     }
+}
+
+/// The answer to [`Service::append_logs`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Bytes of the attempt's log stored after the append.
+    pub stored: u64,
+    /// Of those, bytes that survive a crash of this coordinator.
+    pub durable: u64,
+    /// Output from this offset was lost before it was persisted: resend it.
+    pub resend_from: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -150,6 +150,66 @@ impl Moto {
         Ok(text)
     }
 
+    /// Environment of a coordinator process on this server's DynamoDB
+    /// `table` and S3 `bucket`.
+    pub fn coordinator_env(&self, table: &str, bucket: &str) -> Vec<(String, String)> {
+        [
+            ("DROVER_STORE", "dynamodb".to_string()),
+            ("DROVER_DYNAMODB_TABLE", table.to_string()),
+            ("DROVER_DYNAMODB_ENDPOINT", self.endpoint.clone()),
+            ("DROVER_BLOBS", "s3".to_string()),
+            ("DROVER_S3_BUCKET", bucket.to_string()),
+            ("DROVER_S3_ENDPOINT", self.endpoint.clone()),
+            ("DROVER_S3_FORCE_PATH_STYLE", "true".to_string()),
+            ("AWS_ACCESS_KEY_ID", "test".to_string()),
+            ("AWS_SECRET_ACCESS_KEY", "test".to_string()),
+            ("AWS_REGION", REGION.to_string()),
+            ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// An S3 REST call (the tests link no S3 SDK; moto checks no signature).
+    async fn s3(&self, method: reqwest::Method, path: &str) -> anyhow::Result<String> {
+        let resp = self
+            .http
+            .request(method.clone(), format!("{}/{path}", self.endpoint))
+            .header(
+                "Authorization",
+                format!("AWS4-HMAC-SHA256 Credential=test/20260101/{REGION}/s3/aws4_request, SignedHeaders=host, Signature=0"),
+            )
+            .send()
+            .await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            bail!("S3 {method} /{path}: HTTP {status}: {text}");
+        }
+        Ok(text)
+    }
+
+    pub async fn create_bucket(&self, bucket: &str) -> anyhow::Result<()> {
+        self.s3(reqwest::Method::PUT, bucket).await.map(|_| ())
+    }
+
+    /// Keys of the objects in `bucket` under `prefix` (up to 1,000).
+    pub async fn s3_keys(&self, bucket: &str, prefix: &str) -> anyhow::Result<Vec<String>> {
+        let xml = self
+            .s3(
+                reqwest::Method::GET,
+                &format!("{bucket}?list-type=2&prefix={prefix}"),
+            )
+            .await?;
+        Ok(xml
+            .split("<Key>")
+            .skip(1)
+            .filter_map(|s| s.split("</Key>").next())
+            .map(str::to_string)
+            .collect())
+    }
+
     /// The EC2 state name of an instance (`running`, `terminated`…).
     pub async fn ec2_state(&self, instance_id: &str) -> anyhow::Result<String> {
         let xml = self
@@ -276,6 +336,18 @@ impl Moto {
     pub async fn instance(&self, instance_id: &str) -> anyhow::Result<Option<InstanceInfo>> {
         instance_info(&self.http, &self.endpoint, instance_id).await
     }
+}
+
+/// `drover-coordinator init-table`, as an operator runs it.
+pub async fn init_table(env: &[(String, String)]) {
+    let status = tokio::process::Command::new(crate::binary("drover-coordinator"))
+        .arg("init-table")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("RUST_LOG", "warn")
+        .status()
+        .await
+        .expect("running drover-coordinator init-table");
+    assert!(status.success(), "init-table: {status}");
 }
 
 /// `GET /_drover/instance/<id>` (also used by the IMDS emulator).

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use drover_cli::client::{Client, JobQuery};
 use drover_proto::model::{JobEvent, JobSpec, JobState, SubmitRequest};
-use drover_tests::aws::{Moto, REGION};
-use drover_tests::{binary, CoordinatorProcess, CoordinatorSettings, Sandbox, ADMIN_TOKEN};
+use drover_tests::aws::{init_table, Moto};
+use drover_tests::{CoordinatorProcess, CoordinatorSettings, Sandbox, ADMIN_TOKEN};
 
 const BATCH: usize = 100;
 /// Every this many jobs prints a line, read back through both coordinators.
@@ -30,56 +30,6 @@ fn job_count() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(200)
-}
-
-/// Environment of a coordinator on moto's DynamoDB and S3.
-fn coordinator_env(moto: &Moto, table: &str, bucket: &str) -> Vec<(String, String)> {
-    [
-        ("DROVER_STORE", "dynamodb".to_string()),
-        ("DROVER_DYNAMODB_TABLE", table.to_string()),
-        ("DROVER_DYNAMODB_ENDPOINT", moto.endpoint.clone()),
-        ("DROVER_BLOBS", "s3".to_string()),
-        ("DROVER_S3_BUCKET", bucket.to_string()),
-        ("DROVER_S3_ENDPOINT", moto.endpoint.clone()),
-        ("DROVER_S3_FORCE_PATH_STYLE", "true".to_string()),
-        ("AWS_ACCESS_KEY_ID", "test".to_string()),
-        ("AWS_SECRET_ACCESS_KEY", "test".to_string()),
-        ("AWS_REGION", REGION.to_string()),
-        ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
-}
-
-/// `CreateBucket` on moto (the tests link no S3 SDK; moto checks no signature).
-async fn create_bucket(moto: &Moto, bucket: &str) {
-    let resp = reqwest::Client::new()
-        .put(format!("{}/{bucket}", moto.endpoint))
-        .header(
-            "Authorization",
-            format!("AWS4-HMAC-SHA256 Credential=test/20260101/{REGION}/s3/aws4_request, SignedHeaders=host, Signature=0"),
-        )
-        .send()
-        .await
-        .expect("CreateBucket");
-    assert!(
-        resp.status().is_success(),
-        "CreateBucket: {}",
-        resp.status()
-    );
-}
-
-/// `drover-coordinator init-table`, as an operator runs it.
-async fn init_table(env: &[(String, String)]) {
-    let status = tokio::process::Command::new(binary("drover-coordinator"))
-        .arg("init-table")
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .env("RUST_LOG", "warn")
-        .status()
-        .await
-        .expect("running drover-coordinator init-table");
-    assert!(status.success(), "init-table: {status}");
 }
 
 fn job(i: usize, runs: &std::path::Path) -> JobSpec {
@@ -165,8 +115,8 @@ async fn two_coordinators_on_one_table_run_every_job_exactly_once() {
     let moto = Moto::start().await.expect("moto");
     let table = "drover-two";
     let bucket = "drover-two";
-    create_bucket(&moto, bucket).await;
-    let env = coordinator_env(&moto, table, bucket);
+    moto.create_bucket(bucket).await.expect("CreateBucket");
+    let env = moto.coordinator_env(table, bucket);
     init_table(&env).await;
 
     // Heartbeats survive a busy moto: a lost session would requeue jobs

@@ -7,7 +7,9 @@
 
 use futures::StreamExt;
 
-use super::{Access, ArtifactKey, BlobError, BlobStore, ByteStream, S3BlobStore, SignedUrl};
+use super::{
+    Access, ArtifactKey, BlobError, BlobStore, ByteStream, LogLen, S3BlobStore, SignedUrl,
+};
 use crate::blob::LocalBlobStore;
 
 fn now_ms() -> i64 {
@@ -173,7 +175,17 @@ pub async fn read_after_flush_returns_every_byte_once<B: BlobStore>(blobs: B) {
         }
     };
     assert!(read_all(4096).await == log, "before the flush");
+    let len = blobs.log_len("J1", 3).await.unwrap();
+    assert!(len.stored == 20_000 && len.durable <= len.stored, "{len:?}");
     blobs.flush_log("J1", 3).await.unwrap();
+    assert_eq!(
+        blobs.log_len("J1", 3).await.unwrap(),
+        LogLen {
+            stored: 20_000,
+            durable: 20_000
+        },
+        "a flush makes every stored byte durable"
+    );
     assert!(read_all(4096).await == log, "after the flush");
     assert!(read_all(999).await == log, "in odd pieces");
     assert_eq!(
@@ -195,6 +207,59 @@ pub async fn read_after_flush_returns_every_byte_once<B: BlobStore>(blobs: B) {
     assert_eq!(blobs.read_log("J1", 3, 19_998, 100).await.unwrap(), tail);
     // Flushing an attempt nobody wrote is fine.
     blobs.flush_log("J9", 1).await.unwrap();
+}
+
+/// What a store reports durable is what the store started again after a
+/// crash (nothing flushed at shutdown) holds; a chunk past that is refused
+/// as a gap until the rest is resent. Returns whether the gap happened.
+pub async fn durable_bytes_survive_a_crash<B: BlobStore>(
+    blobs: B,
+    restarted: impl Fn(&B) -> B,
+) -> bool {
+    assert_eq!(blobs.log_len("J1", 1).await.unwrap(), LogLen::default());
+    assert_eq!(blobs.append_log("J1", 1, 0, b"hello ").await.unwrap(), 6);
+    assert_eq!(blobs.append_log("J1", 1, 6, b"world").await.unwrap(), 11);
+    let before = blobs.log_len("J1", 1).await.unwrap();
+    assert!(before.stored == 11 && before.durable <= 11, "{before:?}");
+    let after = restarted(&blobs);
+    let seen = after.log_len("J1", 1).await.unwrap();
+    assert!(
+        seen.durable >= before.durable,
+        "durable bytes were lost: {before:?} before the crash, {seen:?} after"
+    );
+    assert_eq!(seen.stored, seen.durable, "only durable bytes survive");
+    let kept = seen.stored as usize;
+    assert_eq!(
+        after.read_log("J1", 1, 0, 100).await.unwrap(),
+        &b"hello world"[..kept]
+    );
+    // The agent's next chunk; on a gap it resends from where the store is.
+    let gap = match after.append_log("J1", 1, 11, b"!").await {
+        Ok(stored) => {
+            assert_eq!((kept, stored), (11, 12));
+            false
+        }
+        Err(BlobError::Gap { offset, stored }) => {
+            assert_eq!((offset, stored), (11, kept as u64));
+            let rest = &b"hello world!"[kept..];
+            assert_eq!(after.append_log("J1", 1, stored, rest).await.unwrap(), 12);
+            true
+        }
+        Err(e) => panic!("appending after the crash: {e}"),
+    };
+    after.flush_log("J1", 1).await.unwrap();
+    let whole = LogLen {
+        stored: 12,
+        durable: 12,
+    };
+    assert_eq!(after.log_len("J1", 1).await.unwrap(), whole);
+    let again = restarted(&after);
+    assert_eq!(again.log_len("J1", 1).await.unwrap(), whole);
+    assert_eq!(
+        again.read_log("J1", 1, 0, 100).await.unwrap(),
+        b"hello world!"
+    );
+    gap
 }
 
 pub async fn artifacts_round_trip_through_signed_urls<B: BlobStore>(blobs: B) {
@@ -287,6 +352,24 @@ blob_conformance!(s3, async {
     let blobs: S3BlobStore = crate::blob::s3::tests::fresh_store().await;
     (blobs, ())
 });
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_durable_bytes_survive_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let restarted = |_: &LocalBlobStore| LocalBlobStore::new(dir.path());
+    let gap = durable_bytes_survive_a_crash(LocalBlobStore::new(dir.path()), restarted).await;
+    assert!(!gap, "the local store writes through: nothing to resend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_durable_bytes_survive_a_crash() {
+    use crate::blob::s3::tests::{another_coordinator, fresh_store_with};
+    // Nothing is flushed by age during the test: the crash loses the buffer.
+    let blobs = fresh_store_with(|c| c.log_flush_ms = 60_000).await;
+    let restarted = |b: &S3BlobStore| another_coordinator(b, |_| {});
+    let gap = durable_bytes_survive_a_crash(blobs, restarted).await;
+    assert!(gap, "the buffered bytes died with the coordinator");
+}
 
 #[test]
 fn civil_dates_count_days_from_the_epoch() {

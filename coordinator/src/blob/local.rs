@@ -12,7 +12,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
-use super::{Access, ArtifactKey, BlobError, BlobStore, ByteStream, SignedUrl};
+use super::{Access, ArtifactKey, BlobError, BlobStore, ByteStream, LogLen, SignedUrl};
 
 /// Where the coordinator serves local blobs.
 pub const BLOB_ROUTE: &str = "/v1/blobs/";
@@ -158,6 +158,19 @@ impl BlobStore for LocalBlobStore {
             file.flush().await.map_err(io)?;
         }
         Ok(stored.max(offset + data.len() as u64))
+    }
+
+    /// Appends are written through: every stored byte is durable.
+    async fn log_len(&self, job_id: &str, attempt: u64) -> Result<LogLen, BlobError> {
+        let stored = match tokio::fs::metadata(self.log_path(job_id, attempt)).await {
+            Ok(meta) => meta.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io(e)),
+        };
+        Ok(LogLen {
+            stored,
+            durable: stored,
+        })
     }
 
     async fn read_log(

@@ -32,6 +32,16 @@ pub enum BlobError {
     Io(String),
 }
 
+/// How much of one attempt's log a store holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogLen {
+    /// Bytes appended and readable through this coordinator.
+    pub stored: u64,
+    /// Of those, the bytes persisted in the store itself: they survive a
+    /// crash of this coordinator. Never more than `stored`.
+    pub durable: u64,
+}
+
 /// A body streamed in or out of the store.
 pub type ByteStream = BoxStream<'static, Result<Bytes, std::io::Error>>;
 
@@ -99,6 +109,11 @@ pub trait BlobStore: Send + Sync + 'static {
         offset: u64,
         data: &[u8],
     ) -> Result<u64, BlobError>;
+
+    /// The attempt's stored and durable lengths (zero when no log exists).
+    /// Bytes past `durable` live only in this coordinator's memory: a crash
+    /// loses them, and the agent resends them (`AppendLogsResponse`).
+    async fn log_len(&self, job_id: &str, attempt: u64) -> Result<LogLen, BlobError>;
 
     /// Makes the attempt's appended bytes durable and readable from every
     /// coordinator, and forgets any state kept for it (called when the

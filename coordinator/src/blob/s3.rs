@@ -17,7 +17,11 @@
 //!
 //! What the buffer costs: bytes acknowledged to an agent and not yet flushed
 //! live only in this coordinator's memory until the next flush (at most
-//! `log_flush_ms`); a graceful shutdown flushes them, a crash loses them.
+//! `log_flush_ms`); a graceful shutdown flushes them, a crash loses them from
+//! here. They are not lost from the log: `log_len` tells the agent which
+//! bytes are durable (`flushed`), the agent keeps the rest, and the next
+//! coordinator it reaches answers its next chunk with a gap, which the agent
+//! fills by resending.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -28,7 +32,7 @@ use aws_sdk_s3::error::{DisplayErrorContext, SdkError};
 use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::Client;
 
-use super::{Access, ArtifactKey, BlobError, BlobStore, ByteStream, SignedUrl};
+use super::{Access, ArtifactKey, BlobError, BlobStore, ByteStream, LogLen, SignedUrl};
 use crate::config::S3Config;
 
 /// Longest validity S3 accepts for a presigned URL.
@@ -413,6 +417,20 @@ impl BlobStore for S3BlobStore {
         Ok(st.end())
     }
 
+    /// Durable: the end of the segments as this coordinator last saw or
+    /// wrote them (listed when it has no state for the attempt).
+    async fn log_len(&self, job_id: &str, attempt: u64) -> Result<LogLen, BlobError> {
+        let state = self.inner.state(job_id, attempt);
+        let mut st = state.lock().await;
+        if !st.loaded {
+            self.inner.refresh(job_id, attempt, &mut st).await?;
+        }
+        Ok(LogLen {
+            stored: st.end(),
+            durable: st.flushed,
+        })
+    }
+
     async fn flush_log(&self, job_id: &str, attempt: u64) -> Result<(), BlobError> {
         let Some(state) = self.inner.existing_state(job_id, attempt) else {
             return Ok(());
@@ -722,17 +740,20 @@ pub(crate) mod tests {
         );
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn logs_written_through_one_service_are_read_through_another() {
-        use drover_proto::model::{JobSpec, JobState, Resources};
+    /// Two coordinators (services) on one table and one bucket, with a
+    /// long flush age, and a running attempt leased through A.
+    async fn two_services_and_a_running_attempt() -> (
+        Arc<crate::Service>,
+        Arc<crate::Service>,
+        crate::store::LeaseRef,
+        tempfile::TempDir,
+    ) {
+        use drover_proto::model::{JobSpec, Resources};
         use drover_proto::v1;
-        use futures::StreamExt;
 
-        use crate::store::{Completion, OutcomeKind, SqliteStore, Store};
+        use crate::store::{SqliteStore, Store};
         use crate::Service;
 
-        // One shared store (the table), two coordinators on one bucket. A
-        // long flush age: only the completion makes A's output durable.
         let store: Arc<dyn Store> = Arc::new(SqliteStore::in_memory().unwrap());
         let blobs_a = fresh_store_with(|c| c.log_flush_ms = 60_000).await;
         let blobs_b = another_coordinator(&blobs_a, |_| {});
@@ -769,13 +790,7 @@ pub(crate) mod tests {
             .authenticate(&registered.session_id, Some(&registered.session_token))
             .await
             .unwrap();
-        let job_id = b
-            .submit(vec![JobSpec::command(["true"])])
-            .await
-            .unwrap()
-            .jobs[0]
-            .id
-            .clone();
+        b.submit(vec![JobSpec::command(["true"])]).await.unwrap();
         let free = Resources {
             cpu_millis: 1000,
             memory_mib: 1024,
@@ -783,6 +798,104 @@ pub(crate) mod tests {
         };
         let lease = a.claim(&session, free, 1, 0).await.unwrap().remove(0).lease;
         a.report_started(&session, &lease).await.unwrap();
+        (a, b, lease, dir)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn output_a_crashed_coordinator_lost_is_resent_and_only_fencing_rejects() {
+        use drover_proto::v1;
+        use futures::StreamExt;
+
+        use crate::error::ServiceError;
+        use crate::service::Appended;
+        use crate::store::{Completion, LeaseRef, OutcomeKind};
+
+        let (a, b, lease, _dir) = two_services_and_a_running_attempt().await;
+        let chunk = |offset: u64, data: &[u8]| v1::LogChunk {
+            offset,
+            data: data.to_vec(),
+            ..Default::default()
+        };
+        let answer = a
+            .append_logs(&lease, vec![chunk(0, b"first ")], false)
+            .await
+            .unwrap();
+        let buffered = Appended {
+            stored: 6,
+            durable: 0,
+            resend_from: None,
+        };
+        assert_eq!(answer, buffered, "A holds the bytes in memory only");
+        // A stops without flushing (a crash); the agent's next chunk reaches B.
+        drop(a);
+        let answer = b
+            .append_logs(&lease, vec![chunk(6, b"second ")], false)
+            .await
+            .expect("a gap is not a lost lease");
+        let resend = Appended {
+            stored: 0,
+            durable: 0,
+            resend_from: Some(0),
+        };
+        assert_eq!(answer, resend);
+        // The agent resends what was not durable; its last call flushes.
+        let answer = b
+            .append_logs(
+                &lease,
+                vec![chunk(0, b"first "), chunk(6, b"second\n")],
+                true,
+            )
+            .await
+            .unwrap();
+        let durable = Appended {
+            stored: 13,
+            durable: 13,
+            resend_from: None,
+        };
+        assert_eq!(answer, durable);
+        // Another attempt's calls are still fenced.
+        let stale = LeaseRef {
+            attempt: lease.attempt + 1,
+            ..lease.clone()
+        };
+        let fenced = b
+            .append_logs(&stale, vec![chunk(13, b"x")], false)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(fenced, ServiceError::FailedPrecondition(_)),
+            "{fenced}"
+        );
+        b.complete(
+            &lease,
+            Completion {
+                outcome: OutcomeKind::Succeeded,
+                exit_code: Some(0),
+                reason: String::new(),
+            },
+        )
+        .await
+        .unwrap();
+        let log = b
+            .log_stream(lease.job_id.clone(), lease.attempt, false)
+            .map(|part| part.unwrap().to_vec())
+            .concat()
+            .await;
+        assert_eq!(log, b"first second\n");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn logs_written_through_one_service_are_read_through_another() {
+        use drover_proto::model::JobState;
+        use drover_proto::v1;
+        use futures::StreamExt;
+
+        use crate::store::{Completion, OutcomeKind};
+        use crate::Service;
+
+        // A long flush age: only the completion makes A's output durable.
+        let (a, b, lease, _dir) = two_services_and_a_running_attempt().await;
+        let job_id = lease.job_id.clone();
         // A follower on B, from before the first byte.
         let follower = tokio::spawn(
             b.log_stream(job_id.clone(), lease.attempt, true)
@@ -799,7 +912,7 @@ pub(crate) mod tests {
                 ..Default::default()
             };
             // Every chunk sent twice, as an agent's retry would.
-            a.append_logs(&lease, vec![chunk.clone(), chunk])
+            a.append_logs(&lease, vec![chunk.clone(), chunk], false)
                 .await
                 .unwrap();
             expected.extend(line);

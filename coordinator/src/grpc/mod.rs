@@ -176,11 +176,16 @@ impl AgentService for AgentGrpc {
         req: Request<v1::AppendLogsRequest>,
     ) -> Result<Response<v1::AppendLogsResponse>, Status> {
         let lease = self.lease_session(&req, &req.get_ref().lease).await?;
-        let stored_bytes = self
+        let req = req.into_inner();
+        let appended = self
             .service
-            .append_logs(&lease, req.into_inner().chunks)
+            .append_logs(&lease, req.chunks, req.flush)
             .await?;
-        Ok(Response::new(v1::AppendLogsResponse { stored_bytes }))
+        Ok(Response::new(v1::AppendLogsResponse {
+            stored_bytes: appended.stored,
+            durable_bytes: appended.durable,
+            resend_from: appended.resend_from,
+        }))
     }
 
     async fn artifact_upload_url(
