@@ -282,109 +282,196 @@ async fn throughput(opts: &Options) -> anyhow::Result<Report> {
 }
 
 async fn store(opts: &Options) -> anyhow::Result<Report> {
-    let jobs = if opts.smoke { 200 } else { 3_000 };
+    let (jobs, dynamo_jobs) = if opts.smoke { (200, 20) } else { (3_000, 200) };
     let mut report = Report::new(
         "store",
         vec![
-            ("backend", "sqlite (file, WAL)".into()),
-            ("jobs per round", jobs.to_string()),
-            ("per job", "claim + complete".into()),
+            ("sqlite", format!("file, WAL; {jobs} jobs per round")),
+            (
+                "dynamodb",
+                format!("moto's server on loopback; {dynamo_jobs} jobs per round; requests counted, not timed"),
+            ),
+            ("per job", "claim + complete (after a batch submit)".into()),
         ],
-        &["backend", "claimers", "claims/s"],
+        &["backend", "claimers", "claims/s", "requests/job", "writes/job"],
     );
     let mut figures = serde_json::Map::new();
     for claimers in [1usize, 4, 16] {
         let dir = tempfile::tempdir()?;
         let store = Arc::new(SqliteStore::open(&dir.path().join("drover.db"))?);
-        let now = || SystemClock.now_ms();
-        let specs: Vec<NewJob> = (0..jobs)
-            .map(|_| NewJob {
-                id: ulid_like(),
-                spec: noop(),
-                workflow: None,
-            })
-            .collect();
-        for chunk in specs.chunks(500) {
-            store.submit(chunk.to_vec(), now()).await?;
-        }
-        let t0 = Instant::now();
-        let mut tasks = Vec::new();
-        for c in 0..claimers {
-            let store = store.clone();
-            tasks.push(tokio::spawn(async move {
-                let session = format!("bench-{c}");
-                store
-                    .create_session(
-                        &NewSession {
-                            session_id: session.clone(),
-                            token_hash: String::new(),
-                            agent_id: session.clone(),
-                            pool: "default".into(),
-                            hostname: String::new(),
-                            labels: Default::default(),
-                            capacity: Resources {
-                                cpu_millis: 8_000,
-                                memory_mib: 8_192,
-                                ..Resources::default()
-                            },
-                            runtime: "bench".into(),
-                            version: String::new(),
-                            health_addr: String::new(),
-                            ttl_ms: 600_000,
-                        },
-                        now(),
-                    )
-                    .await?;
-                let offer = ClaimOffer {
-                    session_id: session.clone(),
-                    agent_id: session,
-                    pool: "default".into(),
-                    labels: Default::default(),
-                    free: Resources {
-                        cpu_millis: 8_000,
-                        memory_mib: 8_192,
-                        ..Resources::default()
-                    },
-                    max_jobs: 1,
-                };
-                let mut claimed = 0usize;
-                loop {
-                    let leases = store.claim(&offer, 64, now()).await?;
-                    let Some(lease) = leases.into_iter().next() else {
-                        return anyhow::Ok(claimed);
-                    };
-                    store
-                        .complete(
-                            &lease.lease,
-                            &Completion {
-                                outcome: OutcomeKind::Succeeded,
-                                exit_code: Some(0),
-                                reason: String::new(),
-                            },
-                            now(),
-                        )
-                        .await?;
-                    claimed += 1;
-                }
-            }));
-        }
-        let mut total = 0;
-        for task in tasks {
-            total += task.await??;
-        }
-        let rate = total as f64 / t0.elapsed().as_secs_f64();
+        let (total, elapsed) = claim_round(store, jobs, claimers).await?;
+        let rate = total as f64 / elapsed.as_secs_f64();
         report.row(vec![
             "sqlite".into(),
             claimers.to_string(),
             format!("{rate:.0}"),
+            "–".into(),
+            "–".into(),
         ]);
         figures.insert(
             format!("sqlite_{claimers}"),
             json!({ "claims_per_s": rate, "claimed": total }),
         );
     }
+    // DynamoDB on moto: moto's speed says nothing about DynamoDB's, so what
+    // is reported is what the store asks of DynamoDB per job.
+    // Static test credentials for the AWS chain: this process only ever
+    // talks to the emulator, never hands it real ones.
+    for (key, value) in [
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_SESSION_TOKEN", ""),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ] {
+        if value.is_empty() {
+            std::env::remove_var(key);
+        } else {
+            std::env::set_var(key, value);
+        }
+    }
+    let moto = crate::aws::Moto::start().await?;
+    for claimers in [1usize, 4] {
+        let config = drover_coordinator::config::DynamoDbConfig {
+            table: format!("bench-{claimers}-{}", ulid_like().to_lowercase()),
+            endpoint: Some(moto.endpoint.clone()),
+            region: Some(crate::aws::REGION.into()),
+            create_table: true,
+            ..Default::default()
+        };
+        let store = Arc::new(
+            drover_coordinator::store::DynamoStore::connect(&config)
+                .await
+                .context("connecting to DynamoDB on moto")?,
+        );
+        let before = moto.calls().await?.len();
+        let (total, _) = claim_round(store, dynamo_jobs, claimers).await?;
+        let calls = moto.calls().await?;
+        let mut by_action: std::collections::BTreeMap<String, usize> = Default::default();
+        for call in calls[before..].iter().filter(|c| c.service == "dynamodb") {
+            *by_action.entry(call.action.clone()).or_default() += 1;
+        }
+        let requests: usize = by_action.values().sum();
+        let writes: usize = by_action
+            .iter()
+            .filter(|(a, _)| {
+                matches!(
+                    a.as_str(),
+                    "PutItem"
+                        | "UpdateItem"
+                        | "DeleteItem"
+                        | "TransactWriteItems"
+                        | "BatchWriteItem"
+                )
+            })
+            .map(|(_, n)| n)
+            .sum();
+        let per_job = |n: usize| n as f64 / total.max(1) as f64;
+        report.row(vec![
+            "dynamodb".into(),
+            claimers.to_string(),
+            "–".into(),
+            format!("{:.1}", per_job(requests)),
+            format!("{:.1}", per_job(writes)),
+        ]);
+        figures.insert(
+            format!("dynamodb_{claimers}"),
+            json!({
+                "jobs": total,
+                "requests_per_job": per_job(requests),
+                "writes_per_job": per_job(writes),
+                "requests_by_action": by_action,
+            }),
+        );
+    }
     report.figures = figures.into();
     Ok(report)
+}
+
+/// Submits `jobs` no-op jobs in batches, then `claimers` sessions claim and
+/// complete them one at a time until none is left. Returns the jobs claimed
+/// and the time the claiming took (the submit excluded).
+async fn claim_round<S: Store + 'static>(
+    store: Arc<S>,
+    jobs: usize,
+    claimers: usize,
+) -> anyhow::Result<(usize, Duration)> {
+    let now = || SystemClock.now_ms();
+    let specs: Vec<NewJob> = (0..jobs)
+        .map(|_| NewJob {
+            id: ulid_like(),
+            spec: noop(),
+            workflow: None,
+        })
+        .collect();
+    for chunk in specs.chunks(500) {
+        store.submit(chunk.to_vec(), now()).await?;
+    }
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..claimers {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let session = format!("bench-{c}-{}", ulid_like());
+            store
+                .create_session(
+                    &NewSession {
+                        session_id: session.clone(),
+                        token_hash: String::new(),
+                        agent_id: session.clone(),
+                        pool: "default".into(),
+                        hostname: String::new(),
+                        labels: Default::default(),
+                        capacity: Resources {
+                            cpu_millis: 8_000,
+                            memory_mib: 8_192,
+                            ..Resources::default()
+                        },
+                        runtime: "bench".into(),
+                        version: String::new(),
+                        health_addr: String::new(),
+                        ttl_ms: 600_000,
+                    },
+                    now(),
+                )
+                .await?;
+            let offer = ClaimOffer {
+                session_id: session.clone(),
+                agent_id: session,
+                pool: "default".into(),
+                labels: Default::default(),
+                free: Resources {
+                    cpu_millis: 8_000,
+                    memory_mib: 8_192,
+                    ..Resources::default()
+                },
+                max_jobs: 1,
+            };
+            let mut claimed = 0usize;
+            loop {
+                let leases = store.claim(&offer, 64, now()).await?;
+                let Some(lease) = leases.into_iter().next() else {
+                    return anyhow::Ok(claimed);
+                };
+                store
+                    .complete(
+                        &lease.lease,
+                        &Completion {
+                            outcome: OutcomeKind::Succeeded,
+                            exit_code: Some(0),
+                            reason: String::new(),
+                        },
+                        now(),
+                    )
+                    .await?;
+                claimed += 1;
+            }
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await??;
+    }
+    Ok((total, t0.elapsed()))
 }
 
 fn ulid_like() -> String {
