@@ -408,6 +408,106 @@ fn launch_templates_carry_user_data_and_imdsv2() {
     }
 }
 
+/// What an intrinsic function evaluates to with `params`, for the functions
+/// the instance type overrides use (`Ref`, `Fn::Join`, `Fn::Split`,
+/// `Fn::Select`, `Fn::Equals`, `Fn::Not`, `Fn::If`). `None`: `AWS::NoValue`.
+fn evaluate(value: &Value, params: &BTreeMap<&str, Value>, conditions: &Value) -> Option<Value> {
+    let eval = |v: &Value| evaluate(v, params, conditions);
+    let strings = |v: Value| -> Vec<String> {
+        v.as_array()
+            .expect("a list")
+            .iter()
+            .map(|s| s.as_str().expect("a string").to_string())
+            .collect()
+    };
+    let function = value
+        .as_object()
+        .filter(|o| o.len() == 1)
+        .and_then(|o| o.iter().next())
+        .filter(|(name, _)| *name == "Ref" || name.starts_with("Fn::"));
+    let Some((function, args)) = function else {
+        return Some(match value {
+            Value::Object(o) => Value::Object(
+                o.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), eval(v)?)))
+                    .collect(),
+            ),
+            Value::Array(a) => Value::Array(a.iter().filter_map(eval).collect()),
+            other => other.clone(),
+        });
+    };
+    let arg = |i: usize| eval(&args[i]).expect("an argument with a value");
+    Some(match function.as_str() {
+        "Ref" if args == "AWS::NoValue" => return None,
+        "Ref" => params[args.as_str().expect("Ref name")].clone(),
+        "Fn::Join" => Value::from(strings(arg(1)).join(args[0].as_str().expect("delimiter"))),
+        "Fn::Split" => Value::from(
+            arg(1)
+                .as_str()
+                .expect("a string")
+                .split(args[0].as_str().expect("delimiter"))
+                .collect::<Vec<_>>(),
+        ),
+        "Fn::Select" => {
+            let index = args[0].as_u64().expect("index") as usize;
+            let list = arg(1);
+            let items = list.as_array().expect("a list");
+            assert!(
+                index < items.len(),
+                "Fn::Select {index} of {list}: out of range"
+            );
+            items[index].clone()
+        }
+        "Fn::Equals" => Value::from(arg(0) == arg(1)),
+        "Fn::Not" => Value::from(!arg(0).as_bool().expect("a condition")),
+        "Fn::If" => {
+            let name = args[0].as_str().expect("condition name");
+            let holds = eval(&conditions[name]).and_then(|v| v.as_bool());
+            let holds = holds.unwrap_or_else(|| panic!("condition {name}"));
+            return eval(&args[if holds { 1 } else { 2 }]);
+        }
+        other => panic!("{other} is not evaluated here"),
+    })
+}
+
+#[test]
+fn instance_type_lists_of_one_to_six_types_become_the_groups_overrides() {
+    let template = decode(&root().join("infra/fleet.yaml"));
+    let groups = [
+        ("CpuGroup", "CpuInstanceTypes"),
+        ("GpuGroup", "GpuInstanceTypes"),
+    ];
+    let lists: [&[&str]; 4] = [
+        &["m7i.xlarge"],
+        &["g5.xlarge", "g6.xlarge"],
+        &["m6i.xlarge", "m6a.xlarge", "m5.xlarge"],
+        &[
+            "c7i.2xlarge",
+            "c6i.2xlarge",
+            "c6a.2xlarge",
+            "c5.2xlarge",
+            "m7i.2xlarge",
+            "m6i.2xlarge",
+        ],
+    ];
+    for (group, param) in groups {
+        let overrides = &template["Resources"][group]["Properties"]["MixedInstancesPolicy"]
+            ["LaunchTemplate"]["Overrides"];
+        for list in lists {
+            let params = BTreeMap::from([(param, serde_json::json!(list))]);
+            let evaluated =
+                evaluate(overrides, &params, &template["Conditions"]).expect("overrides");
+            let types: Vec<&str> = evaluated
+                .as_array()
+                .expect("a list of overrides")
+                .iter()
+                .map(|o| o["InstanceType"].as_str().expect("InstanceType"))
+                .collect();
+            assert_eq!(types, list, "{group} with {param} = {list:?}");
+        }
+    }
+}
+
 /// Rust source with comments, string and char literals blanked (newlines kept).
 fn strip_literals(src: &str) -> String {
     let b = src.as_bytes();
