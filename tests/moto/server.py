@@ -20,6 +20,15 @@ started it. What it adds to moto (see shared/AWS-EMULATION.md):
 - DynamoDB requests are served one at a time: moto checks a condition and
   applies the write without a lock, so two concurrent conditional updates
   could both pass (AWS never lets them).
+- A DynamoDB Query reads only what it asks for: moto walks (and sorts) every
+  item of the table for each Query, which makes a long test quadratic. A
+  table Query now reads its partition; an index Query walks the items
+  without sorting them first (its results are sorted by the index's keys
+  anyway). Answers are the same.
+- A DynamoDB transaction keeps for its rollback copies of the items it
+  writes, not of the whole table: moto deep-copies every table a
+  TransactWriteItems names, once per item, before it writes. Same outcome,
+  cancelled or not.
 - ECS RunTask can answer with `failures[]` as AWS does when it cannot place
   some of the tasks (see /_drover/run-task-failures below); moto alone
   always starts them all.
@@ -27,7 +36,9 @@ started it. What it adds to moto (see shared/AWS-EMULATION.md):
 Harness endpoints (not AWS; for assertions):
 
 - GET  /_drover/calls          every AWS request received: service, action,
-                               params, HTTP status, time (unix ms)
+                               params, HTTP status, time (unix ms), and for
+                               DynamoDB `table`, `index` (Query, Scan) and
+                               `ms` (time serving it, under the lock)
 - POST /_drover/faults         {"action", "code", "message", "status", "count"}:
                                the next `count` requests of `action` fail
                                with that error (Query-protocol XML)
@@ -52,6 +63,7 @@ parameter or the JSON protocol's X-Amz-Target header; `params` holds the
 Query protocol's form parameters ({} for JSON-protocol calls).
 """
 
+import copy
 import io
 import json
 import os
@@ -68,6 +80,9 @@ from moto.autoscaling import models as asg_models
 from moto.autoscaling.exceptions import ValidationError
 from moto.autoscaling.responses import AutoScalingResponse
 from moto.core.responses import ActionResult, EmptyResult
+import moto.dynamodb.models as dynamodb_models
+from moto.dynamodb.models.dynamo_type import DynamoType
+from moto.dynamodb.models.table import Table
 from moto.ecs.responses import EC2ContainerServiceResponse
 from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
@@ -231,6 +246,113 @@ AutoScalingResponse.complete_lifecycle_action = complete_lifecycle_action
 RUN_TASK_FAILURES = {}
 
 
+MOTO_TABLE_QUERY = Table.query
+
+
+def table_query(self, hash_key, *args, **kwargs):
+    """Table.query over only the items it can return (same answers).
+
+    moto's query calls all_items(), which lists and sorts the whole table.
+    DynamoDB requests are served one at a time (DYNAMODB), so shadowing
+    all_items on the instance for one call is safe.
+    """
+    index_name = kwargs.get("index_name", args[6] if len(args) > 6 else None)
+    if index_name:
+        # The index's own sort orders the results; skip the table sort.
+        def items():
+            if not self.range_key_attr:
+                return list(self.items.values())
+            return [item for part in self.items.values() for item in part.values()]
+
+    elif self.range_key_attr:
+
+        def items():
+            part = self.items.get(hash_key, {})
+            return sorted(part.values(), key=lambda item: item.range_key)
+
+    else:
+        return MOTO_TABLE_QUERY(self, hash_key, *args, **kwargs)
+    self.all_items = items
+    try:
+        return MOTO_TABLE_QUERY(self, hash_key, *args, **kwargs)
+    finally:
+        del self.all_items
+
+
+Table.query = table_query
+
+
+class TablesByReference:
+    """`copy` for moto's DynamoDB backend: a Table "copy" is the table itself.
+
+    transact_write_items deep-copies whole tables to roll back; with this its
+    rollback is a no-op and transact_write_items below restores the items
+    the transaction touched instead.
+    """
+
+    def __getattr__(self, name):
+        return getattr(copy, name)
+
+    @staticmethod
+    def deepcopy(value, memo=None):
+        if isinstance(value, Table):
+            return value
+        return copy.deepcopy(value, memo)
+
+
+dynamodb_models.copy = TablesByReference()
+MOTO_TRANSACT_WRITE_ITEMS = dynamodb_models.DynamoDBBackend.transact_write_items
+
+
+def transact_write_items(self, transact_items):
+    """TransactWriteItems with a rollback of only the items it names."""
+    saved = []
+    for entry in transact_items:
+        for op in entry.values():
+            if not isinstance(op, dict):
+                continue
+            table = self.tables.get(op.get("TableName"))
+            key = op.get("Key") or op.get("Item")
+            if table is None or not isinstance(key, dict):
+                continue
+            try:
+                hash_key = DynamoType(key[table.hash_key_attr])
+                range_key = (
+                    DynamoType(key[table.range_key_attr])
+                    if table.range_key_attr
+                    else None
+                )
+            except KeyError:
+                continue  # moto rejects it before writing anything
+            part = table.items.get(hash_key)
+            if range_key is None:
+                current = part
+            else:
+                current = part.get(range_key) if part is not None else None
+            saved.append((table, hash_key, range_key, copy.deepcopy(current)))
+    try:
+        return MOTO_TRANSACT_WRITE_ITEMS(self, transact_items)
+    except Exception:
+        for table, hash_key, range_key, item in reversed(saved):
+            if range_key is None:
+                if item is None:
+                    table.items.pop(hash_key, None)
+                else:
+                    table.items[hash_key] = item
+            elif item is not None:
+                table.items[hash_key][range_key] = item
+            else:
+                part = table.items.get(hash_key)
+                if part is not None:
+                    part.pop(range_key, None)
+                    if not part:
+                        del table.items[hash_key]
+        raise
+
+
+dynamodb_models.DynamoDBBackend.transact_write_items = transact_write_items
+
+
 def cluster_name(cluster):
     """A cluster's name from its name or ARN (arn:aws:ecs:…:cluster/NAME)."""
     return str(cluster or "default").split("/")[-1]
@@ -377,10 +499,17 @@ def harness(app):
         scope = SCOPE.search(environ.get("HTTP_AUTHORIZATION", ""))
         service = scope.group(2) if scope else ""
         target = environ.get("HTTP_X_AMZ_TARGET", "")
+        extra = {}
         if target:
             # JSON protocol (DynamoDB, ECS): the operation is in a header.
             params = {}
             action = target.rsplit(".", 1)[-1]
+            if service == "dynamodb":
+                request = json.loads(body or b"{}")
+                extra = {
+                    "table": request.get("TableName"),
+                    "index": request.get("IndexName"),
+                }
         else:
             params = dict(parse_qsl(body.decode("utf-8", "replace")))
             action = params.pop("Action", "")
@@ -390,6 +519,7 @@ def harness(app):
             "params": params,
             "time_ms": int(time.time() * 1000),
             "status": 0,
+            **extra,
         }
         with LOCK:
             CALLS.append(record)
@@ -415,7 +545,10 @@ def harness(app):
         if service == "dynamodb":
             with DYNAMODB:
                 # The whole answer is produced under the lock.
-                return list(app(environ, capture))
+                began = time.perf_counter()
+                answer = list(app(environ, capture))
+                record["ms"] = round((time.perf_counter() - began) * 1000, 3)
+                return answer
         return app(environ, capture)
 
     return wrapped

@@ -37,6 +37,14 @@ pub struct Call {
     pub params: std::collections::BTreeMap<String, String>,
     pub status: u16,
     pub time_ms: i64,
+    /// DynamoDB: the table and index (Query, Scan) named.
+    #[serde(default)]
+    pub table: Option<String>,
+    #[serde(default)]
+    pub index: Option<String>,
+    /// DynamoDB: milliseconds moto spent serving it.
+    #[serde(default)]
+    pub ms: Option<f64>,
 }
 
 /// An instance as its Auto Scaling group sees it.

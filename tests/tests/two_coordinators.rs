@@ -260,12 +260,22 @@ async fn two_coordinators_on_one_table_run_every_job_exactly_once() {
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 
+    // Where moto's time went: requests and serving time per operation.
     let calls = moto.calls().await.unwrap();
-    let mut per_service: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut per_operation: BTreeMap<String, (usize, f64)> = BTreeMap::new();
     for c in &calls {
-        *per_service.entry(c.service.as_str()).or_default() += 1;
+        let name = match &c.index {
+            Some(index) => format!("{} {} {index}", c.service, c.action),
+            None => format!("{} {}", c.service, c.action),
+        };
+        let entry = per_operation.entry(name).or_default();
+        entry.0 += 1;
+        entry.1 += c.ms.unwrap_or(0.0);
     }
-    eprintln!("moto calls: {per_service:?}");
+    eprintln!("moto requests (count, serving ms) per operation, {jobs} jobs:");
+    for (name, (count, ms)) in &per_operation {
+        eprintln!("  {name:<40} {count:>7} {ms:>10.0}");
+    }
     // Sampled logs: the same bytes through either coordinator.
     for (i, id) in ids
         .iter()
