@@ -246,6 +246,31 @@ pub async fn claim_skips_jobs_that_do_not_fit<S: Store>(store: S) {
     assert_eq!(queued.items[0].spec.name, "large");
 }
 
+/// A claim looks past jobs that do not fit, up to `scan_limit` candidates
+/// (DynamoDB reads the head in pages sized to the claim: this needs several).
+pub async fn claim_looks_past_unfit_jobs_up_to_the_scan_limit<S: Store>(store: S) {
+    let large: Vec<JobSpec> = (0..20)
+        .map(|i| {
+            let mut s = spec(&format!("large{i}"));
+            s.resources.memory_mib = 4096;
+            s.priority = 10;
+            s
+        })
+        .collect();
+    submit(&store, large, T0).await;
+    submit(&store, vec![spec("small")], T0).await;
+    let mut offer = session(&store, "s1", T0).await;
+    offer.free.memory_mib = 1024;
+    offer.max_jobs = 1;
+    assert!(
+        store.claim(&offer, 20, T0).await.unwrap().is_empty(),
+        "the small job is the 21st candidate: beyond a scan limit of 20"
+    );
+    let claimed = store.claim(&offer, 21, T0).await.unwrap();
+    let names: Vec<_> = claimed.iter().map(|c| c.spec.name.as_str()).collect();
+    assert_eq!(names, ["small"], "found within a scan limit of 21");
+}
+
 pub async fn claim_respects_free_resources_across_jobs<S: Store>(store: S) {
     let jobs: Vec<_> = (0..4)
         .map(|i| {
@@ -1223,6 +1248,7 @@ macro_rules! store_conformance {
                 stale_attempt_and_foreign_session_are_fenced,
                 claims_in_priority_then_fifo_order,
                 claim_skips_jobs_that_do_not_fit,
+                claim_looks_past_unfit_jobs_up_to_the_scan_limit,
                 claim_respects_free_resources_across_jobs,
                 claim_matches_constraints_to_labels,
                 ended_session_requeues_on_the_infra_budget,

@@ -1302,9 +1302,16 @@ impl DynamoStore {
         Ok(())
     }
 
-    /// The first `limit` ready jobs of a queue partition (eventually
-    /// consistent: every claim is conditional anyway).
-    async fn queue_head(&self, pool: &str, shard: u32, limit: usize) -> StoreResult<Vec<Item>> {
+    /// The next `limit` ready jobs of a queue partition, after `after` (the
+    /// previous page's last key), and the key to read on from, if any
+    /// (eventually consistent: every claim is conditional anyway).
+    async fn queue_page(
+        &self,
+        pool: &str,
+        shard: u32,
+        limit: usize,
+        after: Option<Item>,
+    ) -> StoreResult<(Vec<Item>, Option<Item>)> {
         let mut expr = Expr::new();
         let cond = format!(
             "{} = {}",
@@ -1319,11 +1326,13 @@ impl DynamoStore {
             .key_condition_expression(cond)
             .set_expression_attribute_names(expr.names())
             .set_expression_attribute_values(expr.values())
+            .set_exclusive_start_key(after)
             .limit(limit.clamp(1, 1000) as i32)
             .send()
             .await
             .map_err(|e| aws_err("Query", e))?;
-        Ok(resp.items.unwrap_or_default())
+        let next = resp.last_evaluated_key.filter(|k| !k.is_empty());
+        Ok((resp.items.unwrap_or_default(), next))
     }
 
     /// One conditional claim of a candidate from the queue index.
@@ -1821,9 +1830,31 @@ impl Store for DynamoStore {
                 }
                 let shard = (first + k) % self.shards;
                 self.promote_due(&offer.pool, shard, now_ms).await?;
-                let mut candidates = self.queue_head(&offer.pool, shard, scan_limit).await?;
+                // The head is read in pages sized to the claim (a few
+                // candidates per job wanted, for lost races), up to
+                // `scan_limit` candidates when jobs that do not fit are in
+                // the way: a claim reads (and pays for) little when the
+                // head fits.
+                let page = (2 * offer.max_jobs as usize + 4).min(scan_limit);
+                let (mut candidates, mut more) =
+                    self.queue_page(&offer.pool, shard, page, None).await?;
+                let mut read = candidates.len();
                 let mut i = 0;
-                while i < candidates.len() && leases.len() < offer.max_jobs as usize {
+                while leases.len() < offer.max_jobs as usize {
+                    if i == candidates.len() {
+                        let Some(after) = more.take().filter(|_| read < scan_limit) else {
+                            break;
+                        };
+                        let limit = page.min(scan_limit - read);
+                        (candidates, more) = self
+                            .queue_page(&offer.pool, shard, limit, Some(after))
+                            .await?;
+                        read += candidates.len();
+                        i = 0;
+                        if candidates.is_empty() {
+                            break;
+                        }
+                    }
                     let candidate = &candidates[i];
                     i += 1;
                     let wants = Resources {
