@@ -230,7 +230,7 @@ fn migrate(conn: &mut Connection) -> StoreResult<()> {
     tx.execute_batch(SCHEMA).map_err(backend)?;
     for (table, column, kind) in ADDED_COLUMNS {
         let present: i64 = tx
-            .query_row(
+            .query_row_cached(
                 "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
                 [table, column],
                 |r| r.get(0),
@@ -303,9 +303,35 @@ fn finish_job((mut job, state, spec_json): JobRow) -> StoreResult<Job> {
     Ok(job)
 }
 
+/// `execute` and `query_row` through the connection's statement cache: the
+/// hot paths run the same few dozen statements, so none is parsed twice
+/// (rusqlite's own `Connection::execute`/`query_row` prepare every time).
+/// Only for fixed SQL: dynamic statements would evict the hot ones.
+pub(super) trait Cached {
+    fn execute_cached<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize>;
+    fn query_row_cached<T, P, F>(&self, sql: &str, params: P, f: F) -> rusqlite::Result<T>
+    where
+        P: rusqlite::Params,
+        F: FnOnce(&Row<'_>) -> rusqlite::Result<T>;
+}
+
+impl Cached for Connection {
+    fn execute_cached<P: rusqlite::Params>(&self, sql: &str, params: P) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(params)
+    }
+
+    fn query_row_cached<T, P, F>(&self, sql: &str, params: P, f: F) -> rusqlite::Result<T>
+    where
+        P: rusqlite::Params,
+        F: FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+    {
+        self.prepare_cached(sql)?.query_row(params, f)
+    }
+}
+
 fn load_job(tx: &Transaction<'_>, job_id: &str) -> StoreResult<Job> {
     let row = tx
-        .query_row(
+        .query_row_cached(
             &format!("SELECT {JOB_COLUMNS} FROM {JOB_FROM} WHERE jobs.id = ?1"),
             [job_id],
             row_to_job,
@@ -318,7 +344,7 @@ fn load_job(tx: &Transaction<'_>, job_id: &str) -> StoreResult<Job> {
 
 fn load_spec(tx: &Transaction<'_>, job_id: &str) -> StoreResult<JobSpec> {
     let json: String = tx
-        .query_row("SELECT spec FROM jobs WHERE id = ?1", [job_id], |r| {
+        .query_row_cached("SELECT spec FROM jobs WHERE id = ?1", [job_id], |r| {
             r.get(0)
         })
         .map_err(backend)?;
@@ -423,7 +449,7 @@ fn insert_job(
 /// The lease's job row, if the lease still holds it.
 fn held(tx: &Transaction<'_>, lease: &LeaseRef) -> StoreResult<Option<(JobState, Option<String>)>> {
     let row: Option<(String, Option<String>)> = tx
-        .query_row(
+        .query_row_cached(
             "SELECT state, agent_id FROM jobs WHERE id = ?1 AND attempt = ?2 AND session_id = ?3 \
              AND state IN ('LEASED', 'RUNNING')",
             params![lease.job_id, lease.attempt as i64, lease.session_id],
@@ -454,7 +480,7 @@ struct Counters {
 
 fn counters(tx: &Transaction<'_>, job_id: &str) -> StoreResult<Counters> {
     let (attempt, failures, infra, cancel, agent_id, spec): (i64, i64, i64, i64, Option<String>, String) = tx
-        .query_row(
+        .query_row_cached(
             "SELECT attempt, failures, infra_retries, cancel_requested, agent_id, spec FROM jobs WHERE id = ?1",
             [job_id],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
@@ -484,7 +510,7 @@ fn move_job(
     now_ms: i64,
 ) -> StoreResult<Completed> {
     let terminal = next.state.is_terminal();
-    tx.execute(
+    tx.execute_cached(
         "UPDATE jobs SET state = ?2, failures = ?3, infra_retries = ?4, updated_at_ms = ?5, \
          not_before_ms = ?6, reason = ?7, missed_reports = 0, \
          exit_code = CASE WHEN ?8 THEN ?9 ELSE exit_code END, \
@@ -548,7 +574,7 @@ fn apply_completion(
     completion: &Completion,
     now_ms: i64,
 ) -> StoreResult<Completed> {
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO attempts (job_id, attempt, session_id, outcome, exit_code, reason, \
          finished_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
@@ -655,7 +681,7 @@ fn cancel_tx(tx: &Transaction<'_>, job: &Job, now_ms: i64) -> StoreResult<()> {
     let job_id = job.id.as_str();
     match job.state {
         JobState::Pending | JobState::Queued => {
-            tx.execute(
+            tx.execute_cached(
                 "UPDATE jobs SET state = 'CANCELLED', cancel_requested = 1, updated_at_ms = ?2, \
                  finished_at_ms = ?2, reason = 'cancelled by request' WHERE id = ?1",
                 params![job_id, now_ms],
@@ -674,7 +700,7 @@ fn cancel_tx(tx: &Transaction<'_>, job: &Job, now_ms: i64) -> StoreResult<()> {
         }
         JobState::Leased | JobState::Running => {
             if !job.cancel_requested {
-                tx.execute(
+                tx.execute_cached(
                     "UPDATE jobs SET cancel_requested = 1, updated_at_ms = ?2 WHERE id = ?1",
                     params![job_id, now_ms],
                 )
@@ -707,7 +733,7 @@ fn end_session_tx(
     now_ms: i64,
 ) -> StoreResult<EndedSession> {
     let exists: Option<i64> = tx
-        .query_row(
+        .query_row_cached(
             "SELECT gone FROM sessions WHERE session_id = ?1",
             [session_id],
             |r| r.get(0),
@@ -717,7 +743,7 @@ fn end_session_tx(
     if exists.is_none() {
         return Err(StoreError::NotFound(format!("session {session_id}")));
     }
-    tx.execute(
+    tx.execute_cached(
         "UPDATE sessions SET gone = 1, ended_at_ms = COALESCE(ended_at_ms, ?2) WHERE session_id = ?1",
         params![session_id, now_ms],
     )
@@ -755,7 +781,7 @@ impl Store for SqliteStore {
             for job in jobs {
                 if let Some(key) = &job.spec.idempotency_key {
                     let existing: Option<String> = tx
-                        .query_row(
+                        .query_row_cached(
                             "SELECT job_id FROM idempotency WHERE key = ?1",
                             [key],
                             |r| r.get(0),
@@ -764,7 +790,9 @@ impl Store for SqliteStore {
                         .map_err(backend)?;
                     if let Some(id) = existing {
                         let state: String = tx
-                            .query_row("SELECT state FROM jobs WHERE id = ?1", [&id], |r| r.get(0))
+                            .query_row_cached("SELECT state FROM jobs WHERE id = ?1", [&id], |r| {
+                                r.get(0)
+                            })
                             .map_err(backend)?;
                         out.push(SubmittedJob {
                             id,
@@ -773,7 +801,7 @@ impl Store for SqliteStore {
                         });
                         continue;
                     }
-                    tx.execute(
+                    tx.execute_cached(
                         "INSERT INTO idempotency (key, job_id) VALUES (?1, ?2)",
                         params![key, job.id],
                     )
@@ -889,7 +917,7 @@ impl Store for SqliteStore {
         let offer = offer.clone();
         self.tx(move |tx| {
             let live: Option<i64> = tx
-                .query_row(
+                .query_row_cached(
                     "SELECT 1 FROM sessions WHERE session_id = ?1 AND gone = 0 AND expires_at_ms >= ?2",
                     params![offer.session_id, now_ms],
                     |r| r.get(0),
@@ -906,7 +934,7 @@ impl Store for SqliteStore {
                 return Ok(Vec::new());
             }
             let paused: Option<i64> = tx
-                .query_row("SELECT paused FROM pools WHERE name = ?1", [&offer.pool], |r| {
+                .query_row_cached("SELECT paused FROM pools WHERE name = ?1", [&offer.pool], |r| {
                     r.get(0)
                 })
                 .optional()
@@ -960,7 +988,7 @@ impl Store for SqliteStore {
                     }
                 }
                 let attempt: i64 = tx
-                    .query_row(
+                    .query_row_cached(
                         "UPDATE jobs SET state = 'LEASED', attempt = attempt + 1, session_id = ?2, \
                          agent_id = ?3, leased_at_ms = ?4, started_at_ms = NULL, updated_at_ms = ?4, \
                          missed_reports = 0, exit_code = NULL, reason = NULL \
@@ -1010,7 +1038,7 @@ impl Store for SqliteStore {
             if state == JobState::Running {
                 return Ok(());
             }
-            tx.execute(
+            tx.execute_cached(
                 "UPDATE jobs SET state = 'RUNNING', started_at_ms = ?2, updated_at_ms = ?2 WHERE id = ?1",
                 params![lease.job_id, now_ms],
             )
@@ -1051,7 +1079,7 @@ impl Store for SqliteStore {
             let Some(_) = held(tx, &lease)? else {
                 // Idempotent repeat of the recorded completion?
                 let recorded: Option<(String, String, Option<i32>)> = tx
-                    .query_row(
+                    .query_row_cached(
                         "SELECT session_id, outcome, exit_code FROM attempts \
                          WHERE job_id = ?1 AND attempt = ?2",
                         params![lease.job_id, lease.attempt as i64],
@@ -1158,7 +1186,7 @@ impl Store for SqliteStore {
                     link.step, link.run_id
                 )));
             }
-            tx.execute(
+            tx.execute_cached(
                 "UPDATE jobs SET state = 'QUEUED', failures = 0, infra_retries = 0, cancel_requested = 0, \
                  not_before_ms = 0, session_id = NULL, started_at_ms = NULL, finished_at_ms = NULL, \
                  exit_code = NULL, reason = 'retried by request', updated_at_ms = ?2 WHERE id = ?1",
@@ -1174,7 +1202,7 @@ impl Store for SqliteStore {
     async fn create_session(&self, s: &NewSession, now_ms: i64) -> StoreResult<()> {
         let s = s.clone();
         self.tx(move |tx| {
-            tx.execute(
+            tx.execute_cached(
                 "INSERT INTO sessions (session_id, token_hash, agent_id, pool, hostname, labels, capacity, \
                  runtime, version, health_addr, ttl_ms, created_at_ms, expires_at_ms, last_heartbeat_ms) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?12)",
@@ -1196,7 +1224,7 @@ impl Store for SqliteStore {
             )
             .map_err(backend)?;
             let largest: Option<String> = tx
-                .query_row("SELECT largest FROM pools WHERE name = ?1", [&s.pool], |r| r.get(0))
+                .query_row_cached("SELECT largest FROM pools WHERE name = ?1", [&s.pool], |r| r.get(0))
                 .optional()
                 .map_err(backend)?
                 .flatten();
@@ -1205,7 +1233,7 @@ impl Store for SqliteStore {
                 .transpose()
                 .map_err(json_err)?;
             let largest = serde_json::to_string(&super::largest_of(largest, &s.capacity)).map_err(json_err)?;
-            tx.execute(
+            tx.execute_cached(
                 "INSERT INTO pools (name, largest) VALUES (?1, ?2) \
                  ON CONFLICT (name) DO UPDATE SET largest = excluded.largest",
                 params![s.pool, largest],
@@ -1220,7 +1248,7 @@ impl Store for SqliteStore {
         let session_id = session_id.to_string();
         self.tx(move |tx| {
             let row = tx
-                .query_row(
+                .query_row_cached(
                     "SELECT token_hash, agent_id, pool, labels, ttl_ms, expires_at_ms, gone \
                      FROM sessions WHERE session_id = ?1",
                     [&session_id],
@@ -1257,7 +1285,7 @@ impl Store for SqliteStore {
         let session_id = session_id.to_string();
         self.tx(move |tx| {
             let renewed = tx
-                .execute(
+                .execute_cached(
                     "UPDATE sessions SET expires_at_ms = ?2 + ttl_ms, last_heartbeat_ms = ?2 \
                      WHERE session_id = ?1 AND gone = 0 AND expires_at_ms >= ?2",
                     params![session_id, now_ms],
@@ -1344,7 +1372,7 @@ impl Store for SqliteStore {
                     // A lease this session has just completed is not lost:
                     // the agent simply has not dropped it from its list yet.
                     let completed_here: Option<i64> = tx
-                        .query_row(
+                        .query_row_cached(
                             "SELECT 1 FROM attempts WHERE job_id = ?1 AND attempt = ?2 AND session_id = ?3",
                             params![lease.job_id, lease.attempt as i64, session_id],
                             |r| r.get(0),
@@ -1382,7 +1410,7 @@ impl Store for SqliteStore {
                 };
                 if running.contains(&lease) {
                     if missed != 0 {
-                        tx.execute(
+                        tx.execute_cached(
                             "UPDATE jobs SET missed_reports = 0 WHERE id = ?1",
                             [&lease.job_id],
                         )
@@ -1402,7 +1430,7 @@ impl Store for SqliteStore {
                     )?;
                     answer.requeued_unreported.push(lease);
                 } else {
-                    tx.execute(
+                    tx.execute_cached(
                         "UPDATE jobs SET missed_reports = missed_reports + 1 WHERE id = ?1",
                         [&lease.job_id],
                     )
@@ -1439,7 +1467,7 @@ impl Store for SqliteStore {
 
     async fn live_sessions(&self) -> StoreResult<u64> {
         self.tx(|tx| {
-            tx.query_row("SELECT COUNT(*) FROM sessions WHERE gone = 0", [], |r| {
+            tx.query_row_cached("SELECT COUNT(*) FROM sessions WHERE gone = 0", [], |r| {
                 r.get::<_, i64>(0)
             })
             .map(|n| n as u64)
@@ -1511,7 +1539,7 @@ impl Store for SqliteStore {
         let agent_id = agent_id.to_string();
         self.tx(move |tx| {
             let n = tx
-                .execute(
+                .execute_cached(
                     "UPDATE sessions SET drain_requested = 1 WHERE agent_id = ?1 AND gone = 0 \
                      AND expires_at_ms >= ?2",
                     params![agent_id, now_ms],
@@ -1523,7 +1551,7 @@ impl Store for SqliteStore {
                 )));
             }
             let row = tx
-                .query_row(
+                .query_row_cached(
                     &format!(
                         "{AGENT_SELECT} WHERE s.agent_id = ?1 AND s.gone = 0 \
                          ORDER BY s.created_at_ms DESC LIMIT 1"
@@ -1541,7 +1569,7 @@ impl Store for SqliteStore {
         let (session_id, note) = (session_id.to_string(), note.to_string());
         self.tx(move |tx| {
             let changed = tx
-                .execute(
+                .execute_cached(
                     "UPDATE sessions SET note = ?2 WHERE session_id = ?1",
                     params![session_id, note],
                 )
@@ -1642,7 +1670,7 @@ impl Store for SqliteStore {
     async fn set_pool_paused(&self, pool: &str, paused: bool) -> StoreResult<()> {
         let pool = pool.to_string();
         self.tx(move |tx| {
-            tx.execute(
+            tx.execute_cached(
                 "INSERT INTO pools (name, paused) VALUES (?1, ?2) \
                  ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
                 params![pool, paused as i64],
@@ -1675,7 +1703,7 @@ impl Store for SqliteStore {
     async fn release_leader(&self, lease: &LeaderLease) -> StoreResult<()> {
         let lease = lease.clone();
         self.tx(move |tx| {
-            tx.execute(
+            tx.execute_cached(
                 "UPDATE leaders SET expires_at_ms = ?4 \
                  WHERE name = ?1 AND holder = ?2 AND epoch = ?3",
                 params![lease.name, lease.holder, lease.epoch as i64, i64::MIN],
@@ -1708,7 +1736,7 @@ impl Store for SqliteStore {
         let (pool, state, lease) = (pool.to_string(), state.to_string(), lease.clone());
         self.tx(move |tx| {
             let holds: Option<i64> = tx
-                .query_row(
+                .query_row_cached(
                     "SELECT 1 FROM leaders WHERE name = ?1 AND holder = ?2 AND epoch = ?3",
                     params![lease.name, lease.holder, lease.epoch as i64],
                     |r| r.get(0),
@@ -1721,7 +1749,7 @@ impl Store for SqliteStore {
                     lease.name, lease.epoch, lease.holder
                 )));
             }
-            tx.execute(
+            tx.execute_cached(
                 "INSERT INTO scaler_states (pool, state) VALUES (?1, ?2) \
                  ON CONFLICT (pool) DO UPDATE SET state = excluded.state",
                 params![pool, state],
@@ -1736,7 +1764,7 @@ impl Store for SqliteStore {
         let pool = pool.to_string();
         self.tx(move |tx| {
             let row: Option<(i64, Option<String>)> = tx
-                .query_row(
+                .query_row_cached(
                     "SELECT paused, largest FROM pools WHERE name = ?1",
                     [&pool],
                     |r| Ok((r.get(0)?, r.get(1)?)),
@@ -1848,7 +1876,7 @@ impl SqliteStore {
         let (name, holder) = (name.to_string(), holder.to_string());
         self.tx(move |tx| {
             let current: Option<(String, i64, i64)> = tx
-                .query_row(
+                .query_row_cached(
                     "SELECT holder, epoch, expires_at_ms FROM leaders WHERE name = ?1",
                     [&name],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
@@ -1862,7 +1890,7 @@ impl SqliteStore {
                 Some(_) => return Ok(None),
             };
             let expires_at_ms = now_ms + ttl_ms as i64;
-            tx.execute(
+            tx.execute_cached(
                 "INSERT INTO leaders (name, holder, epoch, expires_at_ms) VALUES (?1, ?2, ?3, ?4) \
                  ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, \
                  epoch = excluded.epoch, expires_at_ms = excluded.expires_at_ms",

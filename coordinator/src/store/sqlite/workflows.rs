@@ -14,8 +14,8 @@ use drover_proto::workflow::{
 use rusqlite::{params, OptionalExtension, Transaction};
 
 use super::{
-    append_event, backend, cancel_tx, insert_job, json_err, load_job, page_of, parse_state, NewJob,
-    Page, RunRecord, StoreError, StoreResult, SUBMITTED,
+    append_event, backend, cancel_tx, insert_job, json_err, load_job, page_of, parse_state, Cached,
+    NewJob, Page, RunRecord, StoreError, StoreResult, SUBMITTED,
 };
 
 /// The event (and reason) of a PENDING job released to QUEUED.
@@ -44,7 +44,7 @@ fn finish_run((mut run, steps): (RunRecord, String)) -> StoreResult<RunRecord> {
 
 pub(super) fn load_run(tx: &Transaction<'_>, run_id: &str) -> StoreResult<RunRecord> {
     let row = tx
-        .query_row(
+        .query_row_cached(
             &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"),
             [run_id],
             row_to_run,
@@ -85,7 +85,7 @@ pub(super) fn create_run(
     now_ms: i64,
 ) -> StoreResult<()> {
     let exists: Option<i64> = tx
-        .query_row("SELECT 1 FROM runs WHERE id = ?1", [&run.id], |r| r.get(0))
+        .query_row_cached("SELECT 1 FROM runs WHERE id = ?1", [&run.id], |r| r.get(0))
         .optional()
         .map_err(backend)?;
     if exists.is_some() {
@@ -94,7 +94,7 @@ pub(super) fn create_run(
             run.id
         )));
     }
-    tx.execute(
+    tx.execute_cached(
         "INSERT INTO runs (id, name, description, created_at_ms, steps, cancel_requested) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![
@@ -198,7 +198,7 @@ pub(super) fn cancel_run(
         // Finished (or cancelled before): nothing changes, not even the flag.
         return Ok(run);
     }
-    tx.execute(
+    tx.execute_cached(
         "UPDATE runs SET cancel_requested = 1 WHERE id = ?1",
         [run_id],
     )
