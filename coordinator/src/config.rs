@@ -219,6 +219,34 @@ impl Default for DynamoDbConfig {
     }
 }
 
+impl DynamoDbConfig {
+    /// Checked at start and by `init-table`, before any AWS call.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let table = &self.table;
+        if table.len() < 3
+            || table.len() > 255
+            || !table
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        {
+            return Err(config_error(
+                "dynamodb.table",
+                format!("{table:?} is not a DynamoDB table name (3-255 of a-z A-Z 0-9 _ - .)"),
+            ));
+        }
+        if self.retention_days == 0 {
+            return Err(config_error(
+                "dynamodb.retention_days",
+                "must be at least 1",
+            ));
+        }
+        if !(1..=64).contains(&self.queue_shards) {
+            return Err(config_error("dynamodb.queue_shards", "must be 1 to 64"));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JoinTokenConfig {
@@ -707,27 +735,7 @@ impl Config {
             }
         }
         if self.store == StoreKind::Dynamodb {
-            let table = &self.dynamodb.table;
-            if table.len() < 3
-                || table.len() > 255
-                || !table
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-            {
-                return Err(config_error(
-                    "dynamodb.table",
-                    format!("{table:?} is not a DynamoDB table name (3-255 of a-z A-Z 0-9 _ - .)"),
-                ));
-            }
-            if self.dynamodb.retention_days == 0 {
-                return Err(config_error(
-                    "dynamodb.retention_days",
-                    "must be at least 1",
-                ));
-            }
-            if !(1..=64).contains(&self.dynamodb.queue_shards) {
-                return Err(config_error("dynamodb.queue_shards", "must be 1 to 64"));
-            }
+            self.dynamodb.validate()?;
         }
         if self.blobs == BlobKind::S3 {
             self.s3.validate()?;

@@ -188,6 +188,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = load(&args)?;
     if let Some(Command::InitTable) = args.command {
+        config.dynamodb.validate()?;
         return drover_coordinator::init_table(&config.dynamodb).await;
     }
     config.validate()?;
