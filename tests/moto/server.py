@@ -22,9 +22,9 @@ started it. What it adds to moto (see shared/AWS-EMULATION.md):
   could both pass (AWS never lets them).
 - A DynamoDB Query reads only what it asks for: moto walks (and sorts) every
   item of the table for each Query, which makes a long test quadratic. A
-  table Query now reads its partition; an index Query walks the items
-  without sorting them first (its results are sorted by the index's keys
-  anyway). Answers are the same.
+  table Query now reads its partition; an index Query reads the items with
+  its hash key value, from buckets kept up to date on every write (see
+  IndexBuckets). Answers are the same.
 - A DynamoDB transaction keeps for its rollback copies of the items it
   writes, not of the whole table: moto deep-copies every table a
   TransactWriteItems names, once per item, before it writes. Same outcome,
@@ -249,6 +249,65 @@ RUN_TASK_FAILURES = {}
 MOTO_TABLE_QUERY = Table.query
 
 
+class IndexBuckets:
+    """A table's items by the hash key value of each global secondary index.
+
+    Built on a table's first index Query, then kept current by every write:
+    Table.put_item, Table.delete_item, DynamoDBBackend.update_item and the
+    rollback of transact_write_items below each re-file the item they
+    touched (they run under DYNAMODB, one at a time).
+    """
+
+    def __init__(self, table):
+        self.table = table
+        # index name -> hash attribute (indexes with one hash attribute)
+        self.attrs = {}
+        for index in table.global_indexes or []:
+            hashes = [k["AttributeName"] for k in index.schema if k["KeyType"] == "HASH"]
+            if len(hashes) == 1:
+                self.attrs[index.name] = hashes[0]
+        self.buckets = {name: {} for name in self.attrs}  # name -> value -> {key: item}
+        self.filed = {}  # key -> {name: value}
+        for part in table.items.values():
+            for item in part.values() if table.range_key_attr else [part]:
+                self.file(item.hash_key, item.range_key, item)
+
+    def file(self, hash_key, range_key, item):
+        key = (hash_key, range_key)
+        for name, value in self.filed.pop(key, {}).items():
+            bucket = self.buckets[name].get(value)
+            if bucket is not None:
+                bucket.pop(key, None)
+                if not bucket:
+                    del self.buckets[name][value]
+        if item is None:
+            return
+        filed = {}
+        for name, attr in self.attrs.items():
+            value = item.attrs.get(attr)
+            if value is not None:
+                self.buckets[name].setdefault(value, {})[key] = item
+                filed[name] = value
+        if filed:
+            self.filed[key] = filed
+
+
+BUCKETS = {}  # id(table) -> IndexBuckets
+
+
+def current_item(table, hash_key, range_key):
+    part = table.items.get(hash_key)
+    if range_key is None or not table.range_key_attr:
+        return part
+    return part.get(range_key) if part is not None else None
+
+
+def refile(table, hash_key, range_key):
+    buckets = BUCKETS.get(id(table))
+    if buckets is not None and buckets.table is table:
+        buckets.file(hash_key, range_key, current_item(table, hash_key, range_key))
+
+
 def table_query(self, hash_key, *args, **kwargs):
     """Table.query over only the items it can return (same answers).
 
@@ -258,11 +317,18 @@ def table_query(self, hash_key, *args, **kwargs):
     """
     index_name = kwargs.get("index_name", args[6] if len(args) > 6 else None)
     if index_name:
-        # The index's own sort orders the results; skip the table sort.
+        buckets = BUCKETS.get(id(self))
+        if buckets is None or buckets.table is not self:
+            buckets = BUCKETS[id(self)] = IndexBuckets(self)
+        conditions = kwargs.get("hash_key_conditions") or []
+        attr = buckets.attrs.get(index_name)
+        if len(conditions) != 1 or attr is None or conditions[0][0] != attr:
+            return MOTO_TABLE_QUERY(self, hash_key, *args, **kwargs)
+        bucket = buckets.buckets[index_name].get(conditions[0][1], {})
+
+        # The index's own sort orders the results.
         def items():
-            if not self.range_key_attr:
-                return list(self.items.values())
-            return [item for part in self.items.values() for item in part.values()]
+            return list(bucket.values())
 
     elif self.range_key_attr:
 
@@ -277,6 +343,27 @@ def table_query(self, hash_key, *args, **kwargs):
         return MOTO_TABLE_QUERY(self, hash_key, *args, **kwargs)
     finally:
         del self.all_items
+
+
+MOTO_TABLE_PUT_ITEM = Table.put_item
+MOTO_TABLE_DELETE_ITEM = Table.delete_item
+
+
+def table_put_item(self, *args, **kwargs):
+    item = MOTO_TABLE_PUT_ITEM(self, *args, **kwargs)
+    refile(self, item.hash_key, item.range_key)
+    return item
+
+
+def table_delete_item(self, hash_key, range_key):
+    try:
+        return MOTO_TABLE_DELETE_ITEM(self, hash_key, range_key)
+    finally:
+        refile(self, hash_key, range_key)
+
+
+Table.put_item = table_put_item
+Table.delete_item = table_delete_item
 
 
 Table.query = table_query
@@ -347,10 +434,30 @@ def transact_write_items(self, transact_items):
                     part.pop(range_key, None)
                     if not part:
                         del table.items[hash_key]
+            refile(table, hash_key, range_key)
         raise
 
 
 dynamodb_models.DynamoDBBackend.transact_write_items = transact_write_items
+MOTO_UPDATE_ITEM = dynamodb_models.DynamoDBBackend.update_item
+
+
+def update_item(self, table_name, key, *args, **kwargs):
+    """UpdateItem changes its item in place: re-file it (IndexBuckets)."""
+    try:
+        return MOTO_UPDATE_ITEM(self, table_name, key, *args, **kwargs)
+    finally:
+        table = self.tables.get(table_name)
+        if table is not None and table.hash_key_attr in key:
+            range_key = (
+                DynamoType(key[table.range_key_attr])
+                if table.range_key_attr and table.range_key_attr in key
+                else None
+            )
+            refile(table, DynamoType(key[table.hash_key_attr]), range_key)
+
+
+dynamodb_models.DynamoDBBackend.update_item = update_item
 
 
 def cluster_name(cluster):
