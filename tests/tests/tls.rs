@@ -2,7 +2,7 @@
 //! only TLS on both listeners; the CLI and agents that trust the CA work
 //! over it, and everything else is refused with a message naming the fix.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
@@ -208,13 +208,16 @@ async fn an_agent_without_the_ca_cannot_register_and_says_to_set_tls_ca_file() {
     assert!(agents.agents.is_empty(), "{agents:?}");
 }
 
-/// Runs the coordinator with `tls` settings until it exits.
-async fn coordinator_with(dir: &Path, tls: &[(&str, &Path)]) -> (Output, PathBuf) {
-    let ready = dir.join("ready.json");
+/// `DROVER_TLS_*` variables and their files.
+type TlsEnv<'a> = Vec<(&'a str, &'a Path)>;
+
+/// The coordinator on `dir` with `tls` settings, writing `dir/ready.json`
+/// once it listens.
+fn coordinator_command(dir: &Path, tls: &[(&str, &Path)]) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(binary("drover-coordinator"));
     command
         .arg("--ready-file")
-        .arg(&ready)
+        .arg(dir.join("ready.json"))
         .env_remove("DROVER_CONFIG")
         .env("DROVER_DATA_DIR", dir.join("data"))
         .env("DROVER_GRPC_ADDR", "127.0.0.1:0")
@@ -226,11 +229,7 @@ async fn coordinator_with(dir: &Path, tls: &[(&str, &Path)]) -> (Output, PathBuf
     for (k, v) in tls {
         command.env(k, v);
     }
-    let out = tokio::time::timeout(Duration::from_secs(20), command.output())
-        .await
-        .expect("the coordinator exits")
-        .unwrap();
-    (out, ready)
+    command
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,7 +243,8 @@ async fn bad_tls_settings_stop_the_coordinator_before_it_listens() {
     let key_text = std::fs::read_to_string(&tls.key_file).unwrap();
     let key_body = key_text.lines().nth(1).unwrap().to_string();
 
-    let cases: [(&str, Vec<(&str, &Path)>, &str); 4] = [
+    // What is wrong, the settings, the setting the error must name.
+    let cases: [(&str, TlsEnv, &str); 4] = [
         (
             "a certificate without a key",
             vec![("DROVER_TLS_CERT_FILE", &tls.cert_file)],
@@ -275,8 +275,15 @@ async fn bad_tls_settings_stop_the_coordinator_before_it_listens() {
             "tls_key_file",
         ),
     ];
+    let ready = dir.path().join("ready.json");
     for (what, settings, setting) in cases {
-        let (out, ready) = coordinator_with(dir.path(), &settings).await;
+        let out = tokio::time::timeout(
+            Duration::from_secs(20),
+            coordinator_command(dir.path(), &settings).output(),
+        )
+        .await
+        .expect("the coordinator exits")
+        .unwrap();
         let stderr = text(&out.stderr);
         assert!(!out.status.success(), "{what}: started anyway");
         assert!(stderr.contains(setting), "{what}: {stderr}");
@@ -288,21 +295,15 @@ async fn bad_tls_settings_stop_the_coordinator_before_it_listens() {
     }
 
     // The good pair starts (the control for the cases above).
-    let ready = dir.path().join("ready.json");
-    let mut good = tokio::process::Command::new(binary("drover-coordinator"))
-        .arg("--ready-file")
-        .arg(&ready)
-        .env_remove("DROVER_CONFIG")
-        .env("DROVER_DATA_DIR", dir.path().join("data"))
-        .env("DROVER_GRPC_ADDR", "127.0.0.1:0")
-        .env("DROVER_HTTP_ADDR", "127.0.0.1:0")
-        .env("DROVER_JOIN_TOKEN", JOIN_TOKEN)
-        .env("DROVER_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("DROVER_TLS_CERT_FILE", &tls.cert_file)
-        .env("DROVER_TLS_KEY_FILE", &tls.key_file)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut good = coordinator_command(
+        dir.path(),
+        &[
+            ("DROVER_TLS_CERT_FILE", &tls.cert_file),
+            ("DROVER_TLS_KEY_FILE", &tls.key_file),
+        ],
+    )
+    .spawn()
+    .unwrap();
     wait_until(
         "the coordinator with a good pair to listen",
         Duration::from_secs(20),
