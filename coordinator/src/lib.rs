@@ -280,3 +280,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tracing::info!("shutting down");
     server.shutdown().await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_public_url_is_https_when_tls_is_on() {
+        let addr: SocketAddr = "127.0.0.1:7080".parse().unwrap();
+        assert_eq!(default_public_url(addr, false), "http://127.0.0.1:7080");
+        assert_eq!(default_public_url(addr, true), "https://127.0.0.1:7080");
+    }
+}
