@@ -344,7 +344,7 @@ impl Agent {
         if !leftovers_pending {
             clean_leftovers(runtime.as_ref(), &config.data_dir, &[]).await;
         }
-        let client = Client::new(&config.coordinator)?;
+        let client = Client::new(&config.coordinator, config.tls_ca_file.as_deref())?;
         let listener = tokio::net::TcpListener::bind(config.health_addr)
             .await
             .with_context(|| {

@@ -9,8 +9,6 @@
 //! fault; network and server trouble is the infrastructure's.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
-use std::time::Duration;
 
 use drover_proto::v1;
 use futures::StreamExt;
@@ -20,19 +18,6 @@ use crate::runtime::{JobDirs, RuntimeError};
 
 /// zstd level: fast, and most of the ratio.
 const ZSTD_LEVEL: i32 = 3;
-
-fn http() -> &'static reqwest::Client {
-    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
-    CLIENT.get_or_init(|| {
-        reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            // No overall timeout: archives can be large. Stalls are caught
-            // by the read timeout.
-            .read_timeout(Duration::from_secs(60))
-            .build()
-            .expect("a default HTTP client builds")
-    })
-}
 
 /// Strips the query (the signature) from a URL for messages.
 fn redact(url: &str) -> &str {
@@ -62,6 +47,7 @@ fn network_error(what: &str, url: &str, e: reqwest::Error) -> RuntimeError {
 /// Downloads every input and unpacks it into `dirs.input/<name>/`. An
 /// input the coordinator could not provide fails the attempt with its reason.
 pub async fn fetch_inputs(
+    http: &reqwest::Client,
     dirs: &JobDirs,
     inputs: &[v1::InputArtifact],
 ) -> Result<(), RuntimeError> {
@@ -80,7 +66,7 @@ pub async fn fetch_inputs(
         let archive = dirs
             .root
             .join(format!(".input-{}.tar.zst", input.name.replace('/', "-")));
-        download(&input.url, &archive)
+        download(http, &input.url, &archive)
             .await
             .map_err(|e| prefix(&format!("input {}", input.name), e))?;
         let dest = dirs.input.join(&input.name);
@@ -112,8 +98,8 @@ fn prefix(what: &str, e: RuntimeError) -> RuntimeError {
     }
 }
 
-async fn download(url: &str, to: &Path) -> Result<(), RuntimeError> {
-    let response = http()
+async fn download(http: &reqwest::Client, url: &str, to: &Path) -> Result<(), RuntimeError> {
+    let response = http
         .get(url)
         .send()
         .await
@@ -188,6 +174,7 @@ pub async fn pack_output(dirs: &JobDirs) -> Result<PackedOutput, RuntimeError> {
 
 /// PUTs the archive to a signed upload URL.
 pub async fn upload(
+    http: &reqwest::Client,
     packed: &PackedOutput,
     url: &v1::ArtifactUploadUrlResponse,
 ) -> Result<(), RuntimeError> {
@@ -201,7 +188,7 @@ pub async fn upload(
         .await
         .map_err(|e| RuntimeError::Infra(format!("cannot read the packed output: {e}")))?;
     let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
-    let response = http()
+    let response = http
         .put(&url.url)
         .header(reqwest::header::CONTENT_LENGTH, packed.bytes)
         .header(reqwest::header::CONTENT_TYPE, "application/zstd")

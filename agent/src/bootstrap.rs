@@ -820,6 +820,20 @@ mod tests {
     }
 
     #[test]
+    fn an_https_coordinator_tag_is_written_as_is() {
+        let mut t = fleet_tags();
+        t.insert(
+            tags::COORDINATOR.into(),
+            "https://drover.example.com:7070".into(),
+        );
+        let settings = Settings::resolve(Some(&t), &Overrides::default()).unwrap();
+        let options = Options::new("http://169.254.169.254/");
+        let text = render(&options, &settings, "i-0abc", &JoinToken("t".into())).unwrap();
+        let config: AgentConfig = toml::from_str(&text).unwrap();
+        assert_eq!(config.coordinator, "https://drover.example.com:7070");
+    }
+
+    #[test]
     fn config_is_written_private_and_replaced_whole() {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();

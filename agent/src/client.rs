@@ -1,16 +1,31 @@
 //! The agent's side of the AgentService: one channel, the session token on
 //! every call, and errors classified into what the agent must do about them.
 
+use std::path::Path;
 use std::time::Duration;
 
 use drover_proto::v1;
 use drover_proto::v1::agent_service_client::AgentServiceClient;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
 
 /// Longest a unary call may take before it counts as a transient failure.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the agent's private CA comes from, for messages.
+pub const CA_SETTING: &str = "tls_ca_file (DROVER_TLS_CA_FILE)";
+
+/// Why the client cannot be built: a setting, not the network.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("coordinator URL {url:?} is invalid: {message} (DROVER_COORDINATOR)")]
+    BadUrl { url: String, message: String },
+    #[error(transparent)]
+    Ca(#[from] drover_proto::tls::PemFileError),
+    #[error("cannot set up TLS for {url} with {CA_SETTING}: {message}")]
+    Tls { url: String, message: String },
+}
 
 /// What went wrong with a call, by what the agent does next.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +33,10 @@ pub enum CallError {
     /// Network or coordinator trouble: retry with backoff.
     #[error("cannot reach coordinator at {url}: {message} — is drover-coordinator running? (DROVER_COORDINATOR)")]
     Unreachable { url: String, message: String },
+    /// The TLS handshake failed (an untrusted certificate, plain HTTP on
+    /// the other end): retried, as the coordinator's side may be fixed.
+    #[error("cannot talk to coordinator at {url}: {message}")]
+    Tls { url: String, message: String },
     #[error("coordinator at {url} failed transiently ({code:?}): {message}")]
     Transient {
         url: String,
@@ -38,6 +57,19 @@ pub enum CallError {
 
 impl CallError {
     pub fn from_status(url: &str, status: Status, job_call: bool) -> CallError {
+        // Connection failures: a TLS handshake that failed, or plaintext
+        // to a TLS port (the server drops it), say what to change.
+        if matches!(
+            status.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled
+        ) {
+            if let Some(message) = drover_proto::tls::diagnose(&status, url, CA_SETTING) {
+                return CallError::Tls {
+                    url: url.to_string(),
+                    message,
+                };
+            }
+        }
         let message = status.message().to_string();
         match status.code() {
             Code::Unavailable => CallError::Unreachable {
@@ -72,16 +104,18 @@ impl CallError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            CallError::Unreachable { .. } | CallError::Transient { .. }
+            CallError::Unreachable { .. } | CallError::Transient { .. } | CallError::Tls { .. }
         )
     }
 }
 
-/// A cheap-to-clone handle on the coordinator.
+/// A cheap-to-clone handle on the coordinator, and an HTTP client for the
+/// URLs it signs (its own blob routes or S3), trusting the same CAs.
 #[derive(Clone)]
 pub struct Client {
     url: String,
     inner: AgentServiceClient<Channel>,
+    http: reqwest::Client,
 }
 
 /// The session a call acts for.
@@ -93,21 +127,54 @@ pub struct Auth {
 
 impl Client {
     /// Connects lazily: an unreachable coordinator shows up as call errors,
-    /// which the loops retry.
-    pub fn new(url: &str) -> Result<Client, CallError> {
-        let endpoint = Endpoint::from_shared(url.to_string())
-            .map_err(|e| CallError::Rejected {
-                code: Code::InvalidArgument,
-                message: format!("coordinator URL {url:?} is invalid: {e} (DROVER_COORDINATOR)"),
+    /// which the loops retry. An https URL trusts the public web PKI roots
+    /// and the CA certificates of `ca_file`, if given.
+    pub fn new(url: &str, ca_file: Option<&Path>) -> Result<Client, SetupError> {
+        let ca = ca_file
+            .map(|path| drover_proto::tls::read_certificates(path, CA_SETTING))
+            .transpose()?;
+        let tls_error = |message: String| SetupError::Tls {
+            url: url.to_string(),
+            message,
+        };
+        let mut endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| SetupError::BadUrl {
+                url: url.to_string(),
+                message: e.to_string(),
             })?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
+        if url.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new().with_webpki_roots();
+            if let Some(ca) = &ca {
+                tls = tls.ca_certificate(Certificate::from_pem(&ca.pem));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| tls_error(e.to_string()))?;
+        }
+        let mut http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            // No overall timeout: archives can be large. Stalls are caught
+            // by the read timeout.
+            .read_timeout(Duration::from_secs(60));
+        for cert in ca.iter().flat_map(|ca| &ca.certs) {
+            let cert =
+                reqwest::Certificate::from_der(cert).map_err(|e| tls_error(e.to_string()))?;
+            http = http.add_root_certificate(cert);
+        }
         Ok(Client {
             url: url.to_string(),
             inner: AgentServiceClient::new(endpoint.connect_lazy()),
+            http: http.build().map_err(|e| tls_error(e.to_string()))?,
         })
+    }
+
+    /// For the signed artifact URLs the coordinator hands out.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
     }
 
     pub fn url(&self) -> &str {

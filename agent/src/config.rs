@@ -16,8 +16,12 @@ pub use crate::runtime::RuntimeChoice;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
-    /// gRPC URL of the coordinator.
+    /// gRPC URL of the coordinator: `http://` or `https://`.
     pub coordinator: String,
+    /// PEM CA certificate(s) trusted besides the public web PKI roots, for a
+    /// coordinator (and signed artifact URLs) with a privately issued
+    /// certificate.
+    pub tls_ca_file: Option<PathBuf>,
     /// The pool's join token; required.
     pub join_token: String,
     pub pool: String,
@@ -81,6 +85,7 @@ impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
             coordinator: "http://127.0.0.1:7070".to_string(),
+            tls_ca_file: None,
             join_token: String::new(),
             pool: drover_proto::model::DEFAULT_POOL.to_string(),
             agent_id: default_agent_id(),

@@ -140,7 +140,9 @@ pub(crate) async fn run(
             if shared.runtime.adopts() {
                 save_lease(&dirs, &lease, &payload, &gpus).await;
             }
-            if let Err(e) = artifacts::fetch_inputs(&dirs, &payload.inputs).await {
+            if let Err(e) =
+                artifacts::fetch_inputs(shared.client.http(), &dirs, &payload.inputs).await
+            {
                 return not_started(&shared, &auth, &lease, &orders, e, Some(&dirs)).await;
             }
             let spec = spec_from(&lease, payload, gpus, dirs.clone());
@@ -429,7 +431,7 @@ async fn keep_output(
                 ))))
             }
         };
-        match artifacts::upload(&packed, &url).await {
+        match artifacts::upload(shared.client.http(), &packed, &url).await {
             Ok(()) => return Ok(packed.bytes),
             Err(e) if e.is_job_failure() || tries >= UPLOAD_TRIES => {
                 return Err(KeepError::Failed(e))

@@ -24,9 +24,13 @@ struct Args {
     /// TOML config file; flags and DROVER_* env override it.
     #[arg(long, env = "DROVER_CONFIG")]
     config: Option<PathBuf>,
-    /// Coordinator gRPC URL, e.g. http://127.0.0.1:7070.
+    /// Coordinator gRPC URL, e.g. http://127.0.0.1:7070 or https://….
     #[arg(long, env = "DROVER_COORDINATOR")]
     coordinator: Option<String>,
+    /// PEM CA certificate(s) to trust besides the public roots (a
+    /// coordinator with a privately issued certificate).
+    #[arg(long, env = "DROVER_TLS_CA_FILE")]
+    tls_ca_file: Option<PathBuf>,
     /// The pool's join token.
     #[arg(long, env = "DROVER_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
@@ -253,6 +257,7 @@ impl Args {
             stop_timeout_ms,
             lifecycle_heartbeat_ms
         );
+        c.tls_ca_file = self.tls_ca_file.or(c.tls_ca_file);
         c.aws_endpoint = self.aws_endpoint.or(c.aws_endpoint);
         c.lifecycle_hook = self.lifecycle_hook.or(c.lifecycle_hook);
         c.cpu_millis = self.cpu_millis.or(c.cpu_millis);

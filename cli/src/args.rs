@@ -13,8 +13,8 @@ use crate::human::parse_timeout_secs;
     name = "drover",
     version,
     about = "Submit and watch jobs on a Drover fleet; run one locally with `drover dev`",
-    after_help = "The coordinator address and token come from --addr/--token, then \
-                  DROVER_ADDR/DROVER_TOKEN, then a cli.toml file ($DROVER_CONFIG, \
+    after_help = "The coordinator address, token and CA file come from --addr/--token/--ca-file, \
+                  then DROVER_ADDR/DROVER_TOKEN/DROVER_TLS_CA_FILE, then a cli.toml file ($DROVER_CONFIG, \
                   .drover/cli.toml here or in a parent directory, \
                   ~/.config/drover/cli.toml)."
 )]
@@ -25,6 +25,10 @@ pub struct Cli {
     /// API token [env: DROVER_TOKEN]
     #[arg(long, global = true, value_name = "TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// PEM CA certificate(s) to trust besides the public roots, for a
+    /// coordinator with a privately issued certificate [env: DROVER_TLS_CA_FILE]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Print JSON for scripts instead of tables
     #[arg(long, global = true)]
     pub json: bool,

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::io::Write;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
@@ -17,6 +18,8 @@ use drover_proto::ErrorCode;
 use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+
+use crate::config::CA_SETTING;
 
 /// How long a plain (non-streaming) request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -91,6 +94,16 @@ impl Client {
     /// `addr` is the coordinator's HTTP URL, e.g. `http://127.0.0.1:7080`
     /// (a bare `host:port` is taken as `http://`).
     pub fn new(addr: &str, token: Option<String>) -> anyhow::Result<Client> {
+        Self::with_ca_file(addr, token, None)
+    }
+
+    /// [`new`](Self::new), trusting the CA certificates of `ca_file` besides
+    /// the public web PKI roots.
+    pub fn with_ca_file(
+        addr: &str,
+        token: Option<String>,
+        ca_file: Option<&Path>,
+    ) -> anyhow::Result<Client> {
         let with_scheme = if addr.contains("://") {
             addr.to_string()
         } else {
@@ -103,11 +116,19 @@ impl Client {
                 "invalid coordinator address {addr:?}: use http://host:port or https://host"
             );
         }
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
-            .user_agent(concat!("drover-cli/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .context("building the HTTP client")?;
+            .user_agent(concat!("drover-cli/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = ca_file {
+            let ca = drover_proto::tls::read_certificates(path, CA_SETTING)?;
+            for cert in &ca.certs {
+                http = http.add_root_certificate(
+                    reqwest::Certificate::from_der(cert)
+                        .with_context(|| format!("{CA_SETTING}: {}", path.display()))?,
+                );
+            }
+        }
+        let http = http.build().context("building the HTTP client")?;
         Ok(Client {
             http,
             base,
@@ -232,10 +253,13 @@ impl Client {
     /// GETs a signed URL: no API token goes with it (the signature is the
     /// credential, and S3 refuses a second one).
     pub async fn download(&self, url: &str) -> anyhow::Result<Response> {
-        let response =
-            self.http.get(url).send().await.with_context(|| {
-                format!("cannot download {}", url.split('?').next().unwrap_or(url))
-            })?;
+        let shown = url.split('?').next().unwrap_or(url);
+        let response = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|err| unreachable(err, shown, format!("cannot download {shown}")))?;
         let status = response.status();
         if status.is_success() {
             return Ok(response);
@@ -370,8 +394,11 @@ impl Client {
     /// Sends the request; a non-2xx answer becomes an [`ApiFailure`].
     async fn execute(&self, request: RequestBuilder) -> anyhow::Result<Response> {
         let response = request.send().await.map_err(|err| {
-            anyhow::Error::new(err)
-                .context(format!("cannot reach the coordinator at {}", self.addr()))
+            unreachable(
+                err,
+                self.addr(),
+                format!("cannot reach the coordinator at {}", self.addr()),
+            )
         })?;
         let status = response.status();
         if status.is_success() {
@@ -386,6 +413,17 @@ impl Client {
                 .push_str(": pass --token or set DROVER_TOKEN");
         }
         Err(failure.into())
+    }
+}
+
+/// A request that got no answer: `what`, then what TLS had to do with it
+/// (naming the CA setting), then reqwest's causes.
+fn unreachable(err: reqwest::Error, url: &str, what: String) -> anyhow::Error {
+    let hint = drover_proto::tls::diagnose(&err, url, CA_SETTING);
+    let err = anyhow::Error::new(err);
+    match hint {
+        Some(hint) => err.context(hint).context(what),
+        None => err.context(what),
     }
 }
 

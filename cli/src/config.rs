@@ -1,6 +1,7 @@
-//! Where the coordinator is and which token to present: `--addr`/`--token`,
-//! then `DROVER_ADDR`/`DROVER_TOKEN`, then a `cli.toml` file (`$DROVER_CONFIG`,
-//! else `.drover/cli.toml` here or in any parent, else
+//! Where the coordinator is, which token to present and which private CA to
+//! trust: `--addr`/`--token`/`--ca-file`, then `DROVER_ADDR`/`DROVER_TOKEN`/
+//! `DROVER_TLS_CA_FILE`, then a `cli.toml` file (`$DROVER_CONFIG`, else
+//! `.drover/cli.toml` here or in any parent, else
 //! `$HOME/.config/drover/cli.toml`). `drover dev` writes the file.
 
 use std::fmt;
@@ -14,6 +15,9 @@ use crate::error::UsageError;
 pub const ENV_ADDR: &str = "DROVER_ADDR";
 pub const ENV_TOKEN: &str = "DROVER_TOKEN";
 pub const ENV_CONFIG: &str = "DROVER_CONFIG";
+pub const ENV_CA_FILE: &str = "DROVER_TLS_CA_FILE";
+/// Where the CLI's private CA comes from, for messages.
+pub const CA_SETTING: &str = "--ca-file (DROVER_TLS_CA_FILE, or ca_file in cli.toml)";
 
 pub const NO_ADDR: &str =
     "no coordinator address: pass --addr, set DROVER_ADDR, or start one with `drover dev`";
@@ -26,6 +30,10 @@ pub struct FileConfig {
     pub addr: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// PEM CA certificate(s) to trust besides the public roots; relative to
+    /// the file's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl fmt::Debug for FileConfig {
@@ -33,6 +41,7 @@ impl fmt::Debug for FileConfig {
         f.debug_struct("FileConfig")
             .field("addr", &self.addr)
             .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -50,6 +59,8 @@ pub enum Source {
 pub struct Resolved {
     pub addr: String,
     pub token: Option<String>,
+    /// A private CA to trust (`--ca-file` is applied by the caller).
+    pub ca_file: Option<PathBuf>,
     pub source: Source,
 }
 
@@ -58,6 +69,7 @@ impl fmt::Debug for Resolved {
         f.debug_struct("Resolved")
             .field("addr", &self.addr)
             .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("ca_file", &self.ca_file)
             .field("source", &self.source)
             .finish()
     }
@@ -79,10 +91,12 @@ pub fn resolve(
     let non_empty = |v: Option<String>| v.filter(|v| !v.trim().is_empty());
     let env_token = non_empty(env(ENV_TOKEN));
     let token = non_empty(flag_token.map(str::to_string)).or(env_token);
+    let ca_file = non_empty(env(ENV_CA_FILE)).map(|p| cwd.join(p));
     if let Some(addr) = non_empty(flag_addr.map(str::to_string)) {
         return Ok(Resolved {
             addr,
             token,
+            ca_file,
             source: Source::Flag,
         });
     }
@@ -90,6 +104,7 @@ pub fn resolve(
         return Ok(Resolved {
             addr,
             token,
+            ca_file,
             source: Source::Env,
         });
     }
@@ -100,9 +115,11 @@ pub fn resolve(
     let Some(addr) = non_empty(file.addr) else {
         anyhow::bail!("{} has no `addr`; {NO_ADDR}", path.display());
     };
+    let file_dir = path.parent().unwrap_or(cwd);
     Ok(Resolved {
         addr,
         token: token.or(non_empty(file.token)),
+        ca_file: ca_file.or(file.ca_file.map(|p| file_dir.join(p))),
         source: Source::File(path),
     })
 }
@@ -197,6 +214,7 @@ mod tests {
             &FileConfig {
                 addr: Some(addr.into()),
                 token: Some(token.into()),
+                ca_file: None,
             },
         )
         .unwrap();
@@ -323,6 +341,7 @@ mod tests {
         let config = FileConfig {
             addr: Some("http://a:1".into()),
             token: Some("tok".into()),
+            ca_file: Some("ca.pem".into()),
         };
         write_file(&path, &config).unwrap();
         write_file(&path, &config).unwrap();
@@ -336,16 +355,40 @@ mod tests {
     }
 
     #[test]
+    fn ca_file_comes_from_env_else_the_file_relative_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".drover/cli.toml");
+        write_file(
+            &path,
+            &FileConfig {
+                addr: Some("https://c:7080".into()),
+                token: None,
+                ca_file: Some("ca.pem".into()),
+            },
+        )
+        .unwrap();
+        let got = resolve(None, None, &env_of(&[]), dir.path()).unwrap();
+        assert_eq!(got.ca_file, Some(dir.path().join(".drover/ca.pem")));
+        let env = env_of(&[(ENV_CA_FILE, "/etc/ca.pem")]);
+        let got = resolve(None, None, &env, dir.path()).unwrap();
+        assert_eq!(got.ca_file.as_deref(), Some(Path::new("/etc/ca.pem")));
+        let got = resolve(Some("https://x:1"), None, &env_of(&[]), dir.path()).unwrap();
+        assert_eq!(got.ca_file, None);
+    }
+
+    #[test]
     fn debug_output_hides_tokens() {
         let resolved = Resolved {
             addr: "a".into(),
             token: Some("hunter2".into()),
+            ca_file: None,
             source: Source::Flag,
         };
         assert!(!format!("{resolved:?}").contains("hunter2"));
         let file = FileConfig {
             addr: None,
             token: Some("hunter2".into()),
+            ca_file: None,
         };
         assert!(!format!("{file:?}").contains("hunter2"));
     }

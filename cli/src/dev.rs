@@ -94,6 +94,7 @@ pub async fn run(
         &FileConfig {
             addr: Some(http_url.clone()),
             token: Some(admin_token.clone()),
+            ca_file: None,
         },
     )?;
     let client = Client::new(&http_url, Some(admin_token))?;

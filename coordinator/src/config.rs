@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +56,11 @@ pub struct Config {
     /// artifact URLs of the local blob store start with it. Default: the
     /// bound HTTP address (the host name when bound to all interfaces).
     pub public_url: Option<String>,
+    /// PEM certificate chain (server certificate first). With
+    /// `tls_key_file`, both listeners serve TLS only.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of the certificate in `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
     /// Largest artifact (tar + zstd of a job's output directory) accepted.
     pub max_artifact_bytes: u64,
     /// How long a signed artifact URL stays valid.
@@ -578,6 +583,24 @@ impl Config {
         Ok(())
     }
 
+    /// The certificate and key files when TLS is configured; one without the
+    /// other is an error (serving plaintext by accident is worse than not
+    /// starting).
+    pub fn tls_files(&self) -> Result<Option<(&Path, &Path)>, ConfigError> {
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => Ok(Some((cert, key))),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(config_error(
+                "tls_key_file",
+                "tls_cert_file is set but tls_key_file is not: set tls_key_file (DROVER_TLS_KEY_FILE) to the certificate's PEM private key, or unset tls_cert_file to serve plaintext",
+            )),
+            (None, Some(_)) => Err(config_error(
+                "tls_cert_file",
+                "tls_key_file is set but tls_cert_file is not: set tls_cert_file (DROVER_TLS_CERT_FILE) to the PEM certificate chain, or unset tls_key_file to serve plaintext",
+            )),
+        }
+    }
+
     /// Pools bound to an Auto Scaling group or to Fargate.
     pub fn scaling_pools(&self) -> impl Iterator<Item = (&str, &ScalingConfig)> {
         self.pools
@@ -626,6 +649,8 @@ impl Default for Config {
             max_claim_wait_ms: 30_000,
             kill_grace_ms: 10_000,
             public_url: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             max_artifact_bytes: 10 << 30,
             artifact_url_ttl_ms: 3_600_000,
             prices: crate::cost::PriceTable::default(),
@@ -712,6 +737,7 @@ impl Config {
                 ));
             }
         }
+        self.tls_files()?;
         if self.artifact_url_ttl_ms < 60_000 {
             return Err(config_error(
                 "artifact_url_ttl_ms",
@@ -784,6 +810,24 @@ mod tests {
         assert_eq!(config.validate().unwrap_err().field, "api_tokens[0].token");
         let config = Config::default();
         assert_eq!(config.validate().unwrap_err().field, "join_tokens");
+    }
+
+    #[test]
+    fn tls_needs_both_the_certificate_and_the_key() {
+        let mut config = Config::dev("/tmp/x");
+        assert!(config.tls_files().unwrap().is_none());
+        config.tls_cert_file = Some("/etc/drover/cert.pem".into());
+        let err = config.validate().unwrap_err();
+        assert_eq!(err.field, "tls_key_file");
+        assert!(err.message.contains("DROVER_TLS_KEY_FILE"), "{err}");
+        config.tls_cert_file = None;
+        config.tls_key_file = Some("/etc/drover/key.pem".into());
+        assert_eq!(config.validate().unwrap_err().field, "tls_cert_file");
+        config.tls_cert_file = Some("/etc/drover/cert.pem".into());
+        config.validate().unwrap();
+        let parsed: Config =
+            toml::from_str("tls_cert_file = \"/c.pem\"\ntls_key_file = \"/k.pem\"\n").unwrap();
+        assert!(parsed.tls_files().unwrap().is_some());
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod reaper;
 pub mod scaler;
 pub mod service;
 pub mod store;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -58,6 +59,11 @@ impl Server {
     /// Serves an already built service (tests choose store, blobs and clock).
     pub async fn start_with(service: Arc<Service>) -> anyhow::Result<Server> {
         let config = service.config().clone();
+        // Before binding: a bad certificate or key leaves nothing listening.
+        let tls = match config.tls_files()? {
+            Some((cert, key)) => Some(tls::ServerTls::load(cert, key)?),
+            None => None,
+        };
         let grpc_listener = tokio::net::TcpListener::bind(config.grpc_addr)
             .await
             .with_context(|| {
@@ -76,14 +82,20 @@ impl Server {
             })?;
         let grpc_addr = grpc_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
-        service.set_public_url(default_public_url(http_addr));
+        service.set_public_url(default_public_url(http_addr, tls.is_some()));
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
 
         let grpc = grpc::AgentGrpc::new(service.clone()).into_server();
+        let mut grpc_server = tonic::transport::Server::builder();
+        if let Some(tls) = &tls {
+            grpc_server = grpc_server
+                .tls_config(tls.grpc())
+                .context("TLS for the gRPC listener (tls_cert_file / tls_key_file)")?;
+        }
         let stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {
-            tonic::transport::Server::builder()
+            grpc_server
                 .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
                 .add_service(grpc)
                 .serve_with_incoming_shutdown(
@@ -99,18 +111,27 @@ impl Server {
         }));
 
         let app = http::router(service.clone());
-        let stop = shutdown.clone();
+        let stop = shutdown.clone().cancelled_owned();
         tasks.push(tokio::spawn(async move {
             use axum::serve::ListenerExt as _;
-            let http_listener = http_listener.tap_io(|tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!("cannot set TCP_NODELAY on an HTTP connection: {e}");
+            let served = match tls {
+                Some(tls) => {
+                    axum::serve(tls.http_listener(http_listener), app)
+                        .with_graceful_shutdown(stop)
+                        .await
                 }
-            });
-            axum::serve(http_listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-                .context("HTTP server")
+                None => {
+                    let http_listener = http_listener.tap_io(|tcp| {
+                        if let Err(e) = tcp.set_nodelay(true) {
+                            tracing::debug!("cannot set TCP_NODELAY on an HTTP connection: {e}");
+                        }
+                    });
+                    axum::serve(http_listener, app)
+                        .with_graceful_shutdown(stop)
+                        .await
+                }
+            };
+            served.context("HTTP server")
         }));
 
         // One poller per coordinator: wakes one waiting claim per pool, so
@@ -199,18 +220,19 @@ impl Server {
     }
 }
 
-/// `http://<bound address>`, or the host name when bound to all interfaces
-/// (an unspecified address is no use to an agent on another host).
-fn default_public_url(http_addr: SocketAddr) -> String {
+/// `http(s)://<bound address>`, or the host name when bound to all
+/// interfaces (an unspecified address is no use to an agent on another host).
+fn default_public_url(http_addr: SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
     if http_addr.ip().is_unspecified() {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .ok()
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "localhost".to_string());
-        format!("http://{host}:{}", http_addr.port())
+        format!("{scheme}://{host}:{}", http_addr.port())
     } else {
-        format!("http://{http_addr}")
+        format!("{scheme}://{http_addr}")
     }
 }
 
@@ -257,4 +279,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     shutdown.await;
     tracing::info!("shutting down");
     server.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_public_url_is_https_when_tls_is_on() {
+        let addr: SocketAddr = "127.0.0.1:7080".parse().unwrap();
+        assert_eq!(default_public_url(addr, false), "http://127.0.0.1:7080");
+        assert_eq!(default_public_url(addr, true), "https://127.0.0.1:7080");
+    }
 }

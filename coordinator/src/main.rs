@@ -78,6 +78,13 @@ struct Args {
     /// (signed artifact URLs start with it).
     #[arg(long, env = "DROVER_PUBLIC_URL")]
     public_url: Option<String>,
+    /// PEM certificate chain; with --tls-key-file both listeners serve TLS
+    /// only.
+    #[arg(long, env = "DROVER_TLS_CERT_FILE")]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key of the certificate in --tls-cert-file.
+    #[arg(long, env = "DROVER_TLS_KEY_FILE")]
+    tls_key_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -108,6 +115,12 @@ fn load(args: &Args) -> anyhow::Result<Config> {
     }
     if let Some(v) = &args.public_url {
         config.public_url = Some(v.clone());
+    }
+    if let Some(v) = &args.tls_cert_file {
+        config.tls_cert_file = Some(v.clone());
+    }
+    if let Some(v) = &args.tls_key_file {
+        config.tls_key_file = Some(v.clone());
     }
     if let Some(token) = &args.join_token {
         config.join_tokens.push(JoinTokenConfig {

@@ -5,8 +5,10 @@
 //!   pools), shared by the coordinator and the CLI so the two cannot drift.
 //! - [`workflow`]: workflow files, their validation and expansion into jobs.
 //! - [`ErrorCode`]: the one mapping from error kinds to gRPC and HTTP codes.
+//! - [`tls`]: certificate files and TLS failures, named for the user.
 
 pub mod model;
+pub mod tls;
 pub mod workflow;
 
 #[allow(clippy::all)]

@@ -56,6 +56,19 @@ where
     }
 }
 
+/// `https` for a sandbox with a CA, else `http`.
+fn scheme(ca_file: &Option<PathBuf>) -> &'static str {
+    if ca_file.is_some() {
+        "https"
+    } else {
+        "http"
+    }
+}
+
+fn path_text(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
 /// Coordinator settings the scenarios tune (short TTLs make agent loss quick).
 #[derive(Debug, Clone)]
 pub struct CoordinatorSettings {
@@ -197,6 +210,18 @@ pub struct Sandbox {
     /// same time on one Engine need distinct prefixes: an agent cleans up
     /// the containers labelled with its id.
     pub agent_prefix: String,
+    /// The CA of a TLS coordinator: the client and agents trust it and use
+    /// https URLs. `None`: plaintext.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// The files of a TLS coordinator (DROVER_TLS_CERT_FILE / _KEY_FILE) and
+/// of the CA its clients trust.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub ca_file: PathBuf,
 }
 
 impl Sandbox {
@@ -211,6 +236,32 @@ impl Sandbox {
         settings: CoordinatorSettings,
         coordinator_env: Vec<(String, String)>,
     ) -> Sandbox {
+        Self::start_with(agents, settings, coordinator_env, None).await
+    }
+
+    /// A coordinator serving TLS with `tls`'s certificate; the client and
+    /// agents trust `tls.ca_file`.
+    pub async fn start_tls(
+        agents: usize,
+        settings: CoordinatorSettings,
+        tls: &TlsFiles,
+    ) -> Sandbox {
+        let env = vec![
+            (
+                "DROVER_TLS_CERT_FILE".to_string(),
+                path_text(&tls.cert_file),
+            ),
+            ("DROVER_TLS_KEY_FILE".to_string(), path_text(&tls.key_file)),
+        ];
+        Self::start_with(agents, settings, env, Some(tls.ca_file.clone())).await
+    }
+
+    async fn start_with(
+        agents: usize,
+        settings: CoordinatorSettings,
+        coordinator_env: Vec<(String, String)>,
+        ca_file: Option<PathBuf>,
+    ) -> Sandbox {
         let dir = tempfile::tempdir().expect("tempdir");
         let coordinator = CoordinatorProcess::start_env(
             &dir.path().join("coordinator"),
@@ -220,9 +271,11 @@ impl Sandbox {
         )
         .await
         .expect("coordinator");
-        let client = Client::new(
-            &format!("http://{}", coordinator.http_addr),
+        let scheme = scheme(&ca_file);
+        let client = Client::with_ca_file(
+            &format!("{scheme}://{}", coordinator.http_addr),
             Some(ADMIN_TOKEN.into()),
+            ca_file.as_deref(),
         )
         .expect("client");
         let mut sandbox = Sandbox {
@@ -233,6 +286,7 @@ impl Sandbox {
             client,
             coordinator_env,
             agent_prefix: "agent".to_string(),
+            ca_file,
         };
         for _ in 0..agents {
             sandbox.add_agent(&[]).await;
@@ -286,10 +340,13 @@ impl Sandbox {
     pub fn agent_command(&self, agent_id: &str, extra_env: &[(String, String)]) -> Command {
         let data_dir = self.dir.path().join(agent_id);
         let mut command = Command::new(binary("drover-agent"));
+        if let Some(ca_file) = &self.ca_file {
+            command.env("DROVER_TLS_CA_FILE", ca_file);
+        }
         command
             .env(
                 "DROVER_COORDINATOR",
-                format!("http://{}", self.coordinator.grpc_addr),
+                format!("{}://{}", scheme(&self.ca_file), self.coordinator.grpc_addr),
             )
             .env("DROVER_JOIN_TOKEN", JOIN_TOKEN)
             .env("DROVER_AGENT_ID", agent_id)

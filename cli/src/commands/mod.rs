@@ -87,7 +87,8 @@ pub fn connect(cli: &Cli) -> anyhow::Result<Client> {
         &cwd,
     )?;
     tracing::debug!(addr = %resolved.addr, source = ?resolved.source, "coordinator");
-    Client::new(&resolved.addr, resolved.token)
+    let ca_file = cli.ca_file.clone().or(resolved.ca_file);
+    Client::with_ca_file(&resolved.addr, resolved.token, ca_file.as_deref())
 }
 
 /// Pretty JSON on stdout, one document.
