@@ -409,8 +409,10 @@ fn launch_templates_carry_user_data_and_imdsv2() {
 }
 
 /// What an intrinsic function evaluates to with `params`, for the functions
-/// the instance type overrides use (`Ref`, `Fn::Join`, `Fn::Split`,
-/// `Fn::Select`, `Fn::Equals`, `Fn::Not`, `Fn::If`). `None`: `AWS::NoValue`.
+/// the instance type overrides and the TLS switch use (`Ref`, `Fn::Join`,
+/// `Fn::Split`, `Fn::Select`, `Fn::Equals`, `Fn::Not`, `Fn::If`, and
+/// `Fn::Sub` of a string). `None`: `AWS::NoValue`. Anything else (other
+/// parameters, resources, attributes) stays as written.
 fn evaluate(value: &Value, params: &BTreeMap<&str, Value>, conditions: &Value) -> Option<Value> {
     let eval = |v: &Value| evaluate(v, params, conditions);
     let strings = |v: Value| -> Vec<String> {
@@ -439,8 +441,20 @@ fn evaluate(value: &Value, params: &BTreeMap<&str, Value>, conditions: &Value) -
     let arg = |i: usize| eval(&args[i]).expect("an argument with a value");
     Some(match function.as_str() {
         "Ref" if args == "AWS::NoValue" => return None,
-        "Ref" => params[args.as_str().expect("Ref name")].clone(),
+        // Other parameters, resources and attributes stay as written.
+        "Ref" => params
+            .get(args.as_str().expect("Ref name"))
+            .cloned()
+            .unwrap_or_else(|| value.clone()),
+        "Fn::Join"
+            if !arg(1)
+                .as_array()
+                .is_some_and(|a| a.iter().all(Value::is_string)) =>
+        {
+            value.clone()
+        }
         "Fn::Join" => Value::from(strings(arg(1)).join(args[0].as_str().expect("delimiter"))),
+        "Fn::Sub" if !args.is_string() => value.clone(),
         "Fn::Split" => Value::from(
             arg(1)
                 .as_str()
@@ -459,6 +473,16 @@ fn evaluate(value: &Value, params: &BTreeMap<&str, Value>, conditions: &Value) -
             items[index].clone()
         }
         "Fn::Equals" => Value::from(arg(0) == arg(1)),
+        // The string form; names that are not parameters stay as written.
+        "Fn::Sub" => {
+            let mut text = args.as_str().expect("Fn::Sub of a string").to_string();
+            for (name, value) in params {
+                if let Some(value) = value.as_str() {
+                    text = text.replace(&format!("${{{name}}}"), value);
+                }
+            }
+            Value::from(text)
+        }
         "Fn::Not" => Value::from(!arg(0).as_bool().expect("a condition")),
         "Fn::If" => {
             let name = args[0].as_str().expect("condition name");
@@ -466,7 +490,7 @@ fn evaluate(value: &Value, params: &BTreeMap<&str, Value>, conditions: &Value) -
             let holds = holds.unwrap_or_else(|| panic!("condition {name}"));
             return eval(&args[if holds { 1 } else { 2 }]);
         }
-        other => panic!("{other} is not evaluated here"),
+        _ => value.clone(),
     })
 }
 
@@ -504,6 +528,92 @@ fn instance_type_lists_of_one_to_six_types_become_the_groups_overrides() {
                 .map(|o| o["InstanceType"].as_str().expect("InstanceType"))
                 .collect();
             assert_eq!(types, list, "{group} with {param} = {list:?}");
+        }
+    }
+}
+
+#[test]
+fn a_certificate_makes_the_nlb_terminate_tls_and_every_coordinator_url_https() {
+    let template = decode(&root().join("infra/fleet.yaml"));
+    let conditions = &template["Conditions"];
+    let arn = "arn:aws:acm:eu-west-1:123456789012:certificate/abc";
+    for tls in [true, false] {
+        let params = BTreeMap::from([
+            ("CertificateArn", Value::from(if tls { arn } else { "" })),
+            (
+                "CoordinatorDomainName",
+                Value::from(if tls { "drover.example.com" } else { "" }),
+            ),
+        ]);
+        let eval = |v: &Value| evaluate(v, &params, conditions);
+        for (listener, alpn) in [("GrpcListener", true), ("HttpListener", false)] {
+            let props = eval(&template["Resources"][listener]["Properties"]).expect("listener");
+            assert_eq!(
+                props["Protocol"],
+                if tls { "TLS" } else { "TCP" },
+                "{listener}"
+            );
+            if tls {
+                assert_eq!(
+                    props["Certificates"][0]["CertificateArn"], arn,
+                    "{listener}"
+                );
+                assert_eq!(
+                    props["AlpnPolicy"] == serde_json::json!(["HTTP2Preferred"]),
+                    alpn,
+                    "{listener}"
+                );
+            } else {
+                assert!(
+                    props.get("Certificates").is_none() && props.get("AlpnPolicy").is_none(),
+                    "{listener}"
+                );
+            }
+        }
+        // Every URL agents, the coordinator and people are given.
+        let mut urls = Vec::new();
+        for (name, group) in resources(&template, "AWS::AutoScaling::AutoScalingGroup") {
+            let tags = eval(&group["Tags"]).expect("tags");
+            for tag in tags
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|t| t["Key"] == "drover:coordinator")
+            {
+                urls.push((name.to_string(), tag["Value"].clone()));
+            }
+        }
+        for (name, task) in resources(&template, "AWS::ECS::TaskDefinition") {
+            let containers = eval(&task["ContainerDefinitions"]).expect("containers");
+            for c in containers.as_array().unwrap() {
+                for e in c["Environment"].as_array().into_iter().flatten() {
+                    if e["Name"] == "DROVER_COORDINATOR" {
+                        urls.push((name.to_string(), e["Value"].clone()));
+                    }
+                    if let Some(sub) = e["Value"]["Fn::Sub"].as_array() {
+                        if sub[0].as_str().is_some_and(|t| t.contains("public_url")) {
+                            let vars = eval(&sub[1]).expect("Fn::Sub variables");
+                            urls.push((format!("{name} public_url"), vars["PublicUrl"].clone()));
+                        }
+                    }
+                }
+            }
+        }
+        for output in ["CoordinatorGrpcUrl", "CoordinatorHttpUrl"] {
+            urls.push((
+                output.to_string(),
+                eval(&template["Outputs"][output]["Value"]).expect("output"),
+            ));
+        }
+        assert!(urls.len() >= 6, "URLs found: {urls:?}");
+        for (name, url) in &urls {
+            let url = url.as_str().unwrap_or_else(|| panic!("{name}: {url}"));
+            let want = if tls {
+                "https://drover.example.com:"
+            } else {
+                "http://${LoadBalancer.DNSName}:"
+            };
+            assert!(url.starts_with(want), "{name} (tls {tls}): {url}");
         }
     }
 }
