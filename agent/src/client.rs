@@ -59,9 +59,11 @@ impl CallError {
     pub fn from_status(url: &str, status: Status, job_call: bool) -> CallError {
         // Connection failures: a TLS handshake that failed, or plaintext
         // to a TLS port (the server drops it), say what to change.
+        // (A TLS alert read as HTTP/2 can also surface as an h2 protocol
+        // error, `Internal`.)
         if matches!(
             status.code(),
-            Code::Unavailable | Code::Unknown | Code::Cancelled
+            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal
         ) {
             if let Some(message) = drover_proto::tls::diagnose(&status, url, CA_SETTING) {
                 return CallError::Tls {

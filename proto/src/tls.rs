@@ -85,11 +85,24 @@ pub fn diagnose(err: &(dyn StdError + 'static), url: &str, ca_setting: &str) -> 
     // is dropped, rather than HTTP.
     let plaintext_to_tls = !https
         && causes(err).any(|e| {
+            // Which one depends on timing: the server's close can reach
+            // the client while it still writes its request.
+            let dropped = e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    std::io::ErrorKind::BrokenPipe
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::UnexpectedEof
+                )
+            });
             let text = e.to_string();
-            text.contains("invalid HTTP version")
+            dropped
+                || text.contains("invalid HTTP version")
                 || text.contains("connection closed")
                 || text.contains("connection reset")
                 || text.contains("frame with invalid size")
+                || text.contains("h2 protocol error")
         });
     plaintext_to_tls.then(|| {
         format!("{url} broke off the connection: if the coordinator serves TLS (tls_cert_file), use an https:// URL")
@@ -147,6 +160,22 @@ mod tests {
     fn other_errors_are_not_tls() {
         let err = Wrapper(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
         assert!(diagnose(&err, "https://c:7080", "--ca-file").is_none());
+        assert!(diagnose(&err, "http://c:7080", "--ca-file").is_none());
+    }
+
+    #[test]
+    fn a_connection_dropped_mid_request_on_http_says_use_https() {
+        // What a TLS port's close looks like when it lands while the
+        // client still writes: a broken pipe, not an answer.
+        for kind in [
+            std::io::ErrorKind::BrokenPipe,
+            std::io::ErrorKind::ConnectionReset,
+        ] {
+            let err = Wrapper(std::io::Error::new(kind, "stream closed"));
+            let hint = diagnose(&err, "http://c:7070", "--ca-file").unwrap();
+            assert!(hint.contains("https://"), "{hint}");
+            assert!(diagnose(&err, "https://c:7070", "--ca-file").is_none());
+        }
     }
 
     #[test]
