@@ -79,6 +79,8 @@ pub(crate) struct Shared {
     /// Which GPUs are free; the only place GPUs are handed out.
     pub gpus: Arc<GpuPool>,
     pub runtime: Arc<dyn Runtime>,
+    /// Finished attempts' directory trees, kept for the next attempts.
+    pub dirs: crate::runtime::DirPool,
     pub platform: Arc<dyn Platform>,
     /// Whether an idle agent leaves (and ends its host where it can).
     pub idle_leave: bool,
@@ -354,11 +356,16 @@ impl Agent {
                 )
             })?;
         let health_addr = listener.local_addr()?;
+        let dirs = crate::runtime::DirPool::new(
+            job::free_dirs_root(&config.data_dir),
+            config.max_jobs as usize,
+        );
         let shared = Arc::new(Shared {
             capacity: resources::capacity(&config, &gpus),
             gpus,
             config,
             runtime,
+            dirs,
             platform,
             idle_leave,
             client,

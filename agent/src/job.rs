@@ -43,6 +43,11 @@ fn attempts_root(data_dir: &std::path::Path) -> std::path::PathBuf {
     data_dir.join("attempts")
 }
 
+/// Where finished attempts' directories wait for the next attempts.
+pub(crate) fn free_dirs_root(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("attempts-free")
+}
+
 fn attempt_dir(data_dir: &std::path::Path, lease: &v1::LeaseRef) -> std::path::PathBuf {
     let safe: String = lease
         .job_id
@@ -127,13 +132,14 @@ pub(crate) async fn run(
     }
     let root = attempt_dir(&shared.config.data_dir, &lease);
     let keep_outputs = payload.outputs;
+    let reusable = shared.runtime.confines_jobs() || payload.user.is_empty();
     let (dirs, started) = match begin {
         // Everything before the job runs: its directories, its lease kept
         // beside them (for adoption), its inputs, the start.
         Begin::Start => {
             let empty_input = shared.config.data_dir.join(EMPTY_INPUT_DIR);
             let shared_input = payload.inputs.is_empty().then_some(empty_input.as_path());
-            let dirs = match JobDirs::create(root, shared_input).await {
+            let dirs = match JobDirs::create_in(&shared.dirs, root, shared_input).await {
                 Ok(dirs) => dirs,
                 Err(e) => return not_started(&shared, &auth, &lease, &orders, e, None).await,
             };
@@ -192,7 +198,7 @@ pub(crate) async fn run(
         tracing::warn!(job = %name(&lease), "lease lost: job killed, not completed");
         shared.metrics.job_finished("lost");
         job.cleanup().await;
-        dirs.remove().await;
+        release_dirs(&shared, &dirs, reusable).await;
         return;
     }
     let (mut outcome, exit_code, mut reason) = match ended {
@@ -248,7 +254,7 @@ pub(crate) async fn run(
                 tracing::warn!(job = %name(&lease), "lease lost while keeping the output: not completed");
                 shared.metrics.job_finished("lost");
                 job.cleanup().await;
-                dirs.remove().await;
+                release_dirs(&shared, &dirs, reusable).await;
                 return;
             }
             Err(KeepError::Failed(e)) => {
@@ -277,7 +283,18 @@ pub(crate) async fn run(
     // Removing the container and its directories is not part of the result:
     // report first, clean up after (the slot stays taken until then).
     job.cleanup().await;
-    dirs.remove().await;
+    release_dirs(&shared, &dirs, reusable).await;
+}
+
+/// Done with the attempt's dirs (its job cleaned up): kept for the next
+/// attempt when nothing of the job can reach them, else removed.
+async fn release_dirs(shared: &Shared, dirs: &JobDirs, reusable: bool) {
+    let agent_files: &'static [&'static str] = if shared.runtime.adopts() {
+        &[LEASE_FILE, GPUS_FILE]
+    } else {
+        &[]
+    };
+    dirs.release(&shared.dirs, agent_files, reusable).await;
 }
 
 /// How an attempt begins on this agent.

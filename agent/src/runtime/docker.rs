@@ -603,6 +603,10 @@ impl Runtime for DockerRuntime {
         true
     }
 
+    fn confines_jobs(&self) -> bool {
+        true
+    }
+
     async fn adopt(&self, spec: &RunSpec) -> Result<Option<Started>, RuntimeError> {
         let docker = self.docker().await?;
         let filters = [

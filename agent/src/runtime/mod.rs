@@ -15,8 +15,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
+mod dirs;
 pub mod docker;
 pub mod process;
+
+pub use dirs::{DirPool, JobDirs};
 #[cfg(test)]
 pub(crate) mod suite;
 
@@ -52,112 +55,6 @@ pub struct RunSpec {
     /// packed. `None`: the docker runtime makes its own, the process runtime
     /// has none.
     pub dirs: Option<JobDirs>,
-}
-
-/// An attempt's managed directories on the host. The job sees them as
-/// `/input` (read-only), `/output` and `/scratch` in a container, and as
-/// `$DROVER_INPUT_DIR`, `$DROVER_OUTPUT_DIR`, `$DROVER_SCRATCH_DIR` in
-/// every runtime.
-#[derive(Debug, Clone)]
-pub struct JobDirs {
-    pub root: PathBuf,
-    pub input: PathBuf,
-    pub output: PathBuf,
-    pub scratch: PathBuf,
-}
-
-impl JobDirs {
-    /// Makes `root/{input,output,scratch}`; the job may run as any user, so
-    /// `output` and `scratch` are writable by all while `root` keeps others
-    /// from listing its neighbours. With `shared_input`, an attempt with no
-    /// inputs sees that (empty, read-only, shared by all such attempts)
-    /// directory as its input instead of a fresh one: one inode less to
-    /// create and remove per attempt.
-    pub async fn create(
-        root: PathBuf,
-        shared_input: Option<&Path>,
-    ) -> Result<JobDirs, RuntimeError> {
-        let dirs = JobDirs {
-            input: shared_input
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| root.join("input")),
-            output: root.join("output"),
-            scratch: root.join("scratch"),
-            root,
-        };
-        let own_input = shared_input.is_none();
-        // One blocking task for it all (each tokio::fs call would be one);
-        // modes set explicitly, whatever the umask.
-        let make = {
-            let dirs = dirs.clone();
-            move || -> std::io::Result<()> {
-                use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-                let make = |dir: &Path, mode: u32| -> std::io::Result<()> {
-                    std::fs::DirBuilder::new().mode(mode).create(dir)?;
-                    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-                };
-                // A leftover of a crashed run of the same attempt must not
-                // leak in.
-                match std::fs::remove_dir_all(&dirs.root) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                    _ => {}
-                }
-                if let Some(parent) = dirs.root.parent() {
-                    std::fs::create_dir_all(parent)?;
-                }
-                if !own_input && !dirs.input.is_dir() {
-                    std::fs::create_dir_all(&dirs.input)?;
-                    std::fs::set_permissions(&dirs.input, std::fs::Permissions::from_mode(0o555))?;
-                }
-                make(&dirs.root, 0o711)?;
-                if own_input {
-                    make(&dirs.input, 0o755)?;
-                }
-                make(&dirs.output, 0o777)?;
-                make(&dirs.scratch, 0o777)
-            }
-        };
-        let made = tokio::task::spawn_blocking(make)
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r);
-        if let Err(e) = made {
-            dirs.remove().await;
-            return Err(RuntimeError::Infra(format!(
-                "cannot create the attempt's dirs under {}: {e} — is the data dir writable? (DROVER_DATA_DIR)",
-                dirs.root.display()
-            )));
-        }
-        Ok(dirs)
-    }
-
-    /// The dirs under `root` as [`JobDirs::create`] made them (an adopted
-    /// attempt's).
-    pub fn at(root: PathBuf) -> JobDirs {
-        JobDirs {
-            input: root.join("input"),
-            output: root.join("output"),
-            scratch: root.join("scratch"),
-            root,
-        }
-    }
-
-    pub async fn remove(&self) {
-        if let Err(e) = tokio::fs::remove_dir_all(&self.root).await {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(dir = %self.root.display(), "cannot remove the attempt's dirs: {e}");
-            }
-        }
-    }
-
-    /// For the job's environment.
-    pub fn env(&self) -> [(&'static str, &Path); 3] {
-        [
-            ("DROVER_INPUT_DIR", self.input.as_path()),
-            ("DROVER_OUTPUT_DIR", self.output.as_path()),
-            ("DROVER_SCRATCH_DIR", self.scratch.as_path()),
-        ]
-    }
 }
 
 impl std::fmt::Debug for RunSpec {
@@ -326,6 +223,15 @@ pub trait Runtime: Send + Sync + 'static {
     /// Whether [`Runtime::adopt`] can ever take a job over: only then does
     /// the agent keep each attempt's lease on disk for a restart to find.
     fn adopts(&self) -> bool {
+        false
+    }
+
+    /// Whether nothing a job started can outlive [`RunningJob::cleanup`]
+    /// (docker: the container goes, with every process in it). Only then,
+    /// or when the job ran as the agent's own user, is the attempt's
+    /// directory tree reused ([`DirPool`]): a process that left the job's
+    /// process group (`setsid`) could still reach it.
+    fn confines_jobs(&self) -> bool {
         false
     }
 

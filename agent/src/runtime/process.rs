@@ -7,8 +7,11 @@
 //! so stopping it reaches everything it started; once its main process exits,
 //! the rest of its group is killed so the output streams end.
 
+use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -30,9 +33,11 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 pub struct ProcessRuntime {
     /// Fresh per-attempt work dirs live here (`<job>-<attempt>`).
     work_root: PathBuf,
-    /// One file per running job holding its process group id, so that a
-    /// restarted agent can kill what its predecessor left.
-    pid_root: PathBuf,
+    /// The process groups of running jobs, so that a restarted agent can
+    /// kill what its predecessor left.
+    pids: Arc<PidLog>,
+    /// Where agents before the pid log kept one file per job's group.
+    legacy_pid_root: PathBuf,
 }
 
 impl ProcessRuntime {
@@ -40,8 +45,153 @@ impl ProcessRuntime {
         let data_dir = data_dir.as_ref();
         ProcessRuntime {
             work_root: data_dir.join("work"),
-            pid_root: data_dir.join("pids"),
+            pids: Arc::new(PidLog::new(data_dir.join("pids.log"))),
+            legacy_pid_root: data_dir.join("pids"),
         }
+    }
+}
+
+/// The process groups this runtime started and has not seen end, in one
+/// append-only file: `+<name> <pgid>` when a job starts, `-<name>` when it
+/// is cleaned up; rewritten with only the live entries once ended ones
+/// dominate. One small write per start and per end, where a file per job
+/// cost an inode to create and one to remove.
+#[derive(Debug)]
+struct PidLog {
+    path: PathBuf,
+    inner: Mutex<PidLogInner>,
+}
+
+#[derive(Debug, Default)]
+struct PidLogInner {
+    file: Option<std::fs::File>,
+    /// This run's entries (name -> pgid) not yet ended.
+    live: HashMap<String, i32>,
+    /// Lines in the file.
+    lines: usize,
+}
+
+/// Ended entries the log may hold before it is rewritten.
+const PID_LOG_SLACK: usize = 1024;
+
+impl PidLog {
+    fn new(path: PathBuf) -> PidLog {
+        PidLog {
+            path,
+            inner: Mutex::new(PidLogInner::default()),
+        }
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, PidLogInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn started(&self, name: &str, pgid: i32) {
+        let mut inner = self.inner();
+        inner.live.insert(name.to_string(), pgid);
+        self.append(&mut inner, &format!("+{name} {pgid}\n"));
+    }
+
+    fn ended(&self, name: &str) {
+        let mut inner = self.inner();
+        if inner.live.remove(name).is_none() {
+            return;
+        }
+        if inner.lines > PID_LOG_SLACK + 2 * inner.live.len() {
+            self.rewrite(&mut inner, &[]);
+        } else {
+            self.append(&mut inner, &format!("-{name}\n"));
+        }
+    }
+
+    /// A failed write only costs a restarted agent the chance to kill this
+    /// job's group: worth a warning, not the job.
+    fn append(&self, inner: &mut PidLogInner, line: &str) {
+        if inner.file.is_none() {
+            use std::os::unix::fs::OpenOptionsExt;
+            match std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(&self.path)
+            {
+                Ok(file) => inner.file = Some(file),
+                Err(e) => {
+                    tracing::warn!(file = %self.path.display(), "cannot record a job's process group: {e}");
+                    return;
+                }
+            }
+        }
+        if let Some(file) = inner.file.as_mut() {
+            match file.write_all(line.as_bytes()) {
+                Ok(()) => inner.lines += 1,
+                Err(e) => {
+                    tracing::warn!(file = %self.path.display(), "cannot record a job's process group: {e}")
+                }
+            }
+        }
+    }
+
+    /// Replaces the file with this run's live entries (and `keep`, entries
+    /// of an earlier run still to be settled), atomically.
+    fn rewrite(&self, inner: &mut PidLogInner, keep: &[(String, i32)]) {
+        let text: String = inner
+            .live
+            .iter()
+            .map(|(n, p)| (n.as_str(), *p))
+            .chain(keep.iter().map(|(n, p)| (n.as_str(), *p)))
+            .map(|(name, pgid)| format!("+{name} {pgid}\n"))
+            .collect();
+        let tmp = self.path.with_extension("log.new");
+        let written = (|| -> std::io::Result<()> {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            file.write_all(text.as_bytes())?;
+            std::fs::rename(&tmp, &self.path)
+        })();
+        match written {
+            Ok(()) => {
+                inner.file = None;
+                inner.lines = inner.live.len() + keep.len();
+            }
+            Err(e) => {
+                tracing::warn!(file = %self.path.display(), "cannot rewrite the process group log: {e}")
+            }
+        }
+    }
+
+    /// Entries the file holds that are not this run's: groups an earlier
+    /// run started and never saw end.
+    fn earlier(&self) -> Vec<(String, i32)> {
+        let inner = self.inner();
+        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+        let mut open: HashMap<&str, i32> = HashMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix('+') {
+                if let Some((name, pgid)) = rest.rsplit_once(' ') {
+                    if let Ok(pgid) = pgid.parse() {
+                        open.insert(name, pgid);
+                    }
+                }
+            } else if let Some(name) = line.strip_prefix('-') {
+                open.remove(name);
+            }
+        }
+        open.into_iter()
+            .filter(|(name, _)| !inner.live.contains_key(*name))
+            .map(|(name, pgid)| (name.to_string(), pgid))
+            .collect()
+    }
+
+    /// Forgets the earlier run's entries (killed).
+    fn settled(&self) {
+        let mut inner = self.inner();
+        self.rewrite(&mut inner, &[]);
     }
 }
 
@@ -144,8 +294,7 @@ impl Runtime for ProcessRuntime {
         };
         let pgid = child.id().map(|id| id as i32);
         if let Some(pgid) = pgid {
-            let _ = tokio::fs::create_dir_all(&self.pid_root).await;
-            let _ = tokio::fs::write(self.pid_root.join(&name), pgid.to_string()).await;
+            self.pids.started(&name, pgid);
         }
 
         let (tx, output) = mpsc::channel(64);
@@ -162,7 +311,8 @@ impl Runtime for ProcessRuntime {
                 pgid,
                 status: None,
                 workdir: owned_workdir.then_some(workdir),
-                pid_file: self.pid_root.join(&name),
+                pids: self.pids.clone(),
+                name,
             }),
             output,
         })
@@ -182,45 +332,38 @@ impl Runtime for ProcessRuntime {
     /// A child process cannot be adopted (its pipes died with the agent):
     /// `keep` is ignored and everything is killed.
     async fn kill_leftovers(&self, _keep: &[AttemptKey]) -> Result<usize, RuntimeError> {
-        let mut killed = 0;
-        let mut entries = match tokio::fs::read_dir(&self.pid_root).await {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => {
-                return Err(RuntimeError::Infra(format!(
-                    "cannot read {}: {e}",
-                    self.pid_root.display()
-                )))
-            }
-        };
-        while let Ok(Some(entry)) = entries.next_entry().await {
-            let path = entry.path();
-            let job_id = entry
-                .file_name()
-                .to_string_lossy()
-                .rsplit_once('-')
-                .map(|(job, _)| job.to_string())
-                .unwrap_or_default();
-            if let Ok(text) = tokio::fs::read_to_string(&path).await {
-                if let Ok(pgid) = text.trim().parse::<i32>() {
-                    // Only kill a group whose leader still carries this job's
-                    // id: the pid may have been reused since.
-                    let environ = tokio::fs::read(format!("/proc/{pgid}/environ"))
-                        .await
-                        .unwrap_or_default();
-                    let marker = format!("DROVER_JOB_ID={job_id}");
-                    if pgid > 1
-                        && environ
-                            .split(|b| *b == 0)
-                            .any(|var| var == marker.as_bytes())
-                    {
-                        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-                        killed += 1;
+        let mut groups = self.pids.earlier();
+        // Left by an agent from before the pid log: a file per group.
+        if let Ok(mut entries) = tokio::fs::read_dir(&self.legacy_pid_root).await {
+            while let Ok(Some(entry)) = entries.next_entry().await {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Ok(text) = tokio::fs::read_to_string(entry.path()).await {
+                    if let Ok(pgid) = text.trim().parse::<i32>() {
+                        groups.push((name, pgid));
                     }
                 }
             }
-            let _ = tokio::fs::remove_file(&path).await;
         }
+        let mut killed = 0;
+        for (name, pgid) in groups {
+            let job_id = name.rsplit_once('-').map_or("", |(job, _)| job);
+            // Only kill a group whose leader still carries this job's id:
+            // the pid may have been reused since.
+            let environ = tokio::fs::read(format!("/proc/{pgid}/environ"))
+                .await
+                .unwrap_or_default();
+            let marker = format!("DROVER_JOB_ID={job_id}");
+            if pgid > 1
+                && environ
+                    .split(|b| *b == 0)
+                    .any(|var| var == marker.as_bytes())
+            {
+                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+                killed += 1;
+            }
+        }
+        self.pids.settled();
+        let _ = tokio::fs::remove_dir_all(&self.legacy_pid_root).await;
         // Work dirs of earlier runs belong to no one now.
         let _ = tokio::fs::remove_dir_all(&self.work_root).await;
         Ok(killed)
@@ -301,7 +444,9 @@ struct ProcessJob {
     pgid: Option<i32>,
     status: Option<ExitStatus>,
     workdir: Option<PathBuf>,
-    pid_file: PathBuf,
+    pids: Arc<PidLog>,
+    /// The job's entry in `pids`.
+    name: String,
 }
 
 impl ProcessJob {
@@ -355,7 +500,7 @@ impl RunningJob for ProcessJob {
             self.signal_group(Signal::SIGKILL);
             let _ = self.wait().await;
         }
-        let _ = tokio::fs::remove_file(&self.pid_file).await;
+        self.pids.ended(&self.name);
         if let Some(dir) = self.workdir.take() {
             if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
                 tracing::warn!(dir = %dir.display(), "cannot remove work dir: {e}");
@@ -503,6 +648,58 @@ mod tests {
         let status = started.job.wait().await.unwrap();
         assert_eq!(status.signal, Some(9));
         wait_until(Duration::from_secs(30), || !alive(pid)).await;
+    }
+
+    #[test]
+    fn the_pid_log_lists_only_groups_not_seen_to_end_and_stays_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pids.log");
+        let log = PidLog::new(path.clone());
+        for i in 0..5_000 {
+            log.started(&format!("job{i}-1"), 10_000 + i);
+            if i != 7 && i != 4_321 {
+                log.ended(&format!("job{i}-1"));
+            }
+        }
+        // This run's own entries are not leftovers...
+        assert!(log.earlier().is_empty());
+        // ...but they are to the next run.
+        let mut left = PidLog::new(path.clone()).earlier();
+        left.sort();
+        assert_eq!(
+            left,
+            vec![
+                ("job4321-1".to_string(), 14_321),
+                ("job7-1".to_string(), 10_007)
+            ]
+        );
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert!(lines <= PID_LOG_SLACK + 8, "{lines} lines");
+
+        // Once settled, the next run finds nothing.
+        let next = PidLog::new(path.clone());
+        next.settled();
+        assert!(PidLog::new(path).earlier().is_empty());
+    }
+
+    #[tokio::test]
+    async fn pid_files_of_an_agent_from_before_the_pid_log_are_honoured() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = tokio::process::Command::new("sh")
+            .args(["-c", "sleep 1000"])
+            .env("DROVER_JOB_ID", "old")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pgid = child.id().unwrap();
+        std::fs::create_dir_all(dir.path().join("pids")).unwrap();
+        std::fs::write(dir.path().join("pids/old-1"), pgid.to_string()).unwrap();
+        let rt = ProcessRuntime::new(dir.path());
+        assert_eq!(rt.kill_leftovers(&[]).await.unwrap(), 1);
+        let status = child.wait().await.unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9));
+        assert!(!dir.path().join("pids").exists());
     }
 
     /// Alive and not a zombie (a container's pid 1 may not reap orphans).
