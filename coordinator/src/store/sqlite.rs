@@ -6,14 +6,14 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use base64::Engine;
 use drover_proto::model::{
     Agent, AgentState, Job, JobEvent, JobSpec, JobState, Pool, Resources, SubmittedJob,
 };
-use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, Row, TransactionBehavior};
 
 use drover_proto::workflow::WorkflowLink;
 
@@ -162,7 +162,7 @@ const JOB_FROM: &str = "jobs LEFT JOIN job_links l ON l.job_id = jobs.id";
 
 #[derive(Clone)]
 pub struct SqliteStore {
-    conn: Arc<Mutex<Connection>>,
+    writer: Arc<Writer>,
 }
 
 impl SqliteStore {
@@ -193,30 +193,229 @@ impl SqliteStore {
         conn.set_prepared_statement_cache_capacity(64);
         migrate(&mut conn)?;
         Ok(SqliteStore {
-            conn: Arc::new(Mutex::new(conn)),
+            writer: Arc::new(Writer::start(conn)?),
         })
     }
 
-    /// Runs `f` in one immediate transaction on the blocking pool.
+    /// Runs `f` in an immediate transaction on the store's connection
+    /// thread: alone, or with the operations queued behind it (group
+    /// commit), each inside its own savepoint so that one failing rolls back
+    /// only its own writes. The answer comes once the transaction committed.
     async fn tx<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Transaction<'_>) -> StoreResult<T> + Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
     {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = conn
-                .lock()
-                .map_err(|_| StoreError::Backend("sqlite connection poisoned".into()))?;
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(backend)?;
-            let out = f(&tx)?;
-            tx.commit().map_err(backend)?;
-            Ok(out)
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.writer.send(Box::new(Call {
+            f: Some(f),
+            out: None,
+            reply,
+        }))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Backend("the store's connection thread stopped".into()))?
+    }
+
+    /// Runs `f` on the connection, outside the store's operations (tests
+    /// that look at or change the file behind the store's back).
+    #[cfg(test)]
+    fn with_conn<T, F>(&self, f: F) -> T
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> T + Send + 'static,
+    {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.writer
+            .send(Box::new(Call {
+                f: Some(move |conn: &Connection| Ok(f(conn))),
+                out: None,
+                reply: Reply::Sync(reply),
+            }))
+            .unwrap();
+        answer.recv().unwrap().unwrap()
+    }
+}
+
+/// Operations the connection thread takes into one transaction at most.
+const MAX_BATCH: usize = 64;
+
+/// The store's one connection, owned by its own thread, which runs the
+/// operations sent to it in batches: everything queued when a transaction
+/// begins goes into it. Under load many claims, starts and completions
+/// share one BEGIN/COMMIT, one write of each page they touch to the WAL and
+/// one wake-up of the thread; an operation arriving alone runs alone.
+struct Writer {
+    ops: Option<std::sync::mpsc::Sender<Box<dyn Pending>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(conn: Connection) -> StoreResult<Writer> {
+        let (ops, queue) = std::sync::mpsc::channel::<Box<dyn Pending>>();
+        let thread = std::thread::Builder::new()
+            .name("drover-sqlite".into())
+            .spawn(move || {
+                while let Ok(first) = queue.recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match queue.try_recv() {
+                            Ok(op) => batch.push(op),
+                            Err(_) => break,
+                        }
+                    }
+                    run_batch(&conn, batch);
+                }
+            })
+            .map_err(|e| StoreError::Backend(format!("cannot start the store's thread: {e}")))?;
+        Ok(Writer {
+            ops: Some(ops),
+            thread: Some(thread),
         })
-        .await
-        .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
+    }
+
+    fn send(&self, op: Box<dyn Pending>) -> StoreResult<()> {
+        self.ops
+            .as_ref()
+            .and_then(|ops| ops.send(op).ok())
+            .ok_or_else(|| StoreError::Backend("the store's connection thread stopped".into()))
+    }
+}
+
+impl Drop for Writer {
+    /// Closes the connection before returning, so that the file is settled
+    /// (WAL checkpointed) when the last handle on the store is gone.
+    fn drop(&mut self) {
+        self.ops.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// One queued operation.
+trait Pending: Send {
+    /// Runs it; `false` when it failed (its writes are to be undone).
+    fn run(&mut self, conn: &Connection) -> bool;
+    /// Answers its caller: its own result, or `failed` when the transaction
+    /// it ran in did not commit (or it never ran).
+    fn answer(self: Box<Self>, failed: Option<&str>);
+}
+
+enum Reply<T> {
+    Async(tokio::sync::oneshot::Sender<StoreResult<T>>),
+    #[cfg(test)]
+    Sync(std::sync::mpsc::Sender<StoreResult<T>>),
+}
+
+impl<T> From<tokio::sync::oneshot::Sender<StoreResult<T>>> for Reply<T> {
+    fn from(reply: tokio::sync::oneshot::Sender<StoreResult<T>>) -> Self {
+        Reply::Async(reply)
+    }
+}
+
+struct Call<T, F, R> {
+    f: Option<F>,
+    out: Option<StoreResult<T>>,
+    reply: R,
+}
+
+impl<T, F, R> Pending for Call<T, F, R>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    R: Into<Reply<T>> + Send + 'static,
+{
+    fn run(&mut self, conn: &Connection) -> bool {
+        let Some(f) = self.f.take() else {
+            return false;
+        };
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(conn)))
+            .unwrap_or_else(|_| Err(StoreError::Backend("a store operation panicked".into())));
+        let ok = out.is_ok();
+        self.out = Some(out);
+        ok
+    }
+
+    fn answer(self: Box<Self>, failed: Option<&str>) {
+        let out = match (self.out, failed) {
+            (Some(Err(e)), _) => Err(e),
+            (Some(Ok(out)), None) => Ok(out),
+            (_, failed) => Err(StoreError::Backend(
+                failed.unwrap_or("the operation did not run").to_string(),
+            )),
+        };
+        match self.reply.into() {
+            Reply::Async(reply) => {
+                let _ = reply.send(out);
+            }
+            #[cfg(test)]
+            Reply::Sync(reply) => {
+                let _ = reply.send(out);
+            }
+        }
+    }
+}
+
+fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+/// Runs `batch` in one immediate transaction, each operation in its own
+/// savepoint, and answers every operation once the transaction ended.
+fn run_batch(conn: &Connection, batch: Vec<Box<dyn Pending>>) {
+    // The operations that ran in the open transaction, to be answered
+    // when it ends.
+    let mut ran: Vec<Box<dyn Pending>> = Vec::with_capacity(batch.len());
+    let mut open = false;
+    for mut op in batch {
+        if !open {
+            if let Err(e) = exec(conn, "BEGIN IMMEDIATE") {
+                op.answer(Some(&format!("cannot begin a transaction: {e}")));
+                continue;
+            }
+            open = true;
+        }
+        if let Err(e) = exec(conn, "SAVEPOINT op") {
+            op.answer(Some(&format!("cannot begin a savepoint: {e}")));
+            continue;
+        }
+        let ok = op.run(conn);
+        if conn.is_autocommit() {
+            // SQLite rolled the whole transaction back (disk full, I/O
+            // error): what ran in it before is undone too.
+            let why = "the store rolled its transaction back (see the coordinator's log); retry";
+            tracing::error!("{why}");
+            op.answer(Some(why));
+            for done in ran.drain(..) {
+                done.answer(Some(why));
+            }
+            open = false;
+            continue;
+        }
+        let undone = ok || exec(conn, "ROLLBACK TO op").is_ok();
+        if !undone || exec(conn, "RELEASE op").is_err() {
+            // Its writes cannot be told apart from the others': none stay.
+            let _ = exec(conn, "ROLLBACK");
+            let why = "a store operation could not be undone alone; retry";
+            op.answer(Some(why));
+            for done in ran.drain(..) {
+                done.answer(Some(why));
+            }
+            open = false;
+            continue;
+        }
+        ran.push(op);
+    }
+    if !open {
+        return;
+    }
+    let failed = exec(conn, "COMMIT").err().map(|e| {
+        let _ = exec(conn, "ROLLBACK");
+        format!("cannot commit: {e}")
+    });
+    for op in ran {
+        op.answer(failed.as_deref());
     }
 }
 
@@ -329,7 +528,7 @@ impl Cached for Connection {
     }
 }
 
-fn load_job(tx: &Transaction<'_>, job_id: &str) -> StoreResult<Job> {
+fn load_job(tx: &Connection, job_id: &str) -> StoreResult<Job> {
     let row = tx
         .query_row_cached(
             &format!("SELECT {JOB_COLUMNS} FROM {JOB_FROM} WHERE jobs.id = ?1"),
@@ -342,7 +541,7 @@ fn load_job(tx: &Transaction<'_>, job_id: &str) -> StoreResult<Job> {
     finish_job(row)
 }
 
-fn load_spec(tx: &Transaction<'_>, job_id: &str) -> StoreResult<JobSpec> {
+fn load_spec(tx: &Connection, job_id: &str) -> StoreResult<JobSpec> {
     let json: String = tx
         .query_row_cached("SELECT spec FROM jobs WHERE id = ?1", [job_id], |r| {
             r.get(0)
@@ -352,7 +551,7 @@ fn load_spec(tx: &Transaction<'_>, job_id: &str) -> StoreResult<JobSpec> {
 }
 
 fn append_event(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     job_id: &str,
     now_ms: i64,
     attempt: u64,
@@ -366,7 +565,7 @@ fn append_event(
 /// [`append_event`] with the attempt's price (RUNNING events).
 #[allow(clippy::too_many_arguments)]
 fn append_priced_event(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     job_id: &str,
     now_ms: i64,
     attempt: u64,
@@ -406,7 +605,7 @@ fn append_priced_event(
 /// waiting for its dependencies) with its first event: the one insert
 /// behind `submit` and `create_run`.
 fn insert_job(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     job_id: &str,
     spec: &JobSpec,
     state: JobState,
@@ -447,7 +646,7 @@ fn insert_job(
 }
 
 /// The lease's job row, if the lease still holds it.
-fn held(tx: &Transaction<'_>, lease: &LeaseRef) -> StoreResult<Option<(JobState, Option<String>)>> {
+fn held(tx: &Connection, lease: &LeaseRef) -> StoreResult<Option<(JobState, Option<String>)>> {
     let row: Option<(String, Option<String>)> = tx
         .query_row_cached(
             "SELECT state, agent_id FROM jobs WHERE id = ?1 AND attempt = ?2 AND session_id = ?3 \
@@ -478,7 +677,7 @@ struct Counters {
     spec: JobSpec,
 }
 
-fn counters(tx: &Transaction<'_>, job_id: &str) -> StoreResult<Counters> {
+fn counters(tx: &Connection, job_id: &str) -> StoreResult<Counters> {
     let (attempt, failures, infra, cancel, agent_id, spec): (i64, i64, i64, i64, Option<String>, String) = tx
         .query_row_cached(
             "SELECT attempt, failures, infra_retries, cancel_requested, agent_id, spec FROM jobs WHERE id = ?1",
@@ -502,7 +701,7 @@ fn counters(tx: &Transaction<'_>, job_id: &str) -> StoreResult<Counters> {
 /// it ([`workflows::settle_dependents`]). Returns the new state and the
 /// pools of the dependents released to QUEUED.
 fn move_job(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     job_id: &str,
     job: &Counters,
     next: &super::NextState,
@@ -550,7 +749,7 @@ fn move_job(
 /// Puts a leased job back in the queue on the infrastructure budget, or ends
 /// it when the budget is spent or a cancel was requested. Returns the new state.
 fn requeue_infra(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     job_id: &str,
     reason: &str,
     now_ms: i64,
@@ -569,7 +768,7 @@ fn requeue_infra(
 
 /// Records a held lease's outcome and moves the job on (see `Store::complete`).
 fn apply_completion(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     lease: &LeaseRef,
     completion: &Completion,
     now_ms: i64,
@@ -677,7 +876,7 @@ fn finish_agent((mut agent, labels, capacity): (Agent, String, String)) -> Store
 
 /// What `cancel` does to one job (see [`Store::cancel`]); a QUEUED or
 /// PENDING workflow job fails its PENDING dependents.
-fn cancel_tx(tx: &Transaction<'_>, job: &Job, now_ms: i64) -> StoreResult<()> {
+fn cancel_tx(tx: &Connection, job: &Job, now_ms: i64) -> StoreResult<()> {
     let job_id = job.id.as_str();
     match job.state {
         JobState::Pending | JobState::Queued => {
@@ -727,7 +926,7 @@ fn cancel_tx(tx: &Transaction<'_>, job: &Job, now_ms: i64) -> StoreResult<()> {
 }
 
 fn end_session_tx(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     session_id: &str,
     reason: &str,
     now_ms: i64,
@@ -943,16 +1142,19 @@ impl Store for SqliteStore {
                 return Ok(Vec::new());
             }
             let candidates: Vec<(String, Resources, Option<String>)> = {
+                // The limit is written into the statement: with a bound
+                // LIMIT under ORDER BY, SQLite prepares the statement again
+                // on every run (its sort plan depends on the value).
                 let mut stmt = tx
-                    .prepare_cached(
+                    .prepare_cached(&format!(
                         "SELECT id, cpu_millis, memory_mib, gpus, disk_gib, gpu_model, constraints \
                          FROM jobs INDEXED BY jobs_queue \
                          WHERE pool = ?1 AND state = 'QUEUED' AND not_before_ms <= ?2 \
-                         ORDER BY priority DESC, rowid ASC LIMIT ?3",
-                    )
+                         ORDER BY priority DESC, rowid ASC LIMIT {scan_limit}"
+                    ))
                     .map_err(backend)?;
                 let rows = stmt
-                    .query_map(params![offer.pool, now_ms, scan_limit as i64], |r| {
+                    .query_map(params![offer.pool, now_ms], |r| {
                         Ok((
                             r.get(0)?,
                             Resources {
@@ -1793,14 +1995,14 @@ impl SqliteStore {
         let pool = pool.to_string();
         self.tx(move |tx| {
             let mut stmt = tx
-                .prepare_cached(
+                .prepare_cached(&format!(
                     "SELECT cpu_millis, memory_mib, gpus, disk_gib, gpu_model, constraints \
                      FROM jobs INDEXED BY jobs_queue WHERE pool = ?1 AND state = 'QUEUED' \
-                     ORDER BY priority DESC, rowid ASC LIMIT ?2",
-                )
+                     ORDER BY priority DESC, rowid ASC LIMIT {limit}"
+                ))
                 .map_err(backend)?;
             let rows = stmt
-                .query_map(params![pool, limit as i64], |r| {
+                .query_map(params![pool], |r| {
                     Ok((
                         Resources {
                             cpu_millis: r.get(0)?,
@@ -1926,6 +2128,109 @@ mod tests {
 
     const T0: i64 = 1_700_000_000_000;
 
+    type Answer<T> = tokio::sync::oneshot::Receiver<StoreResult<T>>;
+
+    /// An operation for [`run_batch`] and where its answer arrives.
+    fn call<T, F>(f: F) -> (Box<dyn Pending>, Answer<T>)
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let op = Box::new(Call {
+            f: Some(f),
+            out: None,
+            reply,
+        });
+        (op, answer)
+    }
+
+    fn keys(conn: &Connection) -> Vec<String> {
+        let mut stmt = conn.prepare("SELECT k FROM t ORDER BY k").unwrap();
+        let rows = stmt.query_map([], |r| r.get(0)).unwrap();
+        rows.map(Result::unwrap).collect()
+    }
+
+    fn insert(conn: &Connection, k: &str) -> StoreResult<()> {
+        conn.execute("INSERT INTO t (k) VALUES (?1)", [k])
+            .map(|_| ())
+            .map_err(backend)
+    }
+
+    #[test]
+    fn operations_batched_together_commit_or_fail_each_on_its_own() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (k TEXT PRIMARY KEY)")
+            .unwrap();
+        let (a, mut a_answer) = call(|c| insert(c, "a").map(|()| 1));
+        let (b, mut b_answer) = call(|c| -> StoreResult<()> {
+            insert(c, "b")?;
+            Err(StoreError::Conflict("changed its mind".into()))
+        });
+        // Sees what ran before it in the batch, not what was undone.
+        let (c, mut c_answer) = call(|c| Ok(keys(c)));
+        let (d, mut d_answer) = call(|c| -> StoreResult<()> {
+            insert(c, "d")?;
+            panic!("a bug in one operation")
+        });
+        let (e, mut e_answer) = call(|c| insert(c, "a"));
+        run_batch(&conn, vec![a, b, c, d, e]);
+        assert_eq!(a_answer.try_recv().unwrap().unwrap(), 1);
+        assert!(matches!(
+            b_answer.try_recv().unwrap(),
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(c_answer.try_recv().unwrap().unwrap(), ["a"]);
+        assert!(
+            matches!(d_answer.try_recv().unwrap(), Err(StoreError::Backend(m)) if m.contains("panicked"))
+        );
+        // A constraint violation (the key "a" again) fails only itself.
+        assert!(matches!(
+            e_answer.try_recv().unwrap(),
+            Err(StoreError::Backend(_))
+        ));
+        assert!(conn.is_autocommit());
+        assert_eq!(keys(&conn), ["a"]);
+    }
+
+    #[test]
+    fn a_transaction_sqlite_abandons_fails_every_operation_that_ran_in_it() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (k TEXT PRIMARY KEY)")
+            .unwrap();
+        let (a, mut a_answer) = call(|c| insert(c, "a"));
+        // What SQLite does on a full disk or an I/O error: the whole
+        // transaction is rolled back under the operation's feet.
+        let (b, mut b_answer) = call(|c| {
+            c.execute_batch("ROLLBACK").map_err(backend)?;
+            Ok(())
+        });
+        let (c, mut c_answer) = call(|c| insert(c, "c"));
+        run_batch(&conn, vec![a, b, c]);
+        assert!(a_answer.try_recv().unwrap().is_err());
+        assert!(b_answer.try_recv().unwrap().is_err());
+        // The next operations run in a transaction of their own.
+        c_answer.try_recv().unwrap().unwrap();
+        assert_eq!(keys(&conn), ["c"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_operations_all_commit_through_the_connection_thread() {
+        let store = SqliteStore::in_memory().unwrap();
+        store.with_conn(|c| {
+            c.execute_batch("CREATE TABLE t (k TEXT PRIMARY KEY)")
+                .unwrap()
+        });
+        let calls = (0..500).map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.tx(move |c| insert(c, &format!("{i:03}"))).await })
+        });
+        for done in futures::future::join_all(calls).await {
+            done.unwrap().unwrap();
+        }
+        assert_eq!(store.with_conn(|c| keys(c)).len(), 500);
+    }
+
     /// The `jobs`, `events` and `sessions` tables as releases before
     /// workflows, attempt prices and agent notes created them.
     const OLD_SCHEMA: &str = r#"
@@ -2018,12 +2323,14 @@ CREATE TABLE IF NOT EXISTS sessions (
     }
 
     fn columns(store: &SqliteStore, table: &str) -> Vec<String> {
-        let conn = store.conn.lock().unwrap();
-        let mut stmt = conn
-            .prepare("SELECT name FROM pragma_table_info(?1)")
-            .unwrap();
-        let rows = stmt.query_map([table], |r| r.get(0)).unwrap();
-        rows.map(Result::unwrap).collect()
+        let table = table.to_string();
+        store.with_conn(move |conn| {
+            let mut stmt = conn
+                .prepare("SELECT name FROM pragma_table_info(?1)")
+                .unwrap();
+            let rows = stmt.query_map([table], |r| r.get(0)).unwrap();
+            rows.map(Result::unwrap).collect()
+        })
     }
 
     #[tokio::test]

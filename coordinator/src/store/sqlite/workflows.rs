@@ -11,7 +11,7 @@ use drover_proto::model::{FieldError, JobState};
 use drover_proto::workflow::{
     dependency_count, dependency_failed_reason, dependents_first, dependents_of, RunStep,
 };
-use rusqlite::{params, OptionalExtension, Transaction};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{
     append_event, backend, cancel_tx, insert_job, json_err, load_job, page_of, parse_state, Cached,
@@ -42,7 +42,7 @@ fn finish_run((mut run, steps): (RunRecord, String)) -> StoreResult<RunRecord> {
     Ok(run)
 }
 
-pub(super) fn load_run(tx: &Transaction<'_>, run_id: &str) -> StoreResult<RunRecord> {
+pub(super) fn load_run(tx: &Connection, run_id: &str) -> StoreResult<RunRecord> {
     let row = tx
         .query_row_cached(
             &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"),
@@ -55,7 +55,7 @@ pub(super) fn load_run(tx: &Transaction<'_>, run_id: &str) -> StoreResult<RunRec
     finish_run(row)
 }
 
-fn load_steps(tx: &Transaction<'_>, run_id: &str) -> StoreResult<Vec<RunStep>> {
+fn load_steps(tx: &Connection, run_id: &str) -> StoreResult<Vec<RunStep>> {
     let json: String = tx
         .prepare_cached("SELECT steps FROM runs WHERE id = ?1")
         .map_err(backend)?
@@ -79,7 +79,7 @@ fn waiting_reason(step: &RunStep, n: u32) -> String {
 }
 
 pub(super) fn create_run(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     run: &RunRecord,
     jobs: Vec<NewJob>,
     now_ms: i64,
@@ -160,7 +160,7 @@ pub(super) fn create_run(
 }
 
 pub(super) fn list_runs(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     after: Option<&str>,
     limit: usize,
 ) -> StoreResult<Page<RunRecord>> {
@@ -187,11 +187,7 @@ pub(super) fn list_runs(
 
 /// See [`super::Store::cancel_run`]: dependents first, so a PENDING step is
 /// cancelled before its dependency's cancel could fail it.
-pub(super) fn cancel_run(
-    tx: &Transaction<'_>,
-    run_id: &str,
-    now_ms: i64,
-) -> StoreResult<RunRecord> {
+pub(super) fn cancel_run(tx: &Connection, run_id: &str, now_ms: i64) -> StoreResult<RunRecord> {
     let run = load_run(tx, run_id)?;
     let states = job_states(tx, run.job_ids())?;
     if states.values().all(|s| s.is_terminal()) {
@@ -223,7 +219,7 @@ pub(super) fn cancel_run(
 
 /// The states of the jobs with these ids that exist.
 fn job_states<'a>(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     ids: impl Iterator<Item = &'a str>,
 ) -> StoreResult<HashMap<String, JobState>> {
     let ids = serde_json::to_string(&ids.collect::<Vec<_>>()).map_err(json_err)?;
@@ -252,7 +248,7 @@ fn job_states<'a>(
 /// transitively. Anything else, or a job of no workflow, does nothing
 /// beyond one primary-key lookup (and none for non-terminal states).
 pub(super) fn settle_dependents(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     job_id: &str,
     state: JobState,
     now_ms: i64,
@@ -293,7 +289,7 @@ pub(super) fn settle_dependents(
 }
 
 /// PENDING → QUEUED; the job's pool, or `None` when it was not PENDING.
-fn queue_pending(tx: &Transaction<'_>, job_id: &str, now_ms: i64) -> StoreResult<Option<String>> {
+fn queue_pending(tx: &Connection, job_id: &str, now_ms: i64) -> StoreResult<Option<String>> {
     let row: Option<(String, i64)> = tx
         .prepare_cached(
             "UPDATE jobs SET state = 'QUEUED', updated_at_ms = ?2, reason = ?3 \
@@ -321,12 +317,7 @@ fn queue_pending(tx: &Transaction<'_>, job_id: &str, now_ms: i64) -> StoreResult
 }
 
 /// PENDING → FAILED with `reason`; false when it was not PENDING.
-fn fail_pending(
-    tx: &Transaction<'_>,
-    job_id: &str,
-    reason: &str,
-    now_ms: i64,
-) -> StoreResult<bool> {
+fn fail_pending(tx: &Connection, job_id: &str, reason: &str, now_ms: i64) -> StoreResult<bool> {
     let attempt: Option<i64> = tx
         .prepare_cached(
             "UPDATE jobs SET state = 'FAILED', updated_at_ms = ?2, finished_at_ms = ?2, \
@@ -354,7 +345,7 @@ fn fail_pending(
 /// Fails every PENDING job depending on `job_id` (of `step`, which ended
 /// `state`), then theirs, and so on.
 fn fail_dependents(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     steps: &[RunStep],
     step: &str,
     job_id: &str,
@@ -377,7 +368,7 @@ fn fail_dependents(
 
 /// See [`super::Store::release_pending`]. One indexed query when nothing is
 /// PENDING; otherwise one query of the dependencies' states per waiting step.
-pub(super) fn release_pending(tx: &Transaction<'_>, now_ms: i64) -> StoreResult<Vec<String>> {
+pub(super) fn release_pending(tx: &Connection, now_ms: i64) -> StoreResult<Vec<String>> {
     // run → step → its PENDING jobs.
     let mut waiting: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
     {
@@ -529,19 +520,23 @@ mod tests {
     /// Sets a job's state behind the store's back: a completion whose
     /// dependency bookkeeping never happened.
     fn force_state(store: &SqliteStore, id: &str, state: JobState) {
-        let conn = store.conn.lock().unwrap();
-        conn.execute(
-            "UPDATE jobs SET state = ?2 WHERE id = ?1",
-            [id, state.as_str()],
-        )
-        .unwrap();
+        let id = id.to_string();
+        store.with_conn(move |conn| {
+            conn.execute(
+                "UPDATE jobs SET state = ?2 WHERE id = ?1",
+                [id.as_str(), state.as_str()],
+            )
+            .unwrap();
+        })
     }
 
     fn query_plan(store: &SqliteStore, sql: &str) -> String {
-        let conn = store.conn.lock().unwrap();
-        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-        let rows = stmt.query_map([], |r| r.get::<_, String>(3)).unwrap();
-        rows.map(Result::unwrap).collect::<Vec<_>>().join("; ")
+        let sql = format!("EXPLAIN QUERY PLAN {sql}");
+        store.with_conn(move |conn| {
+            let mut stmt = conn.prepare(&sql).unwrap();
+            let rows = stmt.query_map([], |r| r.get::<_, String>(3)).unwrap();
+            rows.map(Result::unwrap).collect::<Vec<_>>().join("; ")
+        })
     }
 
     async fn session(store: &SqliteStore, id: &str, now: i64) -> ClaimOffer {
@@ -658,12 +653,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(listed.items[0].workflow, None);
-        let links: i64 = store
-            .conn
-            .lock()
-            .unwrap()
-            .query_row("SELECT COUNT(*) FROM job_links", [], |r| r.get(0))
-            .unwrap();
+        let links: i64 = store.with_conn(|conn| {
+            conn.query_row("SELECT COUNT(*) FROM job_links", [], |r| r.get(0))
+                .unwrap()
+        });
         assert_eq!(links, 0);
         assert!(store.get_jobs(&[]).await.unwrap().is_empty());
         let twice = store
