@@ -2228,7 +2228,7 @@ mod tests {
         for done in futures::future::join_all(calls).await {
             done.unwrap().unwrap();
         }
-        assert_eq!(store.with_conn(|c| keys(c)).len(), 500);
+        assert_eq!(store.with_conn(keys).len(), 500);
     }
 
     /// The `jobs`, `events` and `sessions` tables as releases before
