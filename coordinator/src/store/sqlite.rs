@@ -175,25 +175,33 @@ impl SqliteStore {
         }
         let conn = Connection::open(path)
             .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
-        Self::init(conn)
+        let checkpoints = Connection::open(path)
+            .map_err(|e| StoreError::Backend(format!("cannot open {}: {e}", path.display())))?;
+        Self::init(conn, Some(checkpoints))
     }
 
     /// A private in-memory database (tests).
     pub fn in_memory() -> StoreResult<Self> {
-        Self::init(Connection::open_in_memory().map_err(backend)?)
+        Self::init(Connection::open_in_memory().map_err(backend)?, None)
     }
 
-    fn init(mut conn: Connection) -> StoreResult<Self> {
+    fn init(mut conn: Connection, checkpoints: Option<Connection>) -> StoreResult<Self> {
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(backend)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(backend)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(backend)?;
+        if checkpoints.is_some() {
+            // The checkpoint thread keeps the WAL short; the connection
+            // only checkpoints itself (and waits for the disk) past this.
+            conn.pragma_update(None, "wal_autocheckpoint", WAL_FALLBACK_PAGES)
+                .map_err(backend)?;
+        }
         conn.set_prepared_statement_cache_capacity(64);
         migrate(&mut conn)?;
         Ok(SqliteStore {
-            writer: Arc::new(Writer::start(conn)?),
+            writer: Arc::new(Writer::start(conn, checkpoints)?),
         })
     }
 
@@ -248,10 +256,54 @@ const MAX_BATCH: usize = 64;
 struct Writer {
     ops: Option<std::sync::mpsc::Sender<Box<dyn Pending>>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    checkpoints: Option<Checkpointer>,
+}
+
+/// How often the checkpoint thread copies the WAL into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// WAL pages (4 KiB) past which the writing connection checkpoints itself:
+/// only if the checkpoint thread falls far behind.
+const WAL_FALLBACK_PAGES: i64 = 16_384;
+
+/// Copies the WAL into the database file from a second connection, on its
+/// own thread: a checkpoint waits for the disk (fsync), and done by the
+/// writing connection (SQLite's default, every 1,000 pages) it stalled every
+/// operation behind it for tens of milliseconds. PASSIVE checkpoints never
+/// block the writer; once the WAL is wholly copied, the writer starts it
+/// over from the beginning.
+struct Checkpointer {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Checkpointer {
+    fn start(conn: Connection) -> StoreResult<Checkpointer> {
+        conn.busy_timeout(std::time::Duration::from_secs(1))
+            .map_err(backend)?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("drover-checkpoint".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(CHECKPOINT_EVERY)
+                {
+                    let done = conn
+                        .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0));
+                    if let Err(e) = done {
+                        tracing::warn!(
+                            "SQLite checkpoint failed (the WAL grows until one works): {e}"
+                        );
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Backend(format!("cannot start the checkpoint thread: {e}")))?;
+        Ok(Checkpointer { stop, thread })
+    }
 }
 
 impl Writer {
-    fn start(conn: Connection) -> StoreResult<Writer> {
+    fn start(conn: Connection, checkpoints: Option<Connection>) -> StoreResult<Writer> {
+        let checkpoints = checkpoints.map(Checkpointer::start).transpose()?;
         let (ops, queue) = std::sync::mpsc::channel::<Box<dyn Pending>>();
         let thread = std::thread::Builder::new()
             .name("drover-sqlite".into())
@@ -271,6 +323,7 @@ impl Writer {
         Ok(Writer {
             ops: Some(ops),
             thread: Some(thread),
+            checkpoints,
         })
     }
 
@@ -286,6 +339,10 @@ impl Drop for Writer {
     /// Closes the connection before returning, so that the file is settled
     /// (WAL checkpointed) when the last handle on the store is gone.
     fn drop(&mut self) {
+        if let Some(checkpoints) = self.checkpoints.take() {
+            let _ = checkpoints.stop.send(());
+            let _ = checkpoints.thread.join();
+        }
         self.ops.take();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -2212,6 +2269,43 @@ mod tests {
         // The next operations run in a transaction of their own.
         c_answer.try_recv().unwrap().unwrap();
         assert_eq!(keys(&conn), ["c"]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_checkpoint_thread_copies_commits_into_the_database_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("drover.db");
+        let store = SqliteStore::open(&path).unwrap();
+        store.with_conn(|c| {
+            c.execute_batch("CREATE TABLE t (k TEXT PRIMARY KEY)")
+                .unwrap()
+        });
+        for i in 0..50 {
+            store
+                .tx(move |c| insert(c, &format!("{i:02}")))
+                .await
+                .unwrap();
+        }
+        // The file alone (without its WAL) holds every commit once the
+        // checkpoint thread has been by; the writer never checkpointed
+        // (its threshold is far away).
+        let copy = dir.path().join("copy.db");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            std::fs::copy(&path, &copy).unwrap();
+            let rows = Connection::open(&copy)
+                .and_then(|c| c.query_row("SELECT COUNT(*) FROM t", [], |r| r.get::<_, i64>(0)))
+                .unwrap_or(0);
+            if rows == 50 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never checkpointed: {rows} rows in the file"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        drop(store);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -202,6 +202,7 @@ async fn throughput(opts: &Options) -> anyhow::Result<Report> {
     let coord_cpu0 = proc::cpu_secs(coordinator_pid).unwrap_or_default();
     let agents_cpu0 = agents_cpu(&agent_pids);
     let t0 = Instant::now();
+    let t0_ms = SystemClock.now_ms();
     for chunk in (0..jobs).collect::<Vec<_>>().chunks(batch) {
         sandbox
             .client
@@ -230,17 +231,26 @@ async fn throughput(opts: &Options) -> anyhow::Result<Report> {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let elapsed = t0.elapsed();
+    let polled = t0.elapsed();
     let coord_cpu = proc::cpu_secs(coordinator_pid).unwrap_or_default() - coord_cpu0;
     let agent_cpu = agents_cpu(&agent_pids) - agents_cpu0;
-    let succeeded = sandbox
+    let finished = sandbox
         .client
         .list_all_jobs(&drover_cli::JobQuery {
             state: Some(JobState::Succeeded),
             ..Default::default()
         })
-        .await?
-        .len();
+        .await?;
+    let succeeded = finished.len();
+    // Up to the last completion as the coordinator recorded it (same host
+    // clock), not the poll that noticed it 0–500 ms later.
+    let elapsed = finished
+        .iter()
+        .filter_map(|j| j.finished_at_ms)
+        .max()
+        .map_or(polled, |last| {
+            Duration::from_millis((last - t0_ms).max(1) as u64).min(polled)
+        });
     let rate = jobs as f64 / elapsed.as_secs_f64();
     let mut report = Report::new(
         "throughput",
