@@ -2,6 +2,8 @@
 //! every call, and errors classified into what the agent must do about them.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use drover_proto::v1;
@@ -118,6 +120,42 @@ pub struct Client {
     url: String,
     inner: AgentServiceClient<Channel>,
     http: reqwest::Client,
+    reports: Arc<Reports>,
+}
+
+/// Reports one `Report` call carries at most (the coordinator's limit).
+const MAX_REPORTS: usize = 256;
+
+/// Starts and completions on their way to the coordinator. Sent one
+/// `Report` call at a time: under load each call carries everything that
+/// queued while the previous one was in flight, so a busy agent makes one
+/// round trip (and the coordinator one store transaction) for many jobs,
+/// while a lone report still goes out at once.
+#[derive(Default)]
+struct Reports {
+    queue: Mutex<ReportQueue>,
+    /// Set once the coordinator answered UNIMPLEMENTED (older than
+    /// `Report`): every report is its own call from then on.
+    unary: AtomicBool,
+}
+
+#[derive(Default)]
+struct ReportQueue {
+    items: Vec<Queued>,
+    /// Whether a task is sending (it empties the queue before it ends).
+    sending: bool,
+}
+
+impl Reports {
+    fn queue(&self) -> std::sync::MutexGuard<'_, ReportQueue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+struct Queued {
+    auth: Auth,
+    report: v1::report::Report,
+    reply: tokio::sync::oneshot::Sender<Result<String, CallError>>,
 }
 
 /// The session a call acts for.
@@ -171,6 +209,7 @@ impl Client {
             url: url.to_string(),
             inner: AgentServiceClient::new(endpoint.connect_lazy()),
             http: http.build().map_err(|e| tls_error(e.to_string()))?,
+            reports: Arc::new(Reports::default()),
         })
     }
 
@@ -256,18 +295,12 @@ impl Client {
             .map_err(|s| self.err(s, false))
     }
 
+    /// LEASED -> RUNNING. Fenced; sent with other reports (see [`Reports`]).
     pub async fn report_started(&self, auth: &Auth, lease: v1::LeaseRef) -> Result<(), CallError> {
-        let req = self.request(
-            Some(auth),
-            v1::ReportStartedRequest { lease: Some(lease) },
-            CALL_TIMEOUT,
-        );
-        self.inner
-            .clone()
-            .report_started(req)
+        let started = v1::ReportStartedRequest { lease: Some(lease) };
+        self.report(auth, v1::report::Report::Started(started))
             .await
             .map(|_| ())
-            .map_err(|s| self.err(s, true))
     }
 
     /// A signed URL to PUT the attempt's artifact to. Fenced.
@@ -305,18 +338,152 @@ impl Client {
             .map_err(|s| self.err(s, true))
     }
 
+    /// Records the attempt's outcome; answers the job's state after it.
+    /// Fenced and idempotent; sent with other reports (see [`Reports`]).
     pub async fn complete(
         &self,
         auth: &Auth,
         msg: v1::CompleteRequest,
     ) -> Result<String, CallError> {
+        self.report(auth, v1::report::Report::Complete(msg)).await
+    }
+
+    /// Queues a report and waits for its answer. The first report of a
+    /// quiet moment goes out at once; what queues while it is in flight
+    /// goes out together in the next `Report` call.
+    async fn report(&self, auth: &Auth, report: v1::report::Report) -> Result<String, CallError> {
+        if self.reports.unary.load(Ordering::Relaxed) {
+            return self.report_alone(auth, report).await;
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut queue = self.reports.queue();
+            queue.items.push(Queued {
+                auth: auth.clone(),
+                report,
+                reply,
+            });
+            !std::mem::replace(&mut queue.sending, true)
+        };
+        if start {
+            tokio::spawn(self.clone().send_reports());
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(CallError::Transient {
+                url: self.url.clone(),
+                code: Code::Aborted,
+                message: "the report was dropped before it was sent".into(),
+            })
+        })
+    }
+
+    /// Sends queued reports, a `Report` call per session at a time, until
+    /// the queue is empty.
+    async fn send_reports(self) {
+        loop {
+            let batch = {
+                let mut queue = self.reports.queue();
+                if queue.items.is_empty() {
+                    queue.sending = false;
+                    return;
+                }
+                let n = queue.items.len().min(MAX_REPORTS);
+                queue.items.drain(..n).collect::<Vec<_>>()
+            };
+            // Reports of one session go together (a re-registered agent
+            // may still have some of its old session's in the queue).
+            let mut sessions: Vec<(Auth, Vec<Queued>)> = Vec::new();
+            for item in batch {
+                match sessions
+                    .iter_mut()
+                    .find(|(auth, _)| auth.session_id == item.auth.session_id)
+                {
+                    Some((_, items)) => items.push(item),
+                    None => sessions.push((item.auth.clone(), vec![item])),
+                }
+            }
+            for (auth, items) in sessions {
+                self.send_batch(&auth, items).await;
+            }
+        }
+    }
+
+    async fn send_batch(&self, auth: &Auth, items: Vec<Queued>) {
+        let msg = v1::ReportRequest {
+            session_id: auth.session_id.clone(),
+            reports: items
+                .iter()
+                .map(|i| v1::Report {
+                    report: Some(i.report.clone()),
+                })
+                .collect(),
+        };
         let req = self.request(Some(auth), msg, CALL_TIMEOUT);
-        self.inner
-            .clone()
-            .complete(req)
-            .await
-            .map(|r| r.into_inner().state)
-            .map_err(|s| self.err(s, true))
+        match self.inner.clone().report(req).await {
+            Ok(answer) => {
+                let mut results = answer.into_inner().results.into_iter();
+                for item in items {
+                    let result = match results.next() {
+                        Some(r) if r.code == Code::Ok as i32 => Ok(r.state),
+                        Some(r) => Err(self.err(Status::new(Code::from(r.code), r.message), true)),
+                        None => Err(CallError::Transient {
+                            url: self.url.clone(),
+                            code: Code::Internal,
+                            message: "the coordinator answered fewer reports than it was sent"
+                                .into(),
+                        }),
+                    };
+                    let _ = item.reply.send(result);
+                }
+            }
+            Err(status) if status.code() == Code::Unimplemented => {
+                // A coordinator from before `Report`: one call per report
+                // from now on.
+                tracing::info!("the coordinator does not take Report calls; sending starts and completions one by one");
+                self.reports.unary.store(true, Ordering::Relaxed);
+                for item in items {
+                    let client = self.clone();
+                    let auth = item.auth.clone();
+                    tokio::spawn(async move {
+                        let result = client.report_alone(&auth, item.report).await;
+                        let _ = item.reply.send(result);
+                    });
+                }
+            }
+            Err(status) => {
+                for item in items {
+                    let _ = item.reply.send(Err(self.err(status.clone(), true)));
+                }
+            }
+        }
+    }
+
+    /// A report as its own call (`ReportStarted` or `Complete`).
+    async fn report_alone(
+        &self,
+        auth: &Auth,
+        report: v1::report::Report,
+    ) -> Result<String, CallError> {
+        match report {
+            v1::report::Report::Started(msg) => {
+                let req = self.request(Some(auth), msg, CALL_TIMEOUT);
+                self.inner
+                    .clone()
+                    .report_started(req)
+                    .await
+                    .map(|_| String::new())
+                    .map_err(|s| self.err(s, true))
+            }
+            v1::report::Report::Complete(msg) => {
+                let req = self.request(Some(auth), msg, CALL_TIMEOUT);
+                self.inner
+                    .clone()
+                    .complete(req)
+                    .await
+                    .map(|r| r.into_inner().state)
+                    .map_err(|s| self.err(s, true))
+            }
+        }
     }
 
     pub async fn leave(&self, auth: &Auth) -> Result<u32, CallError> {
@@ -394,6 +561,228 @@ mod tests {
         assert!(
             msg.contains("http://c:7070") && msg.contains("DROVER_COORDINATOR"),
             "{msg}"
+        );
+    }
+
+    /// A coordinator that records the reports it gets. `batching`: it
+    /// takes `Report` calls, holding the first until `gate` opens;
+    /// otherwise it is older than `Report` and answers UNIMPLEMENTED.
+    struct Recorder {
+        batching: bool,
+        gate: Arc<tokio::sync::Semaphore>,
+        /// Reports per `Report` call, and calls of the single forms.
+        report_calls: Mutex<Vec<usize>>,
+        single_calls: Mutex<Vec<&'static str>>,
+    }
+
+    struct Fake(Arc<Recorder>);
+
+    fn unimplemented<T>() -> Result<tonic::Response<T>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
+    #[tonic::async_trait]
+    impl v1::agent_service_server::AgentService for Fake {
+        async fn register(
+            &self,
+            _: Request<v1::RegisterRequest>,
+        ) -> Result<tonic::Response<v1::RegisterResponse>, Status> {
+            unimplemented()
+        }
+        async fn claim(
+            &self,
+            _: Request<v1::ClaimRequest>,
+        ) -> Result<tonic::Response<v1::ClaimResponse>, Status> {
+            unimplemented()
+        }
+        async fn heartbeat(
+            &self,
+            _: Request<v1::HeartbeatRequest>,
+        ) -> Result<tonic::Response<v1::HeartbeatResponse>, Status> {
+            unimplemented()
+        }
+        type CommandsStream = futures::stream::Empty<Result<v1::Command, Status>>;
+        async fn commands(
+            &self,
+            _: Request<v1::CommandsRequest>,
+        ) -> Result<tonic::Response<Self::CommandsStream>, Status> {
+            unimplemented()
+        }
+        async fn report_started(
+            &self,
+            _: Request<v1::ReportStartedRequest>,
+        ) -> Result<tonic::Response<v1::ReportStartedResponse>, Status> {
+            self.0.single_calls.lock().unwrap().push("ReportStarted");
+            Ok(tonic::Response::new(v1::ReportStartedResponse {}))
+        }
+        async fn append_logs(
+            &self,
+            _: Request<v1::AppendLogsRequest>,
+        ) -> Result<tonic::Response<v1::AppendLogsResponse>, Status> {
+            unimplemented()
+        }
+        async fn artifact_upload_url(
+            &self,
+            _: Request<v1::ArtifactUploadUrlRequest>,
+        ) -> Result<tonic::Response<v1::ArtifactUploadUrlResponse>, Status> {
+            unimplemented()
+        }
+        async fn complete(
+            &self,
+            _: Request<v1::CompleteRequest>,
+        ) -> Result<tonic::Response<v1::CompleteResponse>, Status> {
+            self.0.single_calls.lock().unwrap().push("Complete");
+            Ok(tonic::Response::new(v1::CompleteResponse {
+                state: "SUCCEEDED".into(),
+            }))
+        }
+        async fn report(
+            &self,
+            req: Request<v1::ReportRequest>,
+        ) -> Result<tonic::Response<v1::ReportResponse>, Status> {
+            if !self.0.batching {
+                return unimplemented();
+            }
+            let first = {
+                let mut calls = self.0.report_calls.lock().unwrap();
+                calls.push(req.get_ref().reports.len());
+                calls.len() == 1
+            };
+            if first {
+                let _ = self.0.gate.acquire().await.unwrap();
+            }
+            // A job of its own fails on its lease; the others succeed.
+            let results = req
+                .into_inner()
+                .reports
+                .into_iter()
+                .map(|r| match r.report {
+                    Some(v1::report::Report::Complete(c))
+                        if c.lease.as_ref().is_some_and(|l| l.job_id == "lost") =>
+                    {
+                        v1::ReportResult {
+                            code: Code::FailedPrecondition as i32,
+                            message: "lease lost".into(),
+                            state: String::new(),
+                        }
+                    }
+                    _ => v1::ReportResult {
+                        code: 0,
+                        message: String::new(),
+                        state: "SUCCEEDED".into(),
+                    },
+                })
+                .collect();
+            Ok(tonic::Response::new(v1::ReportResponse { results }))
+        }
+        async fn leave(
+            &self,
+            _: Request<v1::LeaveRequest>,
+        ) -> Result<tonic::Response<v1::LeaveResponse>, Status> {
+            unimplemented()
+        }
+    }
+
+    async fn recorder(batching: bool) -> (Arc<Recorder>, Client) {
+        let recorder = Arc::new(Recorder {
+            batching,
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            report_calls: Mutex::new(Vec::new()),
+            single_calls: Mutex::new(Vec::new()),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let incoming = futures::stream::unfold(listener, |l| async move {
+            let conn = l.accept().await.map(|(s, _)| s);
+            Some((conn, l))
+        });
+        let service = v1::agent_service_server::AgentServiceServer::new(Fake(recorder.clone()));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(incoming),
+        );
+        (
+            recorder,
+            Client::new(&format!("http://{addr}"), None).unwrap(),
+        )
+    }
+
+    fn lease(job: &str) -> v1::LeaseRef {
+        v1::LeaseRef {
+            job_id: job.into(),
+            attempt: 1,
+            session_id: "s1".into(),
+        }
+    }
+
+    fn completion(job: &str) -> v1::CompleteRequest {
+        v1::CompleteRequest {
+            lease: Some(lease(job)),
+            outcome: v1::Outcome::Succeeded as i32,
+            exit_code: Some(0),
+            reason: String::new(),
+        }
+    }
+
+    const AUTH: fn() -> Auth = || Auth {
+        session_id: "s1".into(),
+        token: "t".into(),
+    };
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reports_queued_behind_one_in_flight_go_out_together_each_answered_alone() {
+        let (recorder, client) = recorder(true).await;
+        let first = {
+            let client = client.clone();
+            tokio::spawn(async move { client.report_started(&AUTH(), lease("a")).await })
+        };
+        while recorder.report_calls.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // While the first call is held, nine more queue up.
+        let queued: Vec<_> = (0..9)
+            .map(|i| {
+                let client = client.clone();
+                let job = if i == 4 {
+                    "lost".to_string()
+                } else {
+                    format!("j{i}")
+                };
+                tokio::spawn(async move { client.complete(&AUTH(), completion(&job)).await })
+            })
+            .collect();
+        while client.reports.queue().items.len() < 9 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        recorder.gate.add_permits(1);
+        first.await.unwrap().unwrap();
+        for (i, done) in futures::future::join_all(queued)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            match done.unwrap() {
+                Ok(state) => assert!(i != 4 && state == "SUCCEEDED", "{i}: {state}"),
+                Err(e) => assert!(i == 4 && matches!(e, CallError::LeaseLost(_)), "{i}: {e}"),
+            }
+        }
+        assert_eq!(*recorder.report_calls.lock().unwrap(), [1, 9]);
+        assert!(recorder.single_calls.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_coordinator_without_report_gets_each_report_as_its_own_call() {
+        let (recorder, client) = recorder(false).await;
+        client.report_started(&AUTH(), lease("a")).await.unwrap();
+        assert_eq!(
+            client.complete(&AUTH(), completion("a")).await.unwrap(),
+            "SUCCEEDED"
+        );
+        client.complete(&AUTH(), completion("b")).await.unwrap();
+        assert_eq!(
+            *recorder.single_calls.lock().unwrap(),
+            ["ReportStarted", "Complete", "Complete"]
         );
     }
 

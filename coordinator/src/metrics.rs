@@ -18,6 +18,9 @@ pub struct Metrics {
     /// AppendLogs answered with `resend_from`: output a coordinator had
     /// accepted was lost before it was persisted.
     pub log_resends: AtomicU64,
+    /// `Report` calls, and the reports (starts, completions) they carried.
+    pub report_calls: AtomicU64,
+    pub reports: AtomicU64,
     pub sessions_registered: AtomicU64,
     pub sessions_expired: AtomicU64,
     /// Jobs requeued because their session ended or never reported them.
@@ -85,7 +88,7 @@ impl Metrics {
 
     pub fn render(&self, pools: &[Pool]) -> String {
         let mut out = String::new();
-        let counters: [(&str, &str, &AtomicU64); 11] = [
+        let counters: [(&str, &str, &AtomicU64); 13] = [
             (
                 "drover_jobs_submitted_total",
                 "Jobs accepted by submit.",
@@ -111,6 +114,16 @@ impl Metrics {
                 "drover_log_resends_total",
                 "AppendLogs calls answered with resend_from (output lost by a coordinator before it was persisted).",
                 &self.log_resends,
+            ),
+            (
+                "drover_report_calls_total",
+                "Report calls answered (each carries one or more starts and completions).",
+                &self.report_calls,
+            ),
+            (
+                "drover_reports_total",
+                "Starts and completions received through Report calls.",
+                &self.reports,
             ),
             (
                 "drover_sessions_registered_total",

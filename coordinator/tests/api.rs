@@ -869,3 +869,151 @@ async fn cancelling_a_run_cancels_every_unfinished_step() {
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn a_report_call_applies_each_start_and_completion_as_its_own_call_would() {
+    let h = Harness::start(|_| {}).await;
+    let mut ids = Vec::new();
+    for name in ["a", "b", "c"] {
+        let (status, job) = h
+            .admin(
+                "POST",
+                "/v1/jobs",
+                Some(json!({"name": name, "command": ["true"]})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{job}");
+        ids.push(job["jobs"][0]["id"].as_str().unwrap().to_string());
+    }
+    let capacity = v1::Resources {
+        cpu_millis: 8000,
+        memory_mib: 8192,
+        ..Default::default()
+    };
+    let session = h.register("default", capacity.clone()).await.unwrap();
+    let token = session.session_token.clone();
+    let mut client = h.grpc().await;
+    let leases: Vec<v1::LeaseRef> = client
+        .claim(authed(
+            v1::ClaimRequest {
+                session_id: session.session_id.clone(),
+                free: Some(capacity),
+                max_jobs: 3,
+                wait_ms: 0,
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .leases
+        .into_iter()
+        .map(|l| l.lease.unwrap())
+        .collect();
+    assert_eq!(leases.len(), 3);
+    let started = |lease: &v1::LeaseRef| v1::Report {
+        report: Some(v1::report::Report::Started(v1::ReportStartedRequest {
+            lease: Some(lease.clone()),
+        })),
+    };
+    let completed = |lease: &v1::LeaseRef, code: i32| v1::Report {
+        report: Some(v1::report::Report::Complete(v1::CompleteRequest {
+            lease: Some(lease.clone()),
+            outcome: if code == 0 {
+                v1::Outcome::Succeeded
+            } else {
+                v1::Outcome::Failed
+            } as i32,
+            exit_code: Some(code),
+            reason: String::new(),
+        })),
+    };
+    let stale = v1::LeaseRef {
+        attempt: 7,
+        ..leases[1].clone()
+    };
+    let foreign = v1::LeaseRef {
+        session_id: "someone-else".into(),
+        ..leases[2].clone()
+    };
+    let reports = vec![
+        started(&leases[0]),
+        started(&leases[1]),
+        completed(&leases[0], 0),
+        // Applied in order: a repeat of the same completion is idempotent.
+        completed(&leases[0], 0),
+        completed(&stale, 0),
+        completed(&foreign, 0),
+        v1::Report { report: None },
+        completed(&leases[2], 3),
+    ];
+    let results = client
+        .report(authed(
+            v1::ReportRequest {
+                session_id: session.session_id.clone(),
+                reports,
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let codes: Vec<tonic::Code> = results.iter().map(|r| tonic::Code::from(r.code)).collect();
+    use tonic::Code::*;
+    assert_eq!(
+        codes,
+        [
+            Ok,
+            Ok,
+            Ok,
+            Ok,
+            FailedPrecondition,
+            InvalidArgument,
+            InvalidArgument,
+            Ok
+        ],
+        "{results:?}"
+    );
+    assert_eq!(results[2].state, "SUCCEEDED");
+    assert_eq!(results[7].state, "FAILED");
+    assert!(
+        results[5].message.contains("reports[5].complete.lease"),
+        "{results:?}"
+    );
+    assert!(results[6].message.contains("reports[6]"), "{results:?}");
+    let state = |id: &str| {
+        let id = id.to_string();
+        let h = &h;
+        async move { h.admin("GET", &format!("/v1/jobs/{id}"), None).await.1["state"].clone() }
+    };
+    assert_eq!(state(&ids[0]).await, "SUCCEEDED");
+    assert_eq!(state(&ids[1]).await, "RUNNING");
+    assert_eq!(state(&ids[2]).await, "FAILED");
+
+    // The whole call is refused for a wrong token or too many reports.
+    let wrong = client
+        .report(authed(
+            v1::ReportRequest {
+                session_id: session.session_id.clone(),
+                reports: vec![completed(&leases[1], 0)],
+            },
+            "not-the-token",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Unauthenticated);
+    let many = client
+        .report(authed(
+            v1::ReportRequest {
+                session_id: session.session_id.clone(),
+                reports: vec![completed(&leases[1], 0); 257],
+            },
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(many.code(), InvalidArgument);
+    assert!(many.message().contains("reports"), "{}", many.message());
+    assert_eq!(state(&ids[1]).await, "RUNNING");
+}

@@ -9,6 +9,7 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::error::ServiceError;
+use crate::metrics::Metrics;
 use crate::service::{
     lease_from_wire, lease_to_wire, resources_from_wire, resources_to_wire, Service,
 };
@@ -46,6 +47,120 @@ impl AgentGrpc {
         let lease = lease_from_wire(lease.clone())?;
         self.session(req, &lease.session_id).await?;
         Ok(lease)
+    }
+}
+
+/// Reports one `Report` call may carry.
+const MAX_REPORTS: usize = 256;
+
+/// The calls a `Report` batches, shared with their unary forms.
+impl AgentGrpc {
+    async fn started(
+        &self,
+        session: &SessionAuth,
+        lease: &crate::store::LeaseRef,
+    ) -> Result<(), Status> {
+        Ok(self.service.report_started(session, lease).await?)
+    }
+
+    async fn completed(
+        &self,
+        lease: crate::store::LeaseRef,
+        body: v1::CompleteRequest,
+    ) -> Result<drover_proto::model::JobState, Status> {
+        let outcome = match v1::Outcome::try_from(body.outcome) {
+            Ok(v1::Outcome::Succeeded) => OutcomeKind::Succeeded,
+            Ok(v1::Outcome::Failed) => OutcomeKind::Failed,
+            Ok(v1::Outcome::Cancelled) => OutcomeKind::Cancelled,
+            Ok(v1::Outcome::TimedOut) => OutcomeKind::TimedOut,
+            Ok(v1::Outcome::Interrupted) => OutcomeKind::Interrupted,
+            _ => {
+                return Err(ServiceError::invalid(
+                    "outcome",
+                    "must be one of SUCCEEDED, FAILED, CANCELLED, TIMED_OUT, INTERRUPTED",
+                )
+                .into())
+            }
+        };
+        let reason = if body.reason.is_empty() {
+            match body.exit_code {
+                Some(code) => format!("exit code {code}"),
+                None => outcome.as_str().to_string(),
+            }
+        } else {
+            body.reason.chars().take(1024).collect()
+        };
+        Ok(self
+            .service
+            .complete(
+                &lease,
+                Completion {
+                    outcome,
+                    exit_code: body.exit_code,
+                    reason,
+                },
+            )
+            .await?)
+    }
+
+    /// One report of a `Report` call, answered as its own call would be.
+    async fn one_report(
+        &self,
+        session: &SessionAuth,
+        index: usize,
+        report: v1::Report,
+    ) -> v1::ReportResult {
+        let field = |name: &str| format!("reports[{index}].{name}");
+        let lease_of = |lease: Option<v1::LeaseRef>, name: &str| {
+            let lease = lease_from_wire(lease).map_err(|_| {
+                Status::invalid_argument(format!(
+                    "{}: must name job_id, attempt (≥ 1) and session_id",
+                    field(name)
+                ))
+            })?;
+            if lease.session_id != session.session_id {
+                return Err(Status::invalid_argument(format!(
+                    "{}: names session {}, not the call's session {}; send each session's reports with its own token",
+                    field(name),
+                    lease.session_id,
+                    session.session_id
+                )));
+            }
+            Ok(lease)
+        };
+        let done = match report.report {
+            Some(v1::report::Report::Started(started)) => {
+                match lease_of(started.lease, "started.lease") {
+                    Ok(lease) => self.started(session, &lease).await.map(|()| String::new()),
+                    Err(e) => Err(e),
+                }
+            }
+            Some(v1::report::Report::Complete(body)) => {
+                match lease_of(body.lease.clone(), "complete.lease") {
+                    Ok(lease) => self
+                        .completed(lease, body)
+                        .await
+                        .map(|state| state.as_str().to_string()),
+                    Err(e) => Err(e),
+                }
+            }
+            None => Err(Status::invalid_argument(format!(
+                "{}: empty; set started or complete",
+                field("report")
+            ))),
+        };
+        match done {
+            Ok(state) => v1::ReportResult {
+                code: tonic::Code::Ok as i32,
+                message: String::new(),
+                state,
+            },
+            Err(status) => v1::ReportResult {
+                code: status.code() as i32,
+                message: status.message().to_string(),
+                state: String::new(),
+            },
+        }
     }
 }
 
@@ -167,7 +282,7 @@ impl AgentService for AgentGrpc {
     ) -> Result<Response<v1::ReportStartedResponse>, Status> {
         let lease = lease_from_wire(req.get_ref().lease.clone())?;
         let session = self.session(&req, &lease.session_id).await?;
-        self.service.report_started(&session, &lease).await?;
+        self.started(&session, &lease).await?;
         Ok(Response::new(v1::ReportStartedResponse {}))
     }
 
@@ -206,45 +321,44 @@ impl AgentService for AgentGrpc {
         req: Request<v1::CompleteRequest>,
     ) -> Result<Response<v1::CompleteResponse>, Status> {
         let lease = self.lease_session(&req, &req.get_ref().lease).await?;
-        let body = req.into_inner();
-        let outcome = match v1::Outcome::try_from(body.outcome) {
-            Ok(v1::Outcome::Succeeded) => OutcomeKind::Succeeded,
-            Ok(v1::Outcome::Failed) => OutcomeKind::Failed,
-            Ok(v1::Outcome::Cancelled) => OutcomeKind::Cancelled,
-            Ok(v1::Outcome::TimedOut) => OutcomeKind::TimedOut,
-            Ok(v1::Outcome::Interrupted) => OutcomeKind::Interrupted,
-            _ => {
-                return Err(ServiceError::invalid(
-                    "outcome",
-                    "must be one of SUCCEEDED, FAILED, CANCELLED, TIMED_OUT, INTERRUPTED",
-                )
-                .into())
-            }
-        };
-        let reason = if body.reason.is_empty() {
-            match body.exit_code {
-                Some(code) => format!("exit code {code}"),
-                None => outcome.as_str().to_string(),
-            }
-        } else {
-            body.reason.chars().take(1024).collect()
-        };
-        let state = self
-            .service
-            .complete(
-                &lease,
-                Completion {
-                    outcome,
-                    exit_code: body.exit_code,
-                    reason,
-                },
-            )
-            .await?;
+        let state = self.completed(lease, req.into_inner()).await?;
         Ok(Response::new(v1::CompleteResponse {
             state: state.as_str().to_string(),
         }))
     }
 
+    async fn report(
+        &self,
+        req: Request<v1::ReportRequest>,
+    ) -> Result<Response<v1::ReportResponse>, Status> {
+        let session = self.session(&req, &req.get_ref().session_id).await?;
+        let reports = req.into_inner().reports;
+        if reports.len() > MAX_REPORTS {
+            return Err(ServiceError::invalid(
+                "reports",
+                format!(
+                    "holds {} reports; send at most {MAX_REPORTS} per call",
+                    reports.len()
+                ),
+            )
+            .into());
+        }
+        Metrics::inc(&self.service.metrics.report_calls);
+        self.service
+            .metrics
+            .reports
+            .fetch_add(reports.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        // All at once: the store takes what arrives together into one
+        // transaction.
+        let results = futures::future::join_all(
+            reports
+                .into_iter()
+                .enumerate()
+                .map(|(i, report)| self.one_report(&session, i, report)),
+        )
+        .await;
+        Ok(Response::new(v1::ReportResponse { results }))
+    }
     async fn leave(
         &self,
         req: Request<v1::LeaveRequest>,
