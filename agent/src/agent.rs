@@ -1195,6 +1195,10 @@ async fn drain(shared: &Arc<Shared>) {
         }
     }
     if let Some(session) = shared.current_session() {
+        // The session's loops stop first: a heartbeat answered after the
+        // Leave would find the session ended and fence an agent that is
+        // only leaving.
+        session.cancel.cancel();
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
         for attempt in 1..=5 {
             match shared.client.leave(&session.auth).await {
@@ -1212,7 +1216,6 @@ async fn drain(shared: &Arc<Shared>) {
                 }
             }
         }
-        session.cancel.cancel();
     }
     let mut st = shared.state();
     st.phase = Phase::Terminating;
