@@ -1,6 +1,6 @@
 //! Checks on `infra/` and `ami/` that run with the test suite: cfn-lint on
 //! every template, shellcheck on every shell script, the DynamoDB table as
-//! the store creates it, and the IAM roles against the AWS calls the code
+//! `init-table` creates it on moto's server, and the IAM roles against the AWS calls the code
 //! makes. The tools come from `scripts/test.sh`; a missing tool fails with
 //! the command that installs it.
 
@@ -256,92 +256,136 @@ fn shell_scripts_pass_shellcheck() {
     );
 }
 
-/// Quoted strings in `src` between `start` and the next `end`.
-fn quoted_after(src: &str, start: &str, end: &str) -> Vec<String> {
-    let from = src
-        .find(start)
-        .unwrap_or_else(|| panic!("{start:?} not found"))
-        + start.len();
-    let to = from + src[from..].find(end).expect("end of the list");
-    src[from..to]
-        .split('"')
-        .skip(1)
-        .step_by(2)
-        .map(str::to_string)
-        .collect()
+/// What must agree between the table `infra/data.yaml` declares and the one
+/// the store creates, in the template's JSON shape: keys, attribute types,
+/// billing, the indexes with their projections, the TTL attribute (order
+/// of attributes and indexes aside).
+fn table_shape(t: &Value) -> Value {
+    let sorted = |v: &Value, key: &str| {
+        let mut items = v.as_array().cloned().unwrap_or_default();
+        items.sort_by_key(|i| i[key].to_string());
+        Value::Array(items)
+    };
+    let indexes: Vec<Value> = sorted(&t["GlobalSecondaryIndexes"], "IndexName")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            let mut projection =
+                serde_json::json!({"ProjectionType": i["Projection"]["ProjectionType"]});
+            if let Some(attrs) = i["Projection"]["NonKeyAttributes"].as_array() {
+                let mut attrs = attrs.clone();
+                attrs.sort_by_key(|a| a.to_string());
+                projection["NonKeyAttributes"] = Value::Array(attrs);
+            }
+            serde_json::json!({
+                "IndexName": i["IndexName"],
+                "KeySchema": i["KeySchema"],
+                "Projection": projection,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "KeySchema": t["KeySchema"],
+        "AttributeDefinitions": sorted(&t["AttributeDefinitions"], "AttributeName"),
+        "BillingMode": t["BillingMode"],
+        "GlobalSecondaryIndexes": indexes,
+        "TimeToLiveSpecification": t["TimeToLiveSpecification"],
+    })
 }
 
-#[test]
-fn table_matches_what_the_store_creates() {
-    let code = std::fs::read_to_string(root().join("coordinator/src/store/dynamodb/table.rs"))
-        .expect("table.rs");
-    let attributes = quoted_after(&code, "for attr in [", "]");
-    let projection = quoted_after(&code, "QUEUE_PROJECTION: &[&str] = &[", "]");
-    let ttl = quoted_after(&code, "TTL_ATTRIBUTE: &str =", ";");
-    let index_name = |c: &str| quoted_after(&code, &format!("{c}: &str ="), ";")[0].clone();
+/// `drover-coordinator init-table` on moto's server, read back with
+/// `DescribeTable` and `DescribeTimeToLive`, makes exactly the table the
+/// stack declares (the stack adds point-in-time recovery).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_table_init_table_creates_is_the_one_infra_declares() {
+    use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
 
     let template = decode(&root().join("infra/data.yaml"));
     let tables = resources(&template, "AWS::DynamoDB::Table");
     assert_eq!(tables.len(), 1, "one table");
-    let t = tables[0].1;
-    let declared: Vec<String> = t["AttributeDefinitions"]
-        .as_array()
-        .expect("AttributeDefinitions")
-        .iter()
-        .inspect(|a| assert_eq!(a["AttributeType"], "S", "{a}"))
-        .map(|a| a["AttributeName"].as_str().expect("name").to_string())
-        .collect();
-    assert_eq!(declared, attributes, "attribute definitions");
+    let declared = tables[0].1;
     assert_eq!(
-        t["KeySchema"],
-        serde_json::json!([
-            {"AttributeName": "pk", "KeyType": "HASH"},
-            {"AttributeName": "sk", "KeyType": "RANGE"}
-        ])
-    );
-    assert_eq!(t["BillingMode"], "PAY_PER_REQUEST");
-    assert_eq!(
-        t["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"],
+        declared["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"],
         true
     );
-    assert_eq!(
-        t["TimeToLiveSpecification"]["AttributeName"],
-        ttl[0].as_str()
-    );
-    assert_eq!(t["TimeToLiveSpecification"]["Enabled"], true);
 
-    let indexes = t["GlobalSecondaryIndexes"].as_array().expect("GSIs");
-    let expected = [
-        (index_name("QUEUE_INDEX"), "gsi1pk", "gsi1sk", projection),
-        (index_name("OWNER_INDEX"), "gsi2pk", "gsi2sk", vec![]),
-        (index_name("LIST_INDEX"), "gsi3pk", "gsi3sk", vec![]),
-    ];
-    assert_eq!(indexes.len(), expected.len(), "index count");
-    for (index, (name, hash, range, include)) in indexes.iter().zip(expected) {
-        assert_eq!(index["IndexName"], name.as_str());
-        assert_eq!(
-            index["KeySchema"],
-            serde_json::json!([
-                {"AttributeName": hash, "KeyType": "HASH"},
-                {"AttributeName": range, "KeyType": "RANGE"}
-            ]),
-            "{name}"
-        );
-        if include.is_empty() {
-            assert_eq!(
-                index["Projection"],
-                serde_json::json!({"ProjectionType": "KEYS_ONLY"}),
-                "{name}"
-            );
-        } else {
-            assert_eq!(index["Projection"]["ProjectionType"], "INCLUDE", "{name}");
-            assert_eq!(
-                index["Projection"]["NonKeyAttributes"],
-                serde_json::json!(include),
-                "{name}"
-            );
-        }
-    }
+    let moto = drover_tests::aws::Moto::start().await.expect("moto");
+    let table = "drover-layout";
+    drover_tests::aws::init_table(&moto.coordinator_env(table, table)).await;
+    let client = aws_sdk_dynamodb::Client::from_conf(
+        aws_sdk_dynamodb::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(drover_tests::aws::REGION))
+            .credentials_provider(Credentials::new("test", "test", None, None, "static"))
+            .endpoint_url(&moto.endpoint)
+            .http_client(drover_coordinator::store::dynamodb::https_client())
+            .build(),
+    );
+    let described = client
+        .describe_table()
+        .table_name(table)
+        .send()
+        .await
+        .expect("DescribeTable")
+        .table
+        .expect("the table");
+    let ttl = client
+        .describe_time_to_live()
+        .table_name(table)
+        .send()
+        .await
+        .expect("DescribeTimeToLive")
+        .time_to_live_description
+        .expect("a TTL description");
+    let key_schema = |keys: &[aws_sdk_dynamodb::types::KeySchemaElement]| -> Value {
+        keys.iter()
+            .map(|k| {
+                serde_json::json!({
+                    "AttributeName": k.attribute_name(),
+                    "KeyType": k.key_type().as_str(),
+                })
+            })
+            .collect()
+    };
+    let live = serde_json::json!({
+        "KeySchema": key_schema(described.key_schema()),
+        "AttributeDefinitions": described
+            .attribute_definitions()
+            .iter()
+            .map(|a| serde_json::json!({
+                "AttributeName": a.attribute_name(),
+                "AttributeType": a.attribute_type().as_str(),
+            }))
+            .collect::<Value>(),
+        "BillingMode": described
+            .billing_mode_summary()
+            .and_then(|b| b.billing_mode())
+            .map(|b| b.as_str()),
+        "GlobalSecondaryIndexes": described
+            .global_secondary_indexes()
+            .iter()
+            .map(|i| {
+                let projection = i.projection().expect("a projection");
+                let mut p = serde_json::json!({
+                    "ProjectionType": projection.projection_type().map(|t| t.as_str()),
+                });
+                if !projection.non_key_attributes().is_empty() {
+                    p["NonKeyAttributes"] = serde_json::json!(projection.non_key_attributes());
+                }
+                serde_json::json!({
+                    "IndexName": i.index_name(),
+                    "KeySchema": key_schema(i.key_schema()),
+                    "Projection": p,
+                })
+            })
+            .collect::<Value>(),
+        "TimeToLiveSpecification": {
+            "AttributeName": ttl.attribute_name(),
+            "Enabled": ttl.time_to_live_status().map(|s| s.as_str()) == Some("ENABLED"),
+        },
+    });
+    assert_eq!(table_shape(&live), table_shape(declared));
 }
 
 #[test]
