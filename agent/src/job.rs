@@ -82,6 +82,7 @@ fn spec_from(
         workdir: (!payload.workdir.is_empty()).then(|| payload.workdir.into()),
         user: (!payload.user.is_empty()).then_some(payload.user),
         resources: payload.resources.unwrap_or_default(),
+        cpu_hard_limit: payload.cpu_hard_limit,
         gpus,
         session: lease.session_id.clone(),
         // Empty or unknown: the image reference decides.

@@ -853,6 +853,49 @@ async fn artifacts_round_trip_with_the_docker_runtime() {
     .await;
 }
 
+/// Prints the job's CFS quota: `-1` (cgroup v1) or `max` (v2) when none.
+const PRINT_CPU_QUOTA: &str =
+    "if [ -f /sys/fs/cgroup/cpu.max ]; then cut -d' ' -f1 /sys/fs/cgroup/cpu.max; \
+    else cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us; fi";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cpu_hard_limit_in_the_job_spec_caps_the_container() {
+    let image = drover_agent::runtime::docker::test_image::ensure_on_local_engine()
+        .await
+        .expect("the Docker tests need a Docker Engine");
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let coordinator = Coordinator::start(dirs.0.path(), |_| {}).await;
+    let agent = Agent::start(AgentConfig {
+        runtime: RuntimeChoice::Docker,
+        agent_id: "cpu-limit-agent".into(),
+        ..coordinator.agent_config(dirs.1.path())
+    })
+    .await
+    .unwrap();
+    let job = |hard: bool| {
+        let mut spec = sh(PRINT_CPU_QUOTA);
+        spec.image = image.clone();
+        spec.resources.cpu_millis = 500;
+        spec.cpu_hard_limit = hard;
+        spec
+    };
+    let soft = coordinator.submit(job(false)).await;
+    let hard = coordinator.submit(job(true)).await;
+    for id in [&soft, &hard] {
+        let done = coordinator.wait_terminal(id).await;
+        assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    }
+    let soft_quota = coordinator.logs(&soft).await;
+    assert!(
+        soft_quota == "-1\n" || soft_quota == "max\n",
+        "no quota: {soft_quota:?}"
+    );
+    // Half of the default 100 ms period.
+    assert_eq!(coordinator.logs(&hard).await, "50000\n");
+    agent.drain("test");
+    agent.wait().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_job_spec_pull_policy_reaches_the_docker_runtime() {
     use drover_proto::model::PullPolicy;

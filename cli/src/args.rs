@@ -145,6 +145,10 @@ pub struct SubmitArgs {
     /// CPU in millicores (1000 = one core)
     #[arg(long, value_name = "MILLICORES")]
     pub cpu: Option<u32>,
+    /// Cap the job at --cpu (a CFS quota); by default the CPU request is a
+    /// weight and the job may use idle CPU
+    #[arg(long)]
+    pub cpu_hard_limit: bool,
     /// Memory in MiB
     #[arg(long, value_name = "MIB")]
     pub memory: Option<u64>,

@@ -43,6 +43,12 @@ pub struct JobSpec {
     pub user: String,
     #[serde(default)]
     pub resources: Resources,
+    /// Cap the job at `resources.cpu_millis` (a CFS quota, Docker's
+    /// `--cpus`). Unset, the CPU request is a weight (`--cpu-shares`, 1024
+    /// per core, as ECS and Nomad do): the job may use idle CPU and gets its
+    /// share when the host is busy. Memory is always a hard limit.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub cpu_hard_limit: bool,
     /// Label matches on agents: every entry must equal the agent's label.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub constraints: BTreeMap<String, String>,
@@ -140,6 +146,7 @@ impl JobSpec {
             workdir: String::new(),
             user: String::new(),
             resources: Resources::default(),
+            cpu_hard_limit: false,
             constraints: BTreeMap::new(),
             timeout_secs: 0,
             retry: RetryPolicy::default(),

@@ -2,7 +2,9 @@
 //! local Docker Engine, driven through bollard over the unix socket.
 //!
 //! Guarantees: the image is pulled per [`PullPolicy`] with classified errors;
-//! the container gets CPU, memory (swap off) and pids limits, the labels
+//! the container gets a CPU weight (cpu shares, 1024 per core; a CFS quota
+//! instead when the job asks for `cpu_hard_limit`), memory (swap off) and
+//! pids limits, the labels
 //! `drover.job`/`drover.attempt`/`drover.session`/`drover.agent`, is never
 //! privileged and sees no host path except its per-attempt `/input` (read
 //! only), `/output` and `/scratch`; its output is attached before it starts,
@@ -248,7 +250,10 @@ impl DockerRuntime {
             ..Default::default()
         };
         let host_config = HostConfig {
-            nano_cpus: (res.cpu_millis > 0).then_some(res.cpu_millis as i64 * 1_000_000),
+            nano_cpus: (spec.cpu_hard_limit && res.cpu_millis > 0)
+                .then_some(res.cpu_millis as i64 * 1_000_000),
+            cpu_shares: (!spec.cpu_hard_limit && res.cpu_millis > 0)
+                .then(|| cpu_shares(res.cpu_millis)),
             memory: memory_bytes,
             // Equal to the memory limit: no swap.
             memory_swap: memory_bytes,
@@ -342,6 +347,12 @@ impl DockerRuntime {
 
 /// The assigned GPUs, by UUID, for the NVIDIA container runtime; `None`
 /// without GPUs (a request for zero devices would still need the runtime).
+/// Docker's CPU weight for a request in millicores: 1024 per core, as ECS
+/// and Nomad map CPU units; Docker's floor is 2.
+fn cpu_shares(cpu_millis: u32) -> i64 {
+    (i64::from(cpu_millis) * 1024 / 1000).max(2)
+}
+
 fn gpu_device_request(gpus: &[crate::gpu::GpuDevice]) -> Option<DeviceRequest> {
     (!gpus.is_empty()).then(|| DeviceRequest {
         driver: Some("nvidia".to_string()),

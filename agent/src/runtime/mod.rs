@@ -42,6 +42,8 @@ pub struct RunSpec {
     /// User to run as (name or uid); `None` runs as the agent's user.
     pub user: Option<String>,
     pub resources: drover_proto::v1::Resources,
+    /// `resources.cpu_millis` is a cap (CFS quota), not a weight.
+    pub cpu_hard_limit: bool,
     /// The whole GPUs assigned to this attempt (by the agent's GPU pool);
     /// the runtime exposes exactly these to the job.
     pub gpus: Vec<crate::gpu::GpuDevice>,
@@ -88,6 +90,7 @@ impl RunSpec {
             workdir: None,
             user: None,
             resources: Default::default(),
+            cpu_hard_limit: false,
             gpus: Vec::new(),
             session: String::new(),
             pull_policy: None,

@@ -217,6 +217,9 @@ pub fn apply_flags(spec: &mut JobSpec, args: &SubmitArgs) {
     if let Some(memory) = args.memory {
         spec.resources.memory_mib = memory;
     }
+    if args.cpu_hard_limit {
+        spec.cpu_hard_limit = true;
+    }
     if let Some(gpus) = args.gpus {
         spec.resources.gpus = gpus;
     }
@@ -479,6 +482,7 @@ mod tests {
             "TOKEN=hunter2",
             "--cpu",
             "2000",
+            "--cpu-hard-limit",
             "--memory",
             "4096",
             "--gpus",
@@ -514,6 +518,7 @@ mod tests {
         assert!(spec.env["TOKEN"].is_secret());
         assert_eq!(spec.env["TOKEN"].value(), "hunter2");
         assert_eq!(spec.resources.cpu_millis, 2000);
+        assert!(spec.cpu_hard_limit);
         assert_eq!(spec.resources.memory_mib, 4096);
         assert_eq!(spec.resources.gpus, 1);
         assert_eq!(spec.timeout_secs, 90);

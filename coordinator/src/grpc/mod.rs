@@ -217,6 +217,7 @@ impl AgentService for AgentGrpc {
                     workdir: spec.workdir,
                     user: spec.user,
                     resources: Some(resources_to_wire(&spec.resources)),
+                    cpu_hard_limit: spec.cpu_hard_limit,
                     timeout_ms: spec.timeout_secs * 1000,
                     kill_grace_ms,
                     inputs,

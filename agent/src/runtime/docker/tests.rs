@@ -137,7 +137,9 @@ async fn container_gets_limits_labels_and_only_the_managed_mounts() {
     assert_eq!(labels[LABEL_ATTEMPT], "2");
     assert_eq!(labels[LABEL_SESSION], "sess-1");
     let hc = inspected.host_config.unwrap();
-    assert_eq!(hc.nano_cpus, Some(500_000_000));
+    // The CPU request is a weight unless the job asks for a cap.
+    assert_eq!(hc.cpu_shares, Some(512));
+    assert_eq!(hc.nano_cpus.unwrap_or(0), 0, "no CPU quota by default");
     assert_eq!(hc.memory, Some(64 << 20));
     assert_eq!(hc.memory_swap, Some(64 << 20), "swap is off");
     assert_eq!(hc.pids_limit, Some(PIDS_LIMIT));
@@ -164,6 +166,49 @@ async fn container_gets_limits_labels_and_only_the_managed_mounts() {
 
     job.cleanup().await;
     assert!(!output_dir.exists(), "the attempt's dirs are removed");
+    cx.rt.assert_nothing_left().await;
+}
+
+/// What the job sees of its CPU cgroup: `quota period` (cgroup v2's
+/// `cpu.max`, or v1's `cfs_quota_us cfs_period_us`) and the weight (v2's
+/// `cpu.weight`, or v1's `cpu.shares`).
+const CPU_CGROUP: &str = "cd /sys/fs/cgroup; \
+    if [ -f cpu.max ]; then echo quota $(cat cpu.max); echo weight $(cat cpu.weight); \
+    else echo quota $(cat cpu/cpu.cfs_quota_us cpu/cpu.cfs_period_us); echo weight $(cat cpu/cpu.shares); fi";
+
+#[tokio::test]
+async fn the_cpu_request_is_a_weight_unless_the_job_asks_for_a_cap() {
+    let cx = ctx().await;
+    let mut soft = cx.sh(CPU_CGROUP);
+    soft.resources.cpu_millis = 2_000;
+    let (status, out, _, job) = collect(cx.rt.start(soft).await.unwrap()).await;
+    job.cleanup().await;
+    assert!(status.success(), "{status:?} {out}");
+    // No quota (v1: -1, v2: max); twice the default weight of 1024 shares
+    // (v2 maps 2048 shares to weight 79 with runc's formula, 1024 to 39).
+    assert!(
+        out.starts_with("quota -1 ") || out.starts_with("quota max "),
+        "{out}"
+    );
+    assert!(
+        out.contains("weight 2048\n") || out.contains("weight 79\n"),
+        "{out}"
+    );
+
+    let mut hard = cx.sh(CPU_CGROUP);
+    hard.resources.cpu_millis = 250;
+    hard.cpu_hard_limit = true;
+    let (status, out, _, job) = collect(cx.rt.start(hard).await.unwrap()).await;
+    job.cleanup().await;
+    assert!(status.success(), "{status:?} {out}");
+    // A quarter of each period.
+    let quota: Vec<i64> = out
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("quota "))
+        .map(|l| l.split_whitespace().map(|n| n.parse().unwrap()).collect())
+        .unwrap_or_default();
+    assert!(quota.len() == 2 && quota[0] * 4 == quota[1], "{out}");
     cx.rt.assert_nothing_left().await;
 }
 
