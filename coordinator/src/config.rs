@@ -1078,6 +1078,25 @@ mod tests {
     }
 
     #[test]
+    fn dynamodb_max_attempts_parse_and_outside_1_to_20_are_refused() {
+        let config: Config =
+            toml::from_str("store = \"dynamodb\"\n[dynamodb]\nmax_attempts = 3\n").unwrap();
+        assert_eq!(config.dynamodb.max_attempts, Some(3));
+        config.dynamodb.validate().unwrap();
+        DynamoDbConfig::default()
+            .validate()
+            .expect("unset: the AWS chain's or 8");
+        for bad in [0, 21] {
+            let config = DynamoDbConfig {
+                max_attempts: Some(bad),
+                ..DynamoDbConfig::default()
+            };
+            let err = config.validate().unwrap_err();
+            assert_eq!(err.field, "dynamodb.max_attempts", "{err}");
+        }
+    }
+
+    #[test]
     fn scopes_imply_lesser_scopes() {
         assert!(Scope::Admin.allows(Scope::Submit));
         assert!(Scope::Submit.allows(Scope::Read));
