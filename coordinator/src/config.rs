@@ -127,6 +127,11 @@ pub struct S3Config {
     /// …or once its oldest byte waited this long: how far behind a follower
     /// on another coordinator may be.
     pub log_flush_ms: u64,
+    /// Tries per S3 call, the first included, with backoff between them
+    /// (`DROVER_S3_MAX_ATTEMPTS`). Unset: `AWS_MAX_ATTEMPTS` /
+    /// `AWS_RETRY_MODE` of the AWS chain when given, else 8
+    /// ([`crate::aws::retry_config`]).
+    pub max_attempts: Option<u32>,
 }
 
 impl Default for S3Config {
@@ -139,6 +144,7 @@ impl Default for S3Config {
             force_path_style: false,
             log_segment_bytes: 1 << 20,
             log_flush_ms: 2_000,
+            max_attempts: None,
         }
     }
 }
@@ -189,7 +195,7 @@ impl S3Config {
                 "must be 100 to 60000: followers on other coordinators see output this late",
             ));
         }
-        Ok(())
+        validate_max_attempts("s3.max_attempts", self.max_attempts)
     }
 }
 
@@ -209,6 +215,12 @@ pub struct DynamoDbConfig {
     pub create_table: bool,
     /// Queue partitions per pool; raise for a very hot pool.
     pub queue_shards: u32,
+    /// Tries per DynamoDB call, the first included, with backoff between
+    /// them: throttling and transient errors are retried
+    /// (`DROVER_DYNAMODB_MAX_ATTEMPTS`). Unset: `AWS_MAX_ATTEMPTS` /
+    /// `AWS_RETRY_MODE` of the AWS chain when given, else 8
+    /// ([`crate::aws::retry_config`]).
+    pub max_attempts: Option<u32>,
 }
 
 impl Default for DynamoDbConfig {
@@ -220,6 +232,7 @@ impl Default for DynamoDbConfig {
             retention_days: 7,
             create_table: false,
             queue_shards: 1,
+            max_attempts: None,
         }
     }
 }
@@ -248,7 +261,19 @@ impl DynamoDbConfig {
         if !(1..=64).contains(&self.queue_shards) {
             return Err(config_error("dynamodb.queue_shards", "must be 1 to 64"));
         }
-        Ok(())
+        validate_max_attempts("dynamodb.max_attempts", self.max_attempts)
+    }
+}
+
+/// 1 (no retries) to 20: more only stretches a call a throttled table
+/// keeps refusing (the backoff is capped at a few seconds per try).
+fn validate_max_attempts(field: &str, max_attempts: Option<u32>) -> Result<(), ConfigError> {
+    match max_attempts {
+        Some(n) if !(1..=20).contains(&n) => Err(config_error(
+            field,
+            format!("{n} is not 1 to 20 (tries per call, the first included; unset: 8)"),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -1024,7 +1049,7 @@ mod tests {
         assert_eq!(config.s3.prefix, "drover/");
         assert!(config.s3.force_path_style);
         type Change = dyn Fn(&mut S3Config);
-        let cases: [(&Change, &str); 6] = [
+        let cases: [(&Change, &str); 7] = [
             (&|s| s.bucket.clear(), "s3.bucket"),
             (&|s| s.bucket = "Drover_Logs".into(), "s3.bucket"),
             (&|s| s.prefix = "/drover".into(), "s3.prefix"),
@@ -1034,6 +1059,7 @@ mod tests {
             ),
             (&|s| s.log_segment_bytes = 10, "s3.log_segment_bytes"),
             (&|s| s.log_flush_ms = 0, "s3.log_flush_ms"),
+            (&|s| s.max_attempts = Some(0), "s3.max_attempts"),
         ];
         for (change, field) in cases {
             let mut config = Config::dev("/tmp/x");
@@ -1049,6 +1075,25 @@ mod tests {
         config
             .validate()
             .expect("[s3] is only checked when blobs = \"s3\"");
+    }
+
+    #[test]
+    fn dynamodb_max_attempts_parse_and_outside_1_to_20_are_refused() {
+        let config: Config =
+            toml::from_str("store = \"dynamodb\"\n[dynamodb]\nmax_attempts = 3\n").unwrap();
+        assert_eq!(config.dynamodb.max_attempts, Some(3));
+        config.dynamodb.validate().unwrap();
+        DynamoDbConfig::default()
+            .validate()
+            .expect("unset: the AWS chain's or 8");
+        for bad in [0, 21] {
+            let config = DynamoDbConfig {
+                max_attempts: Some(bad),
+                ..DynamoDbConfig::default()
+            };
+            let err = config.validate().unwrap_err();
+            assert_eq!(err.field, "dynamodb.max_attempts", "{err}");
+        }
     }
 
     #[test]

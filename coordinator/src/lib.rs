@@ -5,6 +5,7 @@
 //! background; [`run`] is the binary's entry point.
 
 pub mod auth;
+pub mod aws;
 pub mod blob;
 pub mod clock;
 pub mod config;

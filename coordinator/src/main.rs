@@ -42,6 +42,10 @@ struct Args {
     /// DynamoDB endpoint other than AWS's (a local emulator).
     #[arg(long, env = "DROVER_DYNAMODB_ENDPOINT")]
     dynamodb_endpoint: Option<String>,
+    /// Tries per DynamoDB call, the first included (dynamodb.max_attempts;
+    /// default: AWS_MAX_ATTEMPTS, else 8).
+    #[arg(long, env = "DROVER_DYNAMODB_MAX_ATTEMPTS")]
+    dynamodb_max_attempts: Option<u32>,
     /// Blob store for logs and artifacts: local (default) or s3.
     #[arg(long, env = "DROVER_BLOBS")]
     blobs: Option<BlobKind>,
@@ -67,6 +71,10 @@ struct Args {
     /// (s3.log_flush_ms).
     #[arg(long, env = "DROVER_S3_LOG_FLUSH_MS")]
     s3_log_flush_ms: Option<u64>,
+    /// Tries per S3 call, the first included (s3.max_attempts; default:
+    /// AWS_MAX_ATTEMPTS, else 8).
+    #[arg(long, env = "DROVER_S3_MAX_ATTEMPTS")]
+    s3_max_attempts: Option<u32>,
     /// Auto Scaling and ECS endpoint other than AWS's, for the scaler (a
     /// local emulator).
     #[arg(long, env = "DROVER_AWS_ENDPOINT")]
@@ -149,6 +157,9 @@ fn load(args: &Args) -> anyhow::Result<Config> {
     if let Some(v) = &args.dynamodb_endpoint {
         config.dynamodb.endpoint = Some(v.clone());
     }
+    if let Some(v) = args.dynamodb_max_attempts {
+        config.dynamodb.max_attempts = Some(v);
+    }
     if let Some(v) = args.blobs {
         config.blobs = v;
     }
@@ -172,6 +183,9 @@ fn load(args: &Args) -> anyhow::Result<Config> {
     }
     if let Some(v) = args.s3_log_flush_ms {
         config.s3.log_flush_ms = v;
+    }
+    if let Some(v) = args.s3_max_attempts {
+        config.s3.max_attempts = Some(v);
     }
     if let Some(v) = &args.aws_endpoint {
         config.aws.endpoint = Some(v.clone());

@@ -70,6 +70,40 @@ impl PoolCounter {
     }
 }
 
+/// Throttled DynamoDB answers by operation, every attempt counted, retried
+/// or not ([`crate::aws::ThrottleCounter`]). Per process rather than per
+/// [`Metrics`]: the store's SDK client counts into it, and it is built
+/// before any service.
+pub static DYNAMODB_THROTTLED: LabelCounter = LabelCounter::new();
+
+/// A counter by one label.
+#[derive(Debug, Default)]
+pub struct LabelCounter(Mutex<BTreeMap<String, u64>>);
+
+impl LabelCounter {
+    pub const fn new() -> LabelCounter {
+        LabelCounter(Mutex::new(BTreeMap::new()))
+    }
+
+    pub fn inc(&self, label: &str) {
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *counts.entry(label.to_string()).or_default() += 1;
+    }
+
+    pub fn get(&self, label: &str) -> u64 {
+        let counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        counts.get(label).copied().unwrap_or(0)
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str, label: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        let counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for (value, count) in counts.iter() {
+            let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {count}");
+        }
+    }
+}
+
 /// A per-pool gauge: name, help, and how to read it off a pool.
 type PoolGauge = (&'static str, &'static str, fn(&Pool) -> Option<i64>);
 
@@ -188,6 +222,12 @@ impl Metrics {
             "drover_zombies_terminated_total",
             "Instances terminated because their agent's session expired while they ran on.",
             "asg",
+        );
+        DYNAMODB_THROTTLED.render(
+            &mut out,
+            "drover_dynamodb_throttled_total",
+            "Throttled DynamoDB answers (each attempt, retried by the SDK or not), by operation.",
+            "operation",
         );
         let _ = writeln!(
             out,

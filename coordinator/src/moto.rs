@@ -197,3 +197,68 @@ pub(crate) async fn run_task_failures(cluster: &str, reason: &str, detail: &str,
         resp.text().await.unwrap_or_default()
     );
 }
+
+/// Makes `count` `action` calls of DynamoDB on `table`, after the next
+/// `skip`, fail with `code` (HTTP 400, DynamoDB's JSON error:
+/// `/_drover/faults`, server.py) before moto sees them, e.g.
+/// `ThrottlingException`.
+pub(crate) async fn dynamodb_fault(table: &str, action: &str, code: &str, skip: u32, count: u32) {
+    post_fault(serde_json::json!({
+        "action": action,
+        "code": code,
+        "skip": skip,
+        "count": count,
+        "table": table,
+    }))
+    .await;
+}
+
+/// Makes the next `count` `action` calls of DynamoDB on `table` apply, then
+/// answer HTTP 500 `InternalServerError` (which the SDK retries): an answer
+/// lost on its way back.
+pub(crate) async fn dynamodb_lost_answer(table: &str, action: &str, count: u32) {
+    post_fault(serde_json::json!({
+        "action": action,
+        "code": "InternalServerError",
+        "message": "Internal server error",
+        "status": 500,
+        "apply": true,
+        "count": count,
+        "table": table,
+    }))
+    .await;
+}
+
+async fn post_fault(fault: serde_json::Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/_drover/faults", endpoint()))
+        .json(&fault)
+        .send()
+        .await
+        .expect("calling moto's harness endpoint");
+    let status = resp.status();
+    assert!(status.is_success(), "POST /_drover/faults: {status}");
+}
+
+/// The DynamoDB calls on `table` moto received, in order: `(action, HTTP
+/// status)` (`/_drover/calls`).
+pub(crate) async fn dynamodb_calls(table: &str) -> Vec<(String, u16)> {
+    let calls: Vec<serde_json::Value> = reqwest::Client::new()
+        .get(format!("{}/_drover/calls", endpoint()))
+        .send()
+        .await
+        .expect("calling moto's harness endpoint")
+        .json()
+        .await
+        .expect("the call log is JSON");
+    calls
+        .iter()
+        .filter(|c| c["service"] == "dynamodb" && c["table"] == table)
+        .map(|c| {
+            (
+                c["action"].as_str().unwrap_or_default().to_string(),
+                c["status"].as_u64().unwrap_or_default() as u16,
+            )
+        })
+        .collect()
+}

@@ -32,16 +32,41 @@ started it. What it adds to moto (see shared/AWS-EMULATION.md):
 - ECS RunTask can answer with `failures[]` as AWS does when it cannot place
   some of the tasks (see /_drover/run-task-failures below); moto alone
   always starts them all.
+- A presigned (query-string SigV4) request past its expiry (X-Amz-Date +
+  X-Amz-Expires before now) is refused as S3 does: HTTP 403, S3's XML
+  error `AccessDenied` "Request has expired". moto serves it regardless.
 
 Harness endpoints (not AWS; for assertions):
 
 - GET  /_drover/calls          every AWS request received: service, action,
                                params, HTTP status, time (unix ms), and for
-                               DynamoDB `table`, `index` (Query, Scan) and
-                               `ms` (time serving it, under the lock)
-- POST /_drover/faults         {"action", "code", "message", "status", "count"}:
-                               the next `count` requests of `action` fail
-                               with that error (Query-protocol XML)
+                               DynamoDB `table` (the one a batch or a
+                               transaction's first item names), `index`
+                               (Query, Scan) and `ms` (time serving it,
+                               under the lock)
+- POST /_drover/faults         {"action", "code", "message", "status", "count",
+                               "table", "skip"}: the next `count` requests
+                               of `action` (after `skip` more, served as
+                               usual) fail with that error, before moto
+                               sees them; with "apply": true, after moto
+                               applied them (an answer lost on the way
+                               back). Query-protocol calls (Auto Scaling,
+                               EC2) get Query-protocol XML; JSON-protocol
+                               calls (X-Amz-Target) get what AWS answers:
+                               DynamoDB `application/x-amz-json-1.0`,
+                               {"__type": "com.amazonaws.dynamodb.v20120810#
+                               <code>", "message"}, e.g. code
+                               ThrottlingException or
+                               ProvisionedThroughputExceededException (the
+                               SDK retries both); others
+                               `application/x-amz-json-1.1` with {"__type":
+                               <code>, "message"}. `status` defaults to 400;
+                               `message` to AWS's for the two DynamoDB
+                               throttling codes. With `table`, only DynamoDB
+                               requests naming that table count (tests
+                               sharing a server keep their faults apart).
+                               Faulted calls are logged like others, with
+                               their status.
 - GET  /_drover/instance/<id>  {"group", "lifecycle_state", "protected"} of an
                                instance in an Auto Scaling group (404 if none)
 - POST /_drover/run-task-failures
@@ -63,6 +88,7 @@ parameter or the JSON protocol's X-Amz-Target header; `params` holds the
 Query protocol's form parameters ({} for JSON-protocol calls).
 """
 
+import calendar
 import copy
 import io
 import json
@@ -525,8 +551,18 @@ EC2ContainerServiceResponse.run_task = ecs_run_task
 # --- harness endpoints and call log ----------------------------------------
 
 CALLS = []
-FAULTS = []  # dicts: action, code, message, status, count
+FAULTS = []  # dicts: action, code, message, status, count[, table, skip, apply]
 SCOPE = re.compile(r"Credential=[^/]+/[^/]+/([^/]+)/([^/]+)/")
+DYNAMODB_ERROR_PREFIX = "com.amazonaws.dynamodb.v20120810#"
+# What DynamoDB says with its throttling errors.
+DEFAULT_MESSAGES = {
+    "ThrottlingException": "Rate of requests exceeds the allowed throughput.",
+    "ProvisionedThroughputExceededException": (
+        "The level of configured provisioned throughput for the table was "
+        "exceeded. Consider increasing your provisioning level with the "
+        "UpdateTable API."
+    ),
+}
 
 
 def error_xml(code, message):
@@ -534,6 +570,61 @@ def error_xml(code, message):
         '<ErrorResponse xmlns="http://autoscaling.amazonaws.com/doc/2011-01-01/">'
         f"<Error><Type>Sender</Type><Code>{code}</Code><Message>{message}</Message></Error>"
         f"<RequestId>{uuid.uuid4()}</RequestId></ErrorResponse>"
+    ).encode()
+
+
+def request_table(request):
+    """The table a DynamoDB request names: TableName, the one table of a
+    BatchGetItem/BatchWriteItem, or the first item's of a transaction."""
+    if request.get("TableName"):
+        return request["TableName"]
+    items = request.get("RequestItems")
+    if isinstance(items, dict) and len(items) == 1:
+        return next(iter(items))
+    for entry in request.get("TransactItems") or []:
+        for op in entry.values():
+            if isinstance(op, dict) and op.get("TableName"):
+                return op["TableName"]
+    return None
+
+
+def fault_answer(fault, service, json_protocol):
+    """(body, content type) of an injected error, in the call's protocol."""
+    code = fault["code"]
+    message = fault.get("message") or DEFAULT_MESSAGES.get(code, code)
+    if not json_protocol:
+        return error_xml(code, message), "text/xml"
+    if service == "dynamodb":
+        body = {"__type": DYNAMODB_ERROR_PREFIX + code, "message": message}
+        return json.dumps(body).encode(), "application/x-amz-json-1.0"
+    return json.dumps({"__type": code, "message": message}).encode(), "application/x-amz-json-1.1"
+
+
+def presigned_expiry(query):
+    """(X-Amz-Expires, expiry as unix seconds) of a presigned SigV4 request."""
+    params = dict(parse_qsl(query))
+    if params.get("X-Amz-Algorithm") != "AWS4-HMAC-SHA256":
+        return None
+    try:
+        signed = time.strptime(params["X-Amz-Date"], "%Y%m%dT%H%M%SZ")
+        expires = int(params["X-Amz-Expires"])
+    except (KeyError, ValueError):
+        return None  # moto answers a malformed request as it would
+    return expires, calendar.timegm(signed) + expires
+
+
+def iso_time(unix_s):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix_s))
+
+
+def expired_xml(expires, expired_at, now):
+    """S3's answer to a presigned request past its expiry."""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        "<Error><Code>AccessDenied</Code><Message>Request has expired</Message>"
+        f"<X-Amz-Expires>{expires}</X-Amz-Expires><Expires>{iso_time(expired_at)}</Expires>"
+        f"<ServerTime>{iso_time(now)}</ServerTime><RequestId>{uuid.uuid4().hex[:16].upper()}</RequestId>"
+        f"<HostId>{uuid.uuid4()}</HostId></Error>"
     ).encode()
 
 
@@ -603,7 +694,10 @@ def harness(app):
                 return respond(start_response, "404 Not Found", b"{}")
             return respond(start_response, "200 OK", json.dumps(info).encode())
 
-        scope = SCOPE.search(environ.get("HTTP_AUTHORIZATION", ""))
+        query = environ.get("QUERY_STRING", "")
+        scope = SCOPE.search(environ.get("HTTP_AUTHORIZATION", "")) or SCOPE.search(
+            "Credential=" + dict(parse_qsl(query)).get("X-Amz-Credential", "")
+        )
         service = scope.group(2) if scope else ""
         target = environ.get("HTTP_X_AMZ_TARGET", "")
         extra = {}
@@ -614,7 +708,7 @@ def harness(app):
             if service == "dynamodb":
                 request = json.loads(body or b"{}")
                 extra = {
-                    "table": request.get("TableName"),
+                    "table": request_table(request),
                     "index": request.get("IndexName"),
                 }
         else:
@@ -631,22 +725,46 @@ def harness(app):
         with LOCK:
             CALLS.append(record)
             fault = next(
-                (f for f in FAULTS if f["action"] == action and f["count"] > 0), None
+                (
+                    f
+                    for f in FAULTS
+                    if f["action"] == action
+                    and f["count"] > 0
+                    and f.get("table") in (None, extra.get("table"))
+                ),
+                None,
             )
-            if fault is not None:
+            if fault is not None and fault.get("skip", 0) > 0:
+                fault["skip"] -= 1
+                fault = None
+            elif fault is not None:
                 fault["count"] -= 1
-        if fault is not None:
+
+        def fail():
             record["status"] = int(fault.get("status", 400))
             reason = "Bad Request" if record["status"] < 500 else "Service Unavailable"
+            body, content_type = fault_answer(fault, service, bool(target))
+            return respond(
+                start_response, f"{record['status']} {reason}", body, content_type
+            )
+
+        if fault is not None and not fault.get("apply"):
+            return fail()
+        expiry = presigned_expiry(query)
+        now = time.time()
+        if expiry is not None and now > expiry[1]:
+            record["status"] = 403
             return respond(
                 start_response,
-                f"{record['status']} {reason}",
-                error_xml(fault["code"], fault["message"]),
-                "text/xml",
+                "403 Forbidden",
+                expired_xml(expiry[0], expiry[1], now),
+                "application/xml",
             )
 
         def capture(status, headers, exc_info=None):
             record["status"] = int(status.split()[0])
+            if fault is not None:
+                return lambda data: None  # applied; the fault is the answer
             return start_response(status, headers, exc_info)
 
         if service == "dynamodb":
@@ -655,8 +773,11 @@ def harness(app):
                 began = time.perf_counter()
                 answer = list(app(environ, capture))
                 record["ms"] = round((time.perf_counter() - began) * 1000, 3)
-                return answer
-        return app(environ, capture)
+        elif fault is not None:
+            answer = list(app(environ, capture))
+        else:
+            return app(environ, capture)
+        return fail() if fault is not None else answer
 
     return wrapped
 

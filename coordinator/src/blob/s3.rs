@@ -125,17 +125,20 @@ pub async fn client_from_config(config: &S3Config) -> Client {
     if let Some(endpoint) = &config.endpoint {
         builder = builder.endpoint_url(endpoint);
     }
-    Client::from_conf(lean(builder, config).build())
+    Client::from_conf(lean(builder, shared.retry_config(), config).build())
 }
 
-/// Settings every S3 client of the store gets: path style when asked, and
-/// checksums only where S3 requires them (a presigned PUT must not carry
-/// the checksum of an empty body).
+/// Settings every S3 client of the store gets: explicit retries with
+/// backoff ([`crate::aws::retry_config`] over the AWS chain's `chain`), path
+/// style when asked, and checksums only where S3 requires them (a presigned
+/// PUT must not carry the checksum of an empty body).
 pub(crate) fn lean(
     builder: aws_sdk_s3::config::Builder,
+    chain: Option<&aws_config::retry::RetryConfig>,
     config: &S3Config,
 ) -> aws_sdk_s3::config::Builder {
     builder
+        .retry_config(crate::aws::retry_config(chain, config.max_attempts))
         .force_path_style(config.force_path_style)
         .request_checksum_calculation(aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired)
         .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired)
@@ -638,7 +641,7 @@ pub(crate) mod tests {
             .credentials_provider(crate::moto::credentials())
             .endpoint_url(crate::moto::endpoint())
             .http_client(crate::store::dynamodb::https_client());
-        Client::from_conf(lean(builder, config).build())
+        Client::from_conf(lean(builder, None, config).build())
     }
 
     async fn objects(store: &S3BlobStore, job_id: &str, attempt: u64) -> Vec<(u64, u64)> {
@@ -738,6 +741,66 @@ pub(crate) mod tests {
             b.read_log("J1", 1, 0, 100).await.unwrap(),
             b"one two three four five"
         );
+    }
+
+    #[tokio::test]
+    async fn presigned_urls_work_until_their_expiry_and_are_refused_after() {
+        let store = fresh_store().await;
+        let key = ArtifactKey::new("J1", 1);
+        // A few seconds: both URLs are used well within them.
+        let expires_at_ms = unix_ms(SystemTime::now()) + 4_000;
+        let url = |access| {
+            let store = &store;
+            let key = &key;
+            async move {
+                match store
+                    .artifact_url(key, access, expires_at_ms)
+                    .await
+                    .unwrap()
+                {
+                    SignedUrl::External(url) => url,
+                    other => panic!("S3 signs its own URLs: {other:?}"),
+                }
+            }
+        };
+        let (put, get) = (url(Access::Put).await, url(Access::Get).await);
+        let http = reqwest::Client::new();
+        let status = |resp: &reqwest::Response| resp.status().as_u16();
+        let resp = http.put(&put).body("first").send().await.unwrap();
+        assert_eq!(status(&resp), 200, "{}", resp.text().await.unwrap());
+        let resp = http.get(&get).send().await.unwrap();
+        assert_eq!(status(&resp), 200);
+        assert_eq!(resp.text().await.unwrap(), "first");
+
+        // X-Amz-Date + X-Amz-Expires is at most `expires_at_ms`.
+        let wait_ms = expires_at_ms + 500 - unix_ms(SystemTime::now());
+        tokio::time::sleep(Duration::from_millis(wait_ms.max(0) as u64)).await;
+        for resp in [
+            http.put(&put).body("second").send().await.unwrap(),
+            http.get(&get).send().await.unwrap(),
+        ] {
+            assert_eq!(status(&resp), 403);
+            let body = resp.text().await.unwrap();
+            assert!(
+                body.contains("<Code>AccessDenied</Code>")
+                    && body.contains("<Message>Request has expired</Message>"),
+                "{body}"
+            );
+        }
+        let stored = store
+            .client()
+            .get_object()
+            .bucket(&store.inner.bucket)
+            .key(store.inner.artifact_key(&key))
+            .send()
+            .await
+            .unwrap()
+            .body
+            .collect()
+            .await
+            .unwrap()
+            .into_bytes();
+        assert_eq!(&stored[..], b"first", "the expired PUT changed nothing");
     }
 
     /// Two coordinators (services) on one table and one bucket, with a

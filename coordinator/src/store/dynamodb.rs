@@ -33,17 +33,29 @@
 //!
 //! # Writes and their cost
 //!
-//! A claim is one `TransactWriteItems`: a conditional update of the job's
-//! state item (`state = QUEUED AND attempt = :seen AND gsi1pk = :queue`)
-//! that removes the queue keys and writes the lease, plus the `LEASED` event.
-//! A lost condition (another claimer won) moves on to the next candidate.
+//! A claim is one conditional `UpdateItem` of the job's state item
+//! (`state = QUEUED AND attempt = :seen AND gsi1pk = :queue`) that removes
+//! the queue keys, writes the lease and marks its `LEASED` event as owed
+//! (`lev`); the next transition of the job (start, complete, requeue) writes
+//! that event, number 0 of the new attempt, in its own transaction, and
+//! readers of the events rebuild it from the state item until then. A lost
+//! condition (another claimer won) moves on to the next candidate. A claim
+//! cut short by an error (throttling outlasting the SDK's retries) answers
+//! with the leases it won and fails only when it won none; leases whose
+//! specs it then cannot read go back to the queue, in their place and
+//! spending no budget, so no job stays leased to a claimer that never heard
+//! of it.
 //! Every other transition reads the state item consistently, decides, and
 //! writes it back conditioned on its version (`ver`) together with its event;
 //! a lost race re-reads and decides again. So a job's lifecycle costs four
-//! write requests — submit (state + spec + event [+ idempotency key]), claim,
-//! start, complete (state + event each) — and events are never lost or
-//! doubled. Event numbers are per attempt: a claim always writes event 0 of
-//! the new attempt, so it needs no read of the job.
+//! write requests — submit (state + spec + event [+ idempotency key]), claim
+//! (state only), start, complete (state + events each) — and events are
+//! never lost or doubled. Event numbers are per attempt, so a claim needs no
+//! read of the job.
+//!
+//! Every call is retried by the SDK on throttling and transient errors, with
+//! backoff ([`crate::aws::retry_config`]; `dynamodb.max_attempts`), and
+//! throttled answers are counted (`drover_dynamodb_throttled_total`).
 //!
 //! Heartbeats write only the session item (plus a job only when the agent's
 //! report disagrees with the store), and read the session's leases through
@@ -133,8 +145,10 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, KeysAndAttributes, Put, ReturnValue, Select, TransactWriteItem,
+    AttributeValue, KeysAndAttributes, Put, ReturnValue, ReturnValuesOnConditionCheckFailure,
+    Select, TransactWriteItem,
 };
 use aws_sdk_dynamodb::Client;
 use base64::Engine;
@@ -686,7 +700,20 @@ pub async fn client_from_config(config: &DynamoDbConfig) -> Client {
     if let Some(endpoint) = &config.endpoint {
         builder = builder.endpoint_url(endpoint);
     }
-    Client::from_conf(builder.build())
+    Client::from_conf(tuned(builder, shared.retry_config(), config).build())
+}
+
+/// Settings every DynamoDB client of the store gets: explicit retries with
+/// backoff for throttling and transient errors ([`crate::aws::retry_config`]
+/// over the AWS chain's `chain`), and the throttle counter.
+pub(crate) fn tuned(
+    builder: aws_sdk_dynamodb::config::Builder,
+    chain: Option<&aws_config::retry::RetryConfig>,
+    config: &DynamoDbConfig,
+) -> aws_sdk_dynamodb::config::Builder {
+    builder
+        .retry_config(crate::aws::retry_config(chain, config.max_attempts))
+        .interceptor(crate::aws::ThrottleCounter)
 }
 
 impl DynamoStore {
@@ -892,6 +919,21 @@ impl DynamoStore {
         expr: &Expr,
         returns: ReturnValue,
     ) -> StoreResult<Option<Item>> {
+        Ok(self
+            .update_item_or_old(key, expr, returns, false)
+            .await?
+            .ok())
+    }
+
+    /// `UpdateItem`; `Ok(Err(old))` when the condition failed, with the item
+    /// as it was then when `old_on_failure` asks for it.
+    async fn update_item_or_old(
+        &self,
+        key: Item,
+        expr: &Expr,
+        returns: ReturnValue,
+        old_on_failure: bool,
+    ) -> StoreResult<Result<Item, Option<Item>>> {
         let resp = self
             .client
             .update_item()
@@ -902,17 +944,19 @@ impl DynamoStore {
             .set_expression_attribute_names(expr.names())
             .set_expression_attribute_values(expr.values())
             .return_values(returns)
+            .set_return_values_on_condition_check_failure(
+                old_on_failure.then_some(ReturnValuesOnConditionCheckFailure::AllOld),
+            )
             .send()
             .await;
         match resp {
-            Ok(out) => Ok(Some(out.attributes.unwrap_or_default())),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(aws_err("UpdateItem", e)),
+            Ok(out) => Ok(Ok(out.attributes.unwrap_or_default())),
+            Err(e) => match e.as_service_error() {
+                Some(UpdateItemError::ConditionalCheckFailedException(failed)) => {
+                    Ok(Err(failed.item.clone()))
+                }
+                _ => Err(aws_err("UpdateItem", e)),
+            },
         }
     }
 
@@ -1374,10 +1418,18 @@ impl DynamoStore {
         let one = expr.value(n(1));
         expr.set_raw("ver", format!("{ver} + {one}"));
         expr.set("lev", b(true));
-        let won = self
-            .update_item(key(pk, "STATE"), &expr, ReturnValue::None)
+        // This claim's mark (dropped by the job's next write): when an
+        // earlier try of this call was applied but its answer lost, the
+        // SDK's retry fails the condition on our own lease.
+        let token = ulid::Ulid::new().to_string();
+        expr.set("ctok", s(&token));
+        let won = match self
+            .update_item_or_old(key(pk, "STATE"), &expr, ReturnValue::None, true)
             .await?
-            .is_some();
+        {
+            Ok(_) => true,
+            Err(old) => old.is_some_and(|old| get_s(&old, "ctok") == Some(token.as_str())),
+        };
         Ok(won.then(|| LeaseRef {
             job_id,
             attempt: next,
@@ -1816,96 +1868,25 @@ impl Store for DynamoStore {
                 return Ok(Vec::new());
             }
         }
-        // Start at a random shard so claimers spread over them.
-        let first = rand::random::<u32>() % self.shards;
-        let mut free = offer.free.clone();
+        // A claim that fails part-way (DynamoDB still throttling after the
+        // SDK's retries) answers with the leases it won: only a claim that
+        // won nothing fails, so no job stays leased to a claimer that never
+        // heard of it.
         let mut leases = Vec::new();
-        // A round that lost every race it ran saw a stale queue head: look
-        // again (bounded), so contention never reads as an empty queue.
-        for _round in 0..CLAIM_ROUNDS {
-            let mut lost_any = false;
-            for k in 0..self.shards {
-                if leases.len() >= offer.max_jobs as usize {
-                    break;
-                }
-                let shard = (first + k) % self.shards;
-                self.promote_due(&offer.pool, shard, now_ms).await?;
-                // The head is read in pages sized to the claim (a few
-                // candidates per job wanted, for lost races), up to
-                // `scan_limit` candidates when jobs that do not fit are in
-                // the way: a claim reads (and pays for) little when the
-                // head fits.
-                let page = (2 * offer.max_jobs as usize + 4).min(scan_limit);
-                let (mut candidates, mut more) =
-                    self.queue_page(&offer.pool, shard, page, None).await?;
-                let mut read = candidates.len();
-                let mut i = 0;
-                while leases.len() < offer.max_jobs as usize {
-                    if i == candidates.len() {
-                        let Some(after) = more.take().filter(|_| read < scan_limit) else {
-                            break;
-                        };
-                        let limit = page.min(scan_limit - read);
-                        (candidates, more) = self
-                            .queue_page(&offer.pool, shard, limit, Some(after))
-                            .await?;
-                        read += candidates.len();
-                        i = 0;
-                        if candidates.is_empty() {
-                            break;
-                        }
-                    }
-                    let candidate = &candidates[i];
-                    i += 1;
-                    let wants = Resources {
-                        cpu_millis: get_n(candidate, "cpu").unwrap_or(0),
-                        memory_mib: get_n(candidate, "mem").unwrap_or(0),
-                        gpus: get_n(candidate, "gpus").unwrap_or(0),
-                        disk_gib: get_n(candidate, "disk").unwrap_or(0),
-                        gpu_model: get_s(candidate, "gmodel").map(str::to_string),
-                    };
-                    if !wants.fits_in(&free)
-                        || !constraints_of(candidate)
-                            .iter()
-                            .all(|(k, v)| offer.labels.get(k) == Some(v))
-                    {
-                        continue;
-                    }
-                    match self.try_claim(candidate, offer, now_ms).await? {
-                        Some(lease) => {
-                            free.cpu_millis -= wants.cpu_millis;
-                            free.memory_mib -= wants.memory_mib;
-                            free.gpus -= wants.gpus;
-                            free.disk_gib -= wants.disk_gib;
-                            leases.push(lease);
-                        }
-                        None => {
-                            // Contended: spread over the rest of the head
-                            // instead of racing the other claimers in order.
-                            if !lost_any {
-                                use rand::seq::SliceRandom;
-                                candidates[i..].shuffle(&mut rand::thread_rng());
-                            }
-                            lost_any = true;
-                        }
-                    }
-                }
+        if let Err(e) = self
+            .win_leases(offer, scan_limit, now_ms, &mut leases)
+            .await
+        {
+            if leases.is_empty() {
+                return Err(e);
             }
-            if !lost_any || leases.len() >= offer.max_jobs as usize {
-                break;
-            }
+            tracing::warn!(
+                session = %offer.session_id,
+                won = leases.len(),
+                "claim stopped early; answering with the jobs leased so far: {e}"
+            );
         }
-        let ids: Vec<String> = leases.iter().map(|l| l.job_id.clone()).collect();
-        let mut specs = self.load_specs(&ids).await?;
-        leases
-            .into_iter()
-            .map(|lease| {
-                let spec = specs.remove(&lease.job_id).ok_or_else(|| {
-                    StoreError::Backend(format!("job {} has no spec item", lease.job_id))
-                })?;
-                Ok(ClaimedJob { lease, spec })
-            })
-            .collect()
+        self.deliverable(leases, now_ms).await
     }
 
     async fn start(
@@ -2622,6 +2603,170 @@ impl Store for DynamoStore {
 }
 
 impl DynamoStore {
+    /// Claims' queue walk: leases fitting candidates into `leases` until the
+    /// offer is full or the queue is read. On an error, `leases` holds what
+    /// was won before it.
+    async fn win_leases(
+        &self,
+        offer: &ClaimOffer,
+        scan_limit: usize,
+        now_ms: i64,
+        leases: &mut Vec<LeaseRef>,
+    ) -> StoreResult<()> {
+        // Start at a random shard so claimers spread over them.
+        let first = rand::random::<u32>() % self.shards;
+        let mut free = offer.free.clone();
+        // A round that lost every race it ran saw a stale queue head: look
+        // again (bounded), so contention never reads as an empty queue.
+        for _round in 0..CLAIM_ROUNDS {
+            let mut lost_any = false;
+            for k in 0..self.shards {
+                if leases.len() >= offer.max_jobs as usize {
+                    break;
+                }
+                let shard = (first + k) % self.shards;
+                self.promote_due(&offer.pool, shard, now_ms).await?;
+                // The head is read in pages sized to the claim (a few
+                // candidates per job wanted, for lost races), up to
+                // `scan_limit` candidates when jobs that do not fit are in
+                // the way: a claim reads (and pays for) little when the
+                // head fits.
+                let page = (2 * offer.max_jobs as usize + 4).min(scan_limit);
+                let (mut candidates, mut more) =
+                    self.queue_page(&offer.pool, shard, page, None).await?;
+                let mut read = candidates.len();
+                let mut i = 0;
+                while leases.len() < offer.max_jobs as usize {
+                    if i == candidates.len() {
+                        let Some(after) = more.take().filter(|_| read < scan_limit) else {
+                            break;
+                        };
+                        let limit = page.min(scan_limit - read);
+                        (candidates, more) = self
+                            .queue_page(&offer.pool, shard, limit, Some(after))
+                            .await?;
+                        read += candidates.len();
+                        i = 0;
+                        if candidates.is_empty() {
+                            break;
+                        }
+                    }
+                    let candidate = &candidates[i];
+                    i += 1;
+                    let wants = Resources {
+                        cpu_millis: get_n(candidate, "cpu").unwrap_or(0),
+                        memory_mib: get_n(candidate, "mem").unwrap_or(0),
+                        gpus: get_n(candidate, "gpus").unwrap_or(0),
+                        disk_gib: get_n(candidate, "disk").unwrap_or(0),
+                        gpu_model: get_s(candidate, "gmodel").map(str::to_string),
+                    };
+                    if !wants.fits_in(&free)
+                        || !constraints_of(candidate)
+                            .iter()
+                            .all(|(k, v)| offer.labels.get(k) == Some(v))
+                    {
+                        continue;
+                    }
+                    match self.try_claim(candidate, offer, now_ms).await? {
+                        Some(lease) => {
+                            free.cpu_millis -= wants.cpu_millis;
+                            free.memory_mib -= wants.memory_mib;
+                            free.gpus -= wants.gpus;
+                            free.disk_gib -= wants.disk_gib;
+                            leases.push(lease);
+                        }
+                        None => {
+                            // Contended: spread over the rest of the head
+                            // instead of racing the other claimers in order.
+                            if !lost_any {
+                                use rand::seq::SliceRandom;
+                                candidates[i..].shuffle(&mut rand::thread_rng());
+                            }
+                            lost_any = true;
+                        }
+                    }
+                }
+            }
+            if !lost_any || leases.len() >= offer.max_jobs as usize {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Freshly won leases with their specs. When the specs cannot be read,
+    /// the leases go back to the queue ([`Self::release_unsent`]) and the
+    /// error is returned: the claimer never hears of them.
+    async fn deliverable(
+        &self,
+        leases: Vec<LeaseRef>,
+        now_ms: i64,
+    ) -> StoreResult<Vec<ClaimedJob>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = leases.iter().map(|l| l.job_id.clone()).collect();
+        let mut specs = match self.load_specs(&ids).await {
+            Ok(specs) => specs,
+            Err(e) => {
+                let reason = "lease not delivered (its claim could not read the spec)";
+                self.release_unsent(&leases, reason, now_ms).await;
+                return Err(e);
+            }
+        };
+        let mut claimed = Vec::with_capacity(leases.len());
+        for lease in leases {
+            match specs.remove(&lease.job_id) {
+                Some(spec) => claimed.push(ClaimedJob { lease, spec }),
+                // Corrupt or expired: left leased, so the session's
+                // heartbeats requeue it on the infra budget until it fails.
+                None => tracing::error!(
+                    job = %lease.job_id,
+                    "leased job has no spec item; not handed out"
+                ),
+            }
+        }
+        if claimed.is_empty() {
+            return Err(StoreError::Backend(format!(
+                "job {} has no spec item",
+                ids[0]
+            )));
+        }
+        Ok(claimed)
+    }
+
+    /// Puts leases their claimer never received back in the queue, where
+    /// they were, spending no budget (`next_after_unsent_lease`). A lease
+    /// that cannot be released now is requeued by the session's heartbeats
+    /// once they miss it (`HeartbeatAnswer::requeued_unreported`).
+    async fn release_unsent(&self, leases: &[LeaseRef], reason: &str, now_ms: i64) {
+        for lease in leases {
+            let released = self
+                .mutate(&lease.job_id, |row| {
+                    if !row.holds(lease) {
+                        return Ok(Step::Keep(()));
+                    }
+                    let enqueued_at_ms = row.enqueued_at_ms;
+                    let next = super::next_after_unsent_lease(
+                        row.failures,
+                        row.infra_retries,
+                        row.cancel_requested,
+                        reason,
+                    );
+                    let t = row.apply(next, None, now_ms);
+                    row.enqueued_at_ms = enqueued_at_ms;
+                    Ok(Step::Write((), t))
+                })
+                .await;
+            if let Err(e) = released {
+                tracing::warn!(
+                    job = %lease.job_id,
+                    "could not release an undelivered lease (its session's heartbeats will requeue it): {e}"
+                );
+            }
+        }
+    }
+
     /// Sets a held job's missed-report counter (no event: not a transition).
     async fn set_missed(&self, lease: &LeaseRef, missed: u32) -> StoreResult<()> {
         let result = self

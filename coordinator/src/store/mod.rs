@@ -340,6 +340,29 @@ pub fn next_after_infra_loss(
     }
 }
 
+/// A lease its claimer never received (the claim failed before it could
+/// answer): back to the queue spending no budget, neither `max_attempts`
+/// nor `max_infra_retries`, since no attempt ran; a requested cancel wins.
+pub fn next_after_unsent_lease(
+    failures: u32,
+    infra_retries: u32,
+    cancel_requested: bool,
+    reason: &str,
+) -> NextState {
+    let (state, reason) = if cancel_requested {
+        (JobState::Cancelled, format!("cancelled ({reason})"))
+    } else {
+        (JobState::Queued, format!("requeued: {reason}"))
+    };
+    NextState {
+        state,
+        reason,
+        failures,
+        infra_retries,
+        not_before_ms: 0,
+    }
+}
+
 /// An attempt the agent completed: SUCCEEDED; a failure or timeout retried
 /// with backoff while `max_attempts` and `retry_on_exit_codes` allow; a
 /// requested cancel turns any unsuccessful outcome into CANCELLED.
@@ -414,7 +437,10 @@ pub trait Store: Send + Sync + 'static {
     /// stopping at) jobs that do not fit the free resources or whose
     /// constraints the agent's labels do not meet. At most `scan_limit`
     /// candidates are examined. Each job is leased to at most one claimer;
-    /// its `attempt` grows by one. A paused pool yields nothing.
+    /// its `attempt` grows by one. A paused pool yields nothing. No job is
+    /// left leased to a claimer that is not told: a claim the backend fails
+    /// part-way answers with the leases it won (or, transactional, none
+    /// were won) and is an error only when it won none.
     async fn claim(
         &self,
         offer: &ClaimOffer,

@@ -13,26 +13,39 @@ use drover_proto::model::JobSpec;
 use super::*;
 use crate::store::{ClaimOffer, NewJob, NewSession};
 
-fn client(interceptor: Option<WriteCounter>) -> Client {
-    let mut config = aws_sdk_dynamodb::Config::builder()
+/// A client on moto, with the store's retries and throttle counter.
+fn client_for(interceptor: Option<WriteCounter>, config: &DynamoDbConfig) -> Client {
+    let builder = aws_sdk_dynamodb::Config::builder()
         .behavior_version(aws_sdk_dynamodb::config::BehaviorVersion::latest())
         .region(crate::moto::region())
         .credentials_provider(crate::moto::credentials())
         .endpoint_url(crate::moto::endpoint())
         .http_client(https_client());
+    let mut builder = tuned(builder, None, config);
     if let Some(interceptor) = interceptor {
-        config = config.interceptor(interceptor);
+        builder = builder.interceptor(interceptor);
     }
-    Client::from_conf(config.build())
+    Client::from_conf(builder.build())
+}
+
+fn client(interceptor: Option<WriteCounter>) -> Client {
+    client_for(interceptor, &DynamoDbConfig::default())
+}
+
+fn fresh_config() -> DynamoDbConfig {
+    DynamoDbConfig {
+        table: format!("drover-{}", ulid::Ulid::new().to_string().to_lowercase()),
+        ..DynamoDbConfig::default()
+    }
 }
 
 async fn store_with(client: Client) -> DynamoStore {
-    let config = DynamoDbConfig {
-        table: format!("drover-{}", ulid::Ulid::new().to_string().to_lowercase()),
-        ..DynamoDbConfig::default()
-    };
+    store_on(client, &fresh_config()).await
+}
+
+async fn store_on(client: Client, config: &DynamoDbConfig) -> DynamoStore {
     create_table(&client, &config.table).await.unwrap();
-    DynamoStore::new(client, &config)
+    DynamoStore::new(client, config)
 }
 
 /// A store on a fresh table in this process's moto server.
@@ -815,4 +828,269 @@ async fn a_three_step_workflow_costs_one_write_request_per_transition() {
     // As many as three plain jobs cost (4 each): the release replaces the
     // submit.
     assert_eq!(total.write_requests, 12);
+}
+
+// ---- throttling ----
+
+/// Submits `n` plain jobs; their ids, in submit order.
+async fn submit_jobs(store: &DynamoStore, n: usize, now: i64) -> Vec<String> {
+    let jobs: Vec<NewJob> = (0..n)
+        .map(|_| NewJob {
+            id: ulid::Ulid::new().to_string(),
+            spec: JobSpec::command(["true"]),
+            workflow: None,
+        })
+        .collect();
+    let ids = jobs.iter().map(|j| j.id.clone()).collect();
+    store.submit(jobs, now).await.unwrap();
+    ids
+}
+
+/// Free resources for `jobs` jobs of the default size.
+fn room_for(jobs: u32) -> Resources {
+    let one = Resources::default();
+    Resources {
+        cpu_millis: jobs * one.cpu_millis,
+        memory_mib: jobs as u64 * one.memory_mib,
+        ..one
+    }
+}
+
+/// How many calls of `action` on `table` moto refused (the injected faults).
+async fn refused(table: &str, action: &str) -> usize {
+    crate::moto::dynamodb_calls(table)
+        .await
+        .iter()
+        .filter(|(a, status)| a == action && *status == 400)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_claim_is_retried_with_backoff_and_counted() {
+    use crate::metrics::DYNAMODB_THROTTLED;
+
+    let config = fresh_config();
+    let store = store_on(client_for(None, &config), &config).await;
+    let now = 1_700_000_000_000;
+    let mut offer = offer_of(&store, "s1", now).await;
+    offer.max_jobs = 3;
+    offer.free = room_for(3);
+    let mut ids = submit_jobs(&store, 3, now).await;
+    let (updates_before, queries_before) = (
+        DYNAMODB_THROTTLED.get("UpdateItem"),
+        DYNAMODB_THROTTLED.get("Query"),
+    );
+    let table = &config.table;
+    crate::moto::dynamodb_fault(table, "UpdateItem", "ThrottlingException", 0, 2).await;
+    crate::moto::dynamodb_fault(
+        table,
+        "Query",
+        "ProvisionedThroughputExceededException",
+        0,
+        2,
+    )
+    .await;
+
+    let claimed = store.claim(&offer, 64, now).await.unwrap();
+    let mut leased: Vec<String> = claimed.iter().map(|c| c.lease.job_id.clone()).collect();
+    leased.sort();
+    ids.sort();
+    assert_eq!(leased, ids, "every job leased despite the throttling");
+    assert_eq!(refused(table, "UpdateItem").await, 2);
+    assert_eq!(refused(table, "Query").await, 2);
+    // Every throttled attempt counted, by operation (other tests of this
+    // process may add theirs).
+    assert!(DYNAMODB_THROTTLED.get("UpdateItem") >= updates_before + 2);
+    assert!(DYNAMODB_THROTTLED.get("Query") >= queries_before + 2);
+    let text = crate::metrics::Metrics::default().render(&[]);
+    assert!(
+        text.contains("drover_dynamodb_throttled_total{operation=\"UpdateItem\"}"),
+        "{text}"
+    );
+}
+
+/// A store whose client tries each call twice (one retry): faults beyond
+/// that reach the store.
+async fn store_with_two_attempts() -> (DynamoStore, DynamoDbConfig) {
+    let config = DynamoDbConfig {
+        max_attempts: Some(2),
+        ..fresh_config()
+    };
+    let store = store_on(client_for(None, &config), &config).await;
+    (store, config)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_cut_short_by_throttling_answers_with_the_leases_it_won() {
+    let (store, config) = store_with_two_attempts().await;
+    let now = 1_700_000_000_000;
+    let mut offer = offer_of(&store, "s1", now).await;
+    offer.max_jobs = 4;
+    offer.free = room_for(4);
+    let ids = submit_jobs(&store, 4, now).await;
+    // The first claim write goes through; the second is throttled past the
+    // SDK's retries.
+    crate::moto::dynamodb_fault(&config.table, "UpdateItem", "ThrottlingException", 1, 2).await;
+
+    let first = store.claim(&offer, 64, now).await.unwrap();
+    assert_eq!(
+        first.len(),
+        1,
+        "the lease won before the error is handed out"
+    );
+    assert_eq!(refused(&config.table, "UpdateItem").await, 2);
+    // No job is leased without the claimer knowing: the rest are QUEUED.
+    for job in store.get_jobs(&ids).await.unwrap() {
+        if job.id == first[0].lease.job_id {
+            assert_eq!(job.state, JobState::Leased);
+            assert_eq!(job.session_id.as_deref(), Some("s1"));
+        } else {
+            assert_eq!(job.state, JobState::Queued, "{}", job.id);
+        }
+    }
+    let rest = store.claim(&offer, 64, now).await.unwrap();
+    let mut leased: Vec<String> = first
+        .iter()
+        .chain(&rest)
+        .map(|c| c.lease.job_id.clone())
+        .collect();
+    leased.sort();
+    let mut ids = ids;
+    ids.sort();
+    assert_eq!(leased, ids, "the rest is claimable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_whose_specs_cannot_be_read_go_back_to_the_queue_unspent() {
+    let (store, config) = store_with_two_attempts().await;
+    let now = 1_700_000_000_000;
+    let mut offer = offer_of(&store, "s1", now).await;
+    offer.max_jobs = 2;
+    offer.free = room_for(2);
+    let ids = submit_jobs(&store, 2, now).await;
+    let younger = submit_jobs(&store, 1, now + 500).await;
+    crate::moto::dynamodb_fault(&config.table, "BatchGetItem", "ThrottlingException", 0, 2).await;
+
+    let later = now + 1000;
+    let err = store.claim(&offer, 64, later).await.unwrap_err();
+    assert!(err.to_string().contains("BatchGetItem"), "{err}");
+    for job in store.get_jobs(&ids).await.unwrap() {
+        assert_eq!(job.state, JobState::Queued, "{}", job.id);
+        assert_eq!(job.session_id, None);
+        assert_eq!((job.failures, job.infra_retries), (0, 0), "no budget spent");
+        let events = store.events(&job.id).await.unwrap();
+        let last = events.last().unwrap();
+        assert_eq!(last.state, JobState::Queued);
+        assert!(last.reason.contains("lease not delivered"), "{last:?}");
+    }
+    // Claimable again, in their place in the queue: ahead of a job
+    // submitted after them.
+    let mut again: Vec<String> = store
+        .claim(&offer, 64, later)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.lease.job_id)
+        .collect();
+    again.sort();
+    let mut ids = ids;
+    ids.sort();
+    assert_eq!(again, ids);
+    assert_eq!(states(&store, &younger).await, [JobState::Queued]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claimers_over_four_queue_shards_never_share_a_job() {
+    let config = DynamoDbConfig {
+        queue_shards: 4,
+        ..fresh_config()
+    };
+    let store = store_on(client_for(None, &config), &config).await;
+    let now = 1_700_000_000_000;
+    let mut ids = submit_jobs(&store, 40, now).await;
+    let mut claimers = Vec::new();
+    for c in 0..4 {
+        let mut offer = offer_of(&store, &format!("s{c}"), now).await;
+        offer.max_jobs = 3;
+        offer.free = room_for(3);
+        let store = store.clone();
+        claimers.push(tokio::spawn(async move {
+            let mut won = Vec::new();
+            loop {
+                let claimed = store.claim(&offer, 64, now).await.unwrap();
+                if claimed.is_empty() {
+                    return won;
+                }
+                won.extend(claimed.into_iter().map(|c| c.lease));
+            }
+        }));
+    }
+    let mut leases: Vec<LeaseRef> = Vec::new();
+    for claimer in claimers {
+        leases.extend(claimer.await.unwrap());
+    }
+    let mut leased: Vec<String> = leases.iter().map(|l| l.job_id.clone()).collect();
+    leased.sort();
+    ids.sort();
+    assert_eq!(leased, ids, "every job leased exactly once");
+    // The store agrees with every claimer about who holds what.
+    for lease in &leases {
+        let job = store.get_job(&lease.job_id).await.unwrap();
+        assert_eq!(job.state, JobState::Leased);
+        assert_eq!(job.session_id.as_deref(), Some(lease.session_id.as_str()));
+        assert_eq!(job.attempt, lease.attempt);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_job_expires_its_retention_after_it_finished() {
+    let store = fresh_store().await;
+    let now = 1_700_000_000_000;
+    let offer = offer_of(&store, "s1", now).await;
+    let id = submit_jobs(&store, 1, now).await.remove(0);
+    let lease = claim_all(&store, &offer, now).await.remove(0);
+    store.start(&lease, now, None).await.unwrap();
+    assert!(
+        !state_item(&store, &id).await.contains_key(TTL_ATTRIBUTE),
+        "an unfinished job never expires"
+    );
+    let finished = now + 5_000;
+    store.complete(&lease, &ok(), finished).await.unwrap();
+    let retention_ms = DynamoDbConfig::default().retention_days as i64 * DAY_MS;
+    assert_eq!(
+        get_n::<i64>(&state_item(&store, &id).await, TTL_ATTRIBUTE),
+        Some((finished + retention_ms) / 1000)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_answer_was_lost_is_recognised_on_the_sdk_s_retry() {
+    let config = fresh_config();
+    let store = store_on(client_for(None, &config), &config).await;
+    let now = 1_700_000_000_000;
+    let mut offer = offer_of(&store, "s1", now).await;
+    offer.max_jobs = 1;
+    let id = submit_jobs(&store, 1, now).await.remove(0);
+    // The claim's write is applied, its answer lost: the SDK's retry finds
+    // the condition failed on this very claim's lease.
+    let before = crate::moto::dynamodb_calls(&config.table).await.len();
+    crate::moto::dynamodb_lost_answer(&config.table, "UpdateItem", 1).await;
+
+    let claimed = store.claim(&offer, 64, now).await.unwrap();
+    assert_eq!(claimed.len(), 1, "the lease is handed out, not orphaned");
+    assert_eq!(claimed[0].lease.job_id, id);
+    let calls = crate::moto::dynamodb_calls(&config.table).await;
+    let updates: Vec<u16> = calls[before..]
+        .iter()
+        .filter(|(action, _)| action == "UpdateItem")
+        .map(|(_, status)| *status)
+        .collect();
+    assert_eq!(
+        updates,
+        [500, 400],
+        "applied but lost, then the failed retry"
+    );
+    let job = store.get_job(&id).await.unwrap();
+    assert_eq!(job.state, JobState::Leased);
+    assert_eq!(job.attempt, claimed[0].lease.attempt);
 }
