@@ -113,6 +113,8 @@ build {
       var.agent_binary,
       "${path.root}/drover-agent.service",
       "${path.root}/drover-imds-block.service",
+      "${path.root}/drover-fence.service",
+      "${path.root}/drover-fence.timer",
       "${path.root}/docker-daemon.json",
       "${path.root}/journald-drover.conf",
       "${path.root}/logrotate-drover",
@@ -143,7 +145,7 @@ build {
   }
 
   provisioner "shell" {
-    inline = ["systemctl is-enabled docker.service drover-imds-block.service", "/usr/local/bin/drover-agent --version"]
+    inline = ["systemctl is-enabled docker.service drover-imds-block.service drover-fence.timer", "/usr/local/bin/drover-agent --version"]
   }
 
   post-processor "manifest" {

@@ -15,11 +15,14 @@ install -m 0755 "${SRC}/drover-agent" /usr/local/bin/drover-agent
 /usr/local/bin/drover-agent --version
 install -m 0644 "${SRC}/drover-agent.service" /etc/systemd/system/drover-agent.service
 install -m 0644 "${SRC}/drover-imds-block.service" /etc/systemd/system/drover-imds-block.service
+install -m 0644 "${SRC}/drover-fence.service" /etc/systemd/system/drover-fence.service
+install -m 0644 "${SRC}/drover-fence.timer" /etc/systemd/system/drover-fence.timer
 install -d -m 0755 /etc/systemd/journald.conf.d /var/log/drover
 install -m 0644 "${SRC}/journald-drover.conf" /etc/systemd/journald.conf.d/drover.conf
 install -m 0644 "${SRC}/logrotate-drover" /etc/logrotate.d/drover
-# Enabled by user-data once /etc/drover/agent.toml exists; the IMDS block always.
-systemctl enable drover-imds-block.service
+# Enabled by user-data once /etc/drover/agent.toml exists; the IMDS block and
+# the fence watchdog always (it does nothing until the agent has a session).
+systemctl enable drover-imds-block.service drover-fence.timer
 
 if [ "${GPU}" = "1" ]; then
   dnf -y install "kernel-devel-$(uname -r)" "kernel-modules-extra-$(uname -r)" dkms

@@ -642,7 +642,7 @@ async fn register(
                 .map(|s| s.session_token.clone())
                 .unwrap_or_default(),
         };
-        let sent_at = Instant::now();
+        let sent_at = (Instant::now(), SystemTime::now());
         match shared.client.register(req).await {
             Ok(resp) => {
                 let leases = if resp.resumed {
@@ -650,13 +650,15 @@ async fn register(
                 } else {
                     Vec::new()
                 };
+                // Read before the new session rewrites it.
+                let fence_ahead = earlier_fence_ahead(&config.data_dir);
                 let session = adopt_session(shared, resume.take().is_some(), resp, sent_at);
                 // Before any claim: what the earlier run left is adopted or
                 // cleaned up, so a new job's dirs are never mistaken for it.
                 let leftovers = shared
                     .leftovers_pending
                     .swap(false, std::sync::atomic::Ordering::SeqCst);
-                take_over(shared, &session, leases, leftovers).await;
+                take_over(shared, &session, leases, leftovers, fence_ahead).await;
                 return Ok(session);
             }
             Err(e) if e.is_transient() => {
@@ -694,9 +696,26 @@ async fn clean_leftovers(runtime: &dyn Runtime, data_dir: &std::path::Path, keep
     job::remove_leftover_dirs_except(data_dir, keep).await;
 }
 
+/// How far ahead the earlier run's fence deadline must still be for its jobs
+/// to be adopted: the new deadline is written well within it, so the
+/// watchdog never sees the old one pass.
+const ADOPT_FENCE_MARGIN: Duration = Duration::from_secs(1);
+
+/// Whether the fence deadline an earlier run wrote is still ahead. Past it
+/// (or with no file: `drover-agent fence-check` removes it once it fenced),
+/// the host's watchdog may have killed that run's jobs or be killing them.
+fn earlier_fence_ahead(data_dir: &std::path::Path) -> bool {
+    let now_ms = unix_ms(SystemTime::now());
+    matches!(
+        session::read_fence_deadline(data_dir),
+        Ok(Some(deadline_ms)) if deadline_ms > now_ms + ADOPT_FENCE_MARGIN.as_millis() as u64
+    )
+}
+
 /// The leases a resumed session still holds: adopted when this is the
-/// agent's first session since it started and the runtime still has the
-/// job (docker: its container), else handed back for an infra retry. With
+/// agent's first session since it started, the earlier run's fence deadline
+/// is still ahead (`fence_ahead`) and the runtime still has the job
+/// (docker: its container), else handed back for an infra retry. With
 /// `leftovers`, whatever else the earlier run left (containers, processes,
 /// attempt dirs) is then killed and removed; a session that was not resumed
 /// holds no leases (its jobs were requeued), so everything goes.
@@ -705,10 +724,18 @@ async fn take_over(
     session: &SessionState,
     leases: Vec<v1::LeaseRef>,
     leftovers: bool,
+    fence_ahead: bool,
 ) {
+    if leftovers && !fence_ahead && !leases.is_empty() {
+        tracing::warn!(
+            leases = leases.len(),
+            "the fence deadline passed while the agent was down: the host's watchdog may have killed its jobs; handing them back instead of adopting them"
+        );
+    }
+    let adopt = leftovers && fence_ahead;
     let mut keep = Vec::new();
     for lease in leases {
-        let saved = leftovers
+        let saved = adopt
             .then(|| job::saved_lease(&shared.config.data_dir, &lease))
             .flatten();
         match saved {
@@ -747,11 +774,14 @@ async fn take_over(
     }
 }
 
+/// Records the session and its first fence deadline (the file too, before
+/// any job is adopted or claimed: the watchdog must not act on an earlier
+/// session's deadline while this one runs jobs).
 fn adopt_session(
     shared: &Arc<Shared>,
     tried_resume: bool,
     resp: v1::RegisterResponse,
-    sent_at: Instant,
+    (sent_at, sent_unix): (Instant, SystemTime),
 ) -> SessionState {
     Metrics::inc(&shared.metrics.registrations);
     let auth = Auth {
@@ -777,6 +807,11 @@ fn adopt_session(
     } else {
         resp.heartbeat_interval_ms
     };
+    let ttl = Duration::from_millis(ttl_ms);
+    let deadline_unix_ms = unix_ms(sent_unix) + (ttl - fence_margin(ttl)).as_millis() as u64;
+    if let Err(e) = session::write_fence_deadline(&shared.config.data_dir, deadline_unix_ms) {
+        tracing::warn!("cannot write the fence deadline file: {e}");
+    }
     let mut st = shared.state();
     st.generation += 1;
     let session = SessionState {
@@ -1217,6 +1252,11 @@ async fn drain(shared: &Arc<Shared>) {
             }
         }
     }
+    // No job runs any more: a deadline left behind must never fence a later
+    // run's jobs (a new session writes its own).
+    if let Err(e) = session::clear_fence_deadline(&shared.config.data_dir) {
+        tracing::warn!("cannot remove the fence deadline file: {e}");
+    }
     let mut st = shared.state();
     st.phase = Phase::Terminating;
     st.session = None;
@@ -1399,5 +1439,20 @@ mod tests {
             Duration::from_secs(5)
         );
         assert_eq!(fence_margin(Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn only_a_fence_deadline_still_ahead_lets_the_earlier_runs_jobs_be_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        // None written, or removed by the watchdog once it fenced.
+        assert!(!earlier_fence_ahead(dir.path()));
+        let now_ms = unix_ms(SystemTime::now());
+        session::write_fence_deadline(dir.path(), now_ms + 60_000).unwrap();
+        assert!(earlier_fence_ahead(dir.path()));
+        session::write_fence_deadline(dir.path(), now_ms.saturating_sub(1)).unwrap();
+        assert!(!earlier_fence_ahead(dir.path()));
+        // Too close: the watchdog could act before the new deadline is written.
+        session::write_fence_deadline(dir.path(), now_ms + 100).unwrap();
+        assert!(!earlier_fence_ahead(dir.path()));
     }
 }

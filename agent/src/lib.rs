@@ -14,6 +14,7 @@ pub mod artifacts;
 pub mod bootstrap;
 pub mod client;
 pub mod config;
+pub mod fence;
 pub mod gpu;
 mod health;
 mod job;

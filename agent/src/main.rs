@@ -1,6 +1,7 @@
 //! `drover-agent`: parse flags and env, load agent.toml, validate, init
 //! tracing, then run until SIGTERM/SIGINT, which start a drain.
-//! `drover-agent bootstrap` writes agent.toml on an EC2 instance at boot.
+//! `drover-agent bootstrap` writes agent.toml on an EC2 instance at boot;
+//! `drover-agent fence-check` is the host-side fence a systemd timer runs.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -114,7 +115,20 @@ enum Command {
     /// Configure this EC2 instance's agent from its Auto Scaling group's tags
     /// (run from user-data): reads IMDS, fetches the join token, writes
     /// agent.toml; on failure marks the instance Unhealthy and exits 1.
-    Bootstrap(BootstrapArgs),
+    Bootstrap(Box<BootstrapArgs>),
+    /// The host-side fence, run by a systemd timer: once the deadline the
+    /// agent writes on every heartbeat has passed, SIGKILL this agent's job
+    /// containers and process groups. Reads the agent's own settings
+    /// (--config, --data-dir, --agent-id, --runtime before the subcommand,
+    /// or DROVER_*); exits 1 when something could not be killed.
+    FenceCheck(FenceCheckArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct FenceCheckArgs {
+    /// One JSON object on stdout instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -194,13 +208,7 @@ impl BootstrapArgs {
 /// `drover-agent bootstrap`: one line on stdout when it worked; the error,
 /// and what became of the instance, on stderr and exit 1 when not.
 async fn bootstrap(args: BootstrapArgs) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    init_tracing(std::io::stderr);
     match bootstrap::run(&args.into_options()).await {
         Ok(b) => {
             println!(
@@ -217,6 +225,37 @@ async fn bootstrap(args: BootstrapArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `drover-agent fence-check`: what it found and killed on stdout (text or
+/// JSON), logs on stderr; exit 1 when the deadline cannot be read or
+/// something could not be killed.
+async fn fence_check(config: AgentConfig, args: FenceCheckArgs) -> anyhow::Result<ExitCode> {
+    init_tracing(std::io::stderr);
+    let report = drover_agent::fence::check(&config).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.human());
+    }
+    Ok(if report.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn init_tracing<W>(writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt()
+        .with_writer(writer)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
 }
 
 impl Args {
@@ -283,17 +322,15 @@ impl Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<ExitCode> {
     let mut args = Args::parse();
-    if let Some(Command::Bootstrap(b)) = args.command.take() {
-        return Ok(bootstrap(b).await);
+    match args.command.take() {
+        Some(Command::Bootstrap(b)) => return Ok(bootstrap(*b).await),
+        // The agent's own settings, unvalidated: it needs no join token.
+        Some(Command::FenceCheck(f)) => return fence_check(args.into_config()?, f).await,
+        None => {}
     }
     let config = args.into_config()?;
     config.validate()?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    init_tracing(std::io::stdout);
     drover_agent::run(config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }

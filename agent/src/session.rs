@@ -47,6 +47,31 @@ pub fn write_fence_deadline(data_dir: &Path, deadline_unix_ms: u64) -> std::io::
     )
 }
 
+/// The fence deadline (unix ms) last written; `None` without a file. A file
+/// that does not hold a number is an error: only the agent writes it, whole.
+pub fn read_fence_deadline(data_dir: &Path) -> std::io::Result<Option<u64>> {
+    let path = fence_path(data_dir);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse().map(Some).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} does not hold a unix time in ms ({e})", path.display()),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes the fence deadline: no job of this agent runs any more, so no
+/// watchdog may act on it later.
+pub fn clear_fence_deadline(data_dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(fence_path(data_dir)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut file = std::fs::OpenOptions::new()
@@ -90,5 +115,15 @@ mod tests {
         write_fence_deadline(dir.path(), 1_700_000_000_123).unwrap();
         let text = std::fs::read_to_string(fence_path(dir.path())).unwrap();
         assert_eq!(text, "1700000000123");
+        assert_eq!(
+            read_fence_deadline(dir.path()).unwrap(),
+            Some(1_700_000_000_123)
+        );
+        clear_fence_deadline(dir.path()).unwrap();
+        assert_eq!(read_fence_deadline(dir.path()).unwrap(), None);
+        clear_fence_deadline(dir.path()).unwrap();
+        std::fs::write(fence_path(dir.path()), "soon").unwrap();
+        let err = read_fence_deadline(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("fence-deadline"), "{err}");
     }
 }

@@ -583,10 +583,17 @@ async fn an_idle_agent_with_exit_when_idle_leaves_and_stops() {
     // The idle timer starts before registration; leave registration time.
     config.idle_timeout_ms = 1_500;
     let agent = Agent::start(config).await.unwrap();
+    // Registration writes the first fence deadline, before any heartbeat.
+    let fence_file = drover_agent::session::fence_path(dirs.1.path());
+    assert!(fence_file.exists(), "no fence deadline after registering");
     tokio::time::timeout(PATIENCE, agent.wait())
         .await
         .expect("an idle agent stops on its own")
         .unwrap();
+    assert!(
+        !fence_file.exists(),
+        "a clean Leave removes the fence deadline: no job is left to fence"
+    );
     coordinator
         .assert_all_sessions_gone("agent-under-test")
         .await;

@@ -1,7 +1,8 @@
 //! An agent restarted while its Docker jobs run: within the session's TTL it
 //! adopts their containers; after it, the orphans are killed and the
-//! requeued attempt runs instead. Real coordinator and agent processes, the
-//! real Docker Engine.
+//! requeued attempt runs instead; past its fence deadline, once the host's
+//! watchdog (`drover-agent fence-check`) killed them, it hands them back.
+//! Real coordinator and agent processes, the real Docker Engine.
 
 use std::time::Duration;
 
@@ -152,6 +153,66 @@ async fn restarted_after_the_ttl_the_agent_kills_the_orphan_and_runs_the_requeue
     drover_tests::wait_until("no container left", Duration::from_secs(10), || async {
         let left: Vec<String> = containers_with(&format!("drover.job={id}"));
         left.is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_watchdog_fenced_a_restarted_agent_hands_the_job_back_instead_of_adopting_it() {
+    let image = test_image::ensure_on_local_engine().await.unwrap();
+    let settings = CoordinatorSettings {
+        heartbeat_interval_ms: 500,
+        session_ttl_ms: 30_000,
+        ..CoordinatorSettings::default()
+    };
+    let mut sandbox = Sandbox::start(0, settings).await;
+    sandbox.agent_prefix = "watched".into();
+    sandbox.add_agent_env(&docker_env()).await;
+    let id = submit(
+        &sandbox,
+        &image,
+        r#"echo "attempt $DROVER_ATTEMPT"; if [ "$DROVER_ATTEMPT" = 1 ]; then sleep 600; fi"#,
+    )
+    .await;
+    wait_log(&sandbox, &id, "attempt 1").await;
+    sandbox.agents[0].kill().await;
+
+    // As if the agent had stayed away past its fence deadline: the host's
+    // watchdog, with the agent's own settings, kills the container.
+    let agent_id = sandbox.agents[0].agent_id.clone();
+    let deadline_file = sandbox.dir.path().join(&agent_id).join("fence-deadline");
+    std::fs::write(&deadline_file, "1").unwrap();
+    let out = sandbox
+        .agent_command(&agent_id, &docker_env())
+        .args(["fence-check", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["outcome"], "fenced", "{report}");
+    assert_eq!(report["containers"][0]["job"], id.as_str(), "{report}");
+
+    // Back within the TTL, the session resumes; the killed container is not
+    // taken for the job's own exit: the attempt is requeued (infra budget).
+    sandbox.restart_agent(0, &docker_env()).await;
+    let done = sandbox
+        .wait_job(&id, "succeeded", Duration::from_secs(60), |j| {
+            j.state.is_terminal()
+        })
+        .await;
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    assert_eq!(
+        (done.attempt, done.infra_retries, done.failures),
+        (2, 1, 0),
+        "{done:?}"
+    );
+    drover_tests::wait_until("no container left", Duration::from_secs(10), || async {
+        containers_with(&format!("drover.job={id}"))
+            .is_empty()
+            .then_some(())
     })
     .await;
 }

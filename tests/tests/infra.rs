@@ -388,6 +388,80 @@ async fn the_table_init_table_creates_is_the_one_infra_declares() {
     assert_eq!(table_shape(&live), table_shape(declared));
 }
 
+/// The host-side fence: a oneshot unit that runs `drover-agent fence-check`
+/// with the agent unit's own command line (so its config, data dir and agent
+/// id), a timer that runs it every few seconds, both baked into the image and
+/// the timer enabled.
+#[test]
+fn the_fence_watchdog_runs_fence_check_with_the_agents_config_on_a_timer() {
+    let read = |name: &str| {
+        std::fs::read_to_string(root().join("ami").join(name))
+            .unwrap_or_else(|e| panic!("ami/{name}: {e}"))
+    };
+    let lines =
+        |text: &str| -> Vec<String> { text.lines().map(|l| l.trim().to_string()).collect() };
+    let value = |unit: &str, key: &str| {
+        lines(unit)
+            .iter()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_string))
+            .unwrap_or_else(|| panic!("no {key}= in\n{unit}"))
+    };
+    let agent = read("drover-agent.service");
+    let service = read("drover-fence.service");
+    let timer = read("drover-fence.timer");
+
+    let agent_exec = value(&agent, "ExecStart");
+    let fence_exec = value(&service, "ExecStart");
+    assert!(
+        fence_exec.starts_with(&format!("{agent_exec} "))
+            && fence_exec.split_whitespace().last() == Some("fence-check"),
+        "drover-fence.service runs `{agent_exec} ... fence-check` (the agent's config), not {fence_exec:?}"
+    );
+    assert_eq!(value(&service, "Type"), "oneshot");
+    assert_eq!(
+        value(&service, "ConditionPathExists"),
+        value(&agent, "ConditionPathExists"),
+        "the watchdog waits for the config the agent waits for"
+    );
+    assert_eq!(value(&timer, "Unit"), "drover-fence.service");
+    for key in ["OnBootSec", "OnUnitActiveSec", "AccuracySec"] {
+        let seconds: u64 = value(&timer, key)
+            .trim_end_matches('s')
+            .parse()
+            .unwrap_or_else(|e| panic!("drover-fence.timer {key}: {e}"));
+        assert!(
+            seconds <= 60,
+            "{key}={seconds}s: the watchdog must act within seconds of the deadline"
+        );
+    }
+    assert_eq!(value(&timer, "WantedBy"), "timers.target");
+
+    let setup = lines(&read("setup.sh"));
+    for unit in ["drover-fence.service", "drover-fence.timer"] {
+        assert!(
+            setup.iter().any(|l| l.starts_with("install ")
+                && l.ends_with(&format!("\"${{SRC}}/{unit}\" /etc/systemd/system/{unit}"))),
+            "ami/setup.sh installs {unit}"
+        );
+    }
+    assert!(
+        setup.iter().any(|l| l.starts_with("systemctl enable ")
+            && l.split_whitespace().any(|w| w == "drover-fence.timer")),
+        "ami/setup.sh enables drover-fence.timer"
+    );
+    let packer = read("drover-agent.pkr.hcl");
+    for unit in [
+        "drover-agent.service",
+        "drover-fence.service",
+        "drover-fence.timer",
+    ] {
+        assert!(
+            packer.contains(&format!("\"${{path.root}}/{unit}\",")),
+            "ami/drover-agent.pkr.hcl uploads {unit}"
+        );
+    }
+}
+
 #[test]
 fn launch_templates_carry_user_data_and_imdsv2() {
     let script = std::fs::read_to_string(root().join("ami/user-data.sh")).expect("user-data.sh");

@@ -56,7 +56,8 @@ pub use registry_auth::{
 pub const LABEL_JOB: &str = "drover.job";
 pub const LABEL_ATTEMPT: &str = "drover.attempt";
 pub const LABEL_SESSION: &str = "drover.session";
-/// The agent that created the container: what `kill_leftovers` looks for.
+/// The agent that created the container: what `kill_leftovers` and the
+/// host-side fence (`drover-agent fence-check`) look for.
 pub const LABEL_AGENT: &str = "drover.agent";
 
 /// Enough for any sane job, low enough that a fork bomb stays contained.
@@ -68,6 +69,15 @@ const PRUNE_AFTER: Duration = Duration::from_secs(3600);
 
 /// How long `connect` and `check` wait for the Engine to answer.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A container of one of this agent's jobs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct JobContainer {
+    pub id: String,
+    pub name: String,
+    pub job: String,
+    pub attempt: u64,
+}
 
 /// Runs jobs as containers on the local Docker Engine.
 pub struct DockerRuntime {
@@ -193,6 +203,40 @@ impl DockerRuntime {
         let reclaimed = images.space_reclaimed.unwrap_or(0).max(0) as u64
             + containers.space_reclaimed.unwrap_or(0).max(0) as u64;
         Ok(reclaimed)
+    }
+
+    /// The running containers of this agent's jobs, found by its label:
+    /// what the host-side fence kills (`drover-agent fence-check`).
+    pub async fn running_jobs(&self) -> Result<Vec<JobContainer>, RuntimeError> {
+        let docker = self.docker().await?;
+        let containers = self
+            .own_containers(docker, &[LABEL_JOB.to_string()])
+            .await?;
+        Ok(containers
+            .iter()
+            .filter(|c| is_running(c))
+            .filter_map(|c| {
+                let (job, attempt) = attempt_key(c);
+                Some(JobContainer {
+                    id: c.id.clone()?,
+                    name: c
+                        .names
+                        .iter()
+                        .flatten()
+                        .next()
+                        .map(|n| n.trim_start_matches('/').to_string())
+                        .unwrap_or_default(),
+                    job,
+                    attempt,
+                })
+            })
+            .collect())
+    }
+
+    /// SIGKILLs a container, as a job's kill does; leaves removing it to the
+    /// agent (a restart's leftover cleanup, housekeeping).
+    pub async fn kill_container(&self, id: &str) -> Result<(), RuntimeError> {
+        signal_container(self.docker().await?, id, "SIGKILL").await
     }
 
     /// Containers of this agent (by its label), with extra label filters.
@@ -449,6 +493,41 @@ fn start_error(spec: &RunSpec, e: DockerError) -> RuntimeError {
     }
 }
 
+/// Sends `signal` to a container's PID 1; one that already stopped or is
+/// gone is fine.
+async fn signal_container(docker: &Docker, id: &str, signal: &str) -> Result<(), RuntimeError> {
+    let options = KillContainerOptions {
+        signal: signal.to_string(),
+    };
+    match docker.kill_container(id, Some(options)).await {
+        Ok(()) => Ok(()),
+        // 409: not running any more; 404: gone. Either way it has stopped.
+        Err(DockerError::DockerResponseServerError {
+            status_code: 404 | 409,
+            ..
+        }) => Ok(()),
+        Err(e) => Err(RuntimeError::Infra(format!(
+            "cannot send {signal} to container {id}: {e}"
+        ))),
+    }
+}
+
+/// The attempt a container runs, from its labels (empty when unlabelled).
+fn attempt_key(c: &bollard::models::ContainerSummary) -> AttemptKey {
+    let labels = c.labels.as_ref();
+    let label = |key: &str| labels.and_then(|l| l.get(key));
+    (
+        label(LABEL_JOB).cloned().unwrap_or_default(),
+        label(LABEL_ATTEMPT)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_default(),
+    )
+}
+
+fn is_running(c: &bollard::models::ContainerSummary) -> bool {
+    c.state.as_ref().is_some_and(|s| s.to_string() == "running")
+}
+
 /// Force-removes a container (killing it if it runs) with its anonymous
 /// volumes; a container already gone is fine.
 async fn remove_container(docker: &Docker, id: &str) -> Result<(), DockerError> {
@@ -578,20 +657,12 @@ impl Runtime for DockerRuntime {
         let containers = self.own_containers(docker, &[]).await?;
         let mut killed = 0;
         for c in containers {
-            let Some(id) = c.id else { continue };
-            let labels = c.labels.unwrap_or_default();
-            let attempt = (
-                labels.get(LABEL_JOB).cloned().unwrap_or_default(),
-                labels
-                    .get(LABEL_ATTEMPT)
-                    .and_then(|a| a.parse().ok())
-                    .unwrap_or_default(),
-            );
-            if keep.contains(&attempt) {
+            let Some(id) = c.id.as_deref() else { continue };
+            if keep.contains(&attempt_key(&c)) {
                 continue;
             }
-            let running = c.state.is_some_and(|s| s.to_string() == "running");
-            match remove_container(docker, &id).await {
+            let running = is_running(&c);
+            match remove_container(docker, id).await {
                 Ok(()) if running => killed += 1,
                 Ok(()) => {}
                 Err(e) => {
@@ -741,21 +812,7 @@ impl DockerJob {
         if self.status.is_some() {
             return Ok(());
         }
-        let options = KillContainerOptions {
-            signal: signal.to_string(),
-        };
-        match self.docker.kill_container(&self.id, Some(options)).await {
-            Ok(()) => Ok(()),
-            // 409: not running any more; 404: gone. Either way it has stopped.
-            Err(DockerError::DockerResponseServerError {
-                status_code: 404 | 409,
-                ..
-            }) => Ok(()),
-            Err(e) => Err(RuntimeError::Infra(format!(
-                "cannot send {signal} to container {}: {e}",
-                self.id
-            ))),
-        }
+        signal_container(&self.docker, &self.id, signal).await
     }
 
     /// The exit code and OOM flag from the container's state. The Engine

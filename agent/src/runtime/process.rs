@@ -332,42 +332,65 @@ impl Runtime for ProcessRuntime {
     /// A child process cannot be adopted (its pipes died with the agent):
     /// `keep` is ignored and everything is killed.
     async fn kill_leftovers(&self, _keep: &[AttemptKey]) -> Result<usize, RuntimeError> {
-        let mut groups = self.pids.earlier();
+        let mut groups = self.recorded_groups();
         // Left by an agent from before the pid log: a file per group.
         if let Ok(mut entries) = tokio::fs::read_dir(&self.legacy_pid_root).await {
             while let Ok(Some(entry)) = entries.next_entry().await {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 if let Ok(text) = tokio::fs::read_to_string(entry.path()).await {
                     if let Ok(pgid) = text.trim().parse::<i32>() {
-                        groups.push((name, pgid));
+                        groups.push(JobGroup { name, pgid });
                     }
                 }
             }
         }
-        let mut killed = 0;
-        for (name, pgid) in groups {
-            let job_id = name.rsplit_once('-').map_or("", |(job, _)| job);
-            // Only kill a group whose leader still carries this job's id:
-            // the pid may have been reused since.
-            let environ = tokio::fs::read(format!("/proc/{pgid}/environ"))
-                .await
-                .unwrap_or_default();
-            let marker = format!("DROVER_JOB_ID={job_id}");
-            if pgid > 1
-                && environ
-                    .split(|b| *b == 0)
-                    .any(|var| var == marker.as_bytes())
-            {
-                let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-                killed += 1;
-            }
-        }
+        let killed = kill_job_groups(groups).len();
         self.pids.settled();
         let _ = tokio::fs::remove_dir_all(&self.legacy_pid_root).await;
         // Work dirs of earlier runs belong to no one now.
         let _ = tokio::fs::remove_dir_all(&self.work_root).await;
         Ok(killed)
     }
+}
+
+impl ProcessRuntime {
+    /// The process groups the pid log holds as started and not seen to end,
+    /// except this runtime's own: what the host-side fence kills
+    /// (`drover-agent fence-check`). Reads the log only, never rewrites it:
+    /// a live agent may be appending to it.
+    pub fn recorded_groups(&self) -> Vec<JobGroup> {
+        self.pids
+            .earlier()
+            .into_iter()
+            .map(|(name, pgid)| JobGroup { name, pgid })
+            .collect()
+    }
+}
+
+/// A job's process group, as the pid log records it (`<job>-<attempt>`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct JobGroup {
+    pub name: String,
+    pub pgid: i32,
+}
+
+/// SIGKILLs each group whose leader still carries its job's id (the pid may
+/// have been reused since it was recorded); returns the groups killed.
+pub fn kill_job_groups(groups: impl IntoIterator<Item = JobGroup>) -> Vec<JobGroup> {
+    groups
+        .into_iter()
+        .filter(|group| {
+            let job_id = group.name.rsplit_once('-').map_or("", |(job, _)| job);
+            let environ =
+                std::fs::read(format!("/proc/{}/environ", group.pgid)).unwrap_or_default();
+            let marker = format!("DROVER_JOB_ID={job_id}");
+            group.pgid > 1
+                && environ
+                    .split(|b| *b == 0)
+                    .any(|var| var == marker.as_bytes())
+                && killpg(Pid::from_raw(group.pgid), Signal::SIGKILL).is_ok()
+        })
+        .collect()
 }
 
 /// `program` as an absolute path when it is a bare name found on `path`
