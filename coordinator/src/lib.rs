@@ -135,9 +135,10 @@ impl Server {
             served.context("HTTP server")
         }));
 
-        // One poller per coordinator: wakes one waiting claim per pool, so
-        // backoffs that ended and other coordinators' jobs are noticed
-        // without every idle agent querying the store.
+        // One poller per coordinator: one look at each waiting pool's queue
+        // wakes the claims that fit what is there, so backoffs that ended
+        // and other coordinators' jobs are noticed without every idle agent
+        // querying the store.
         let stop = shutdown.clone();
         let poller_service = service.clone();
         tasks.push(tokio::spawn(async move {
@@ -146,7 +147,7 @@ impl Server {
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
-                    _ = tick.tick() => poller_service.poll_tick(),
+                    _ = tick.tick() => poller_service.poll_tick().await,
                 }
             }
         }));

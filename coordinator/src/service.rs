@@ -31,9 +31,9 @@ use crate::store::{
     OutcomeKind, Page, SessionAuth, Store, StoreError,
 };
 
-/// How often the per-pool poller wakes one waiting `Claim` to re-check the
-/// store without a wake-up (jobs whose backoff ended, jobs submitted through
-/// another coordinator).
+/// How often the poller looks at the queue of each pool with waiting
+/// `Claim` calls for work that came without a wake-up on this coordinator
+/// (jobs whose backoff ended, jobs submitted through another coordinator).
 pub const CLAIM_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Most waiting claims one event wakes.
 const MAX_WAKES: usize = 256;
@@ -50,7 +50,7 @@ pub struct Service {
     /// Waiting `Claim` calls, one queue per pool. Work wakes as many waiters
     /// as it has jobs (never the whole fleet), and a claim that filled its
     /// slots wakes the next waiter, so idle agents cost no store queries.
-    waiters: Mutex<HashMap<String, Arc<Notify>>>,
+    waiters: Mutex<HashMap<String, Arc<PoolWaiters>>>,
     /// Bumped on every log append and completion, for log followers.
     log_events: watch::Sender<u64>,
     /// Connected command streams, by session id.
@@ -119,29 +119,29 @@ impl Service {
         self.clock.now_ms()
     }
 
-    fn pool_waiters(&self, pool: &str) -> Arc<Notify> {
+    fn pool_waiters(&self, pool: &str) -> Arc<PoolWaiters> {
         let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
         waiters.entry(pool.to_string()).or_default().clone()
     }
 
     /// Wakes up to `jobs` waiting claims of `pool`.
     fn wake_pool(&self, pool: &str, jobs: usize) {
-        let notify = self.pool_waiters(pool);
+        let waiters = self.pool_waiters(pool);
         for _ in 0..jobs.min(MAX_WAKES) {
-            notify.notify_one();
+            waiters.notify.notify_one();
         }
     }
 
     /// Wakes up to `jobs` waiting claims in every pool (work appeared and its
     /// pool is not at hand; a claim that finds work wakes the next one).
     fn wake_claimers_n(&self, jobs: usize) {
-        let pools: Vec<Arc<Notify>> = {
+        let pools: Vec<Arc<PoolWaiters>> = {
             let waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
             waiters.values().cloned().collect()
         };
-        for notify in pools {
+        for waiters in pools {
             for _ in 0..jobs.clamp(1, MAX_WAKES) {
-                notify.notify_one();
+                waiters.notify.notify_one();
             }
         }
     }
@@ -162,9 +162,52 @@ impl Service {
         self.wake_claimers_n(1);
     }
 
-    /// The poller's tick: one waiting claim per pool looks at the store.
-    pub fn poll_tick(&self) {
-        self.wake_claimers();
+    /// The poller's tick. For each pool with waiting claims, one look at
+    /// the head of its queue (what the claim scan would see) wakes the
+    /// waiting claims that can take one of those jobs, one per job: jobs
+    /// submitted through another coordinator and jobs whose backoff ended
+    /// reach an agent that fits them within a tick, whatever waits ahead of
+    /// it, and an empty queue costs one query and no claims.
+    pub async fn poll_tick(&self) {
+        let pools: Vec<(String, Vec<Waiter>)> = {
+            let waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            waiters
+                .iter()
+                .map(|(pool, w)| (pool.clone(), w.waiting()))
+                .filter(|(_, waiting)| !waiting.is_empty())
+                .collect()
+        };
+        for (pool, waiting) in pools {
+            let needs = match self
+                .store
+                .queued_needs(&pool, self.config.claim_scan_limit)
+                .await
+            {
+                Ok(needs) => needs,
+                Err(e) => {
+                    tracing::warn!(%pool, "looking at the queue for waiting claims: {e}");
+                    // Let one of them try the claim itself.
+                    waiting[0].poke.notify_one();
+                    continue;
+                }
+            };
+            let mut jobs = needs.len();
+            for waiter in waiting {
+                if jobs == 0 {
+                    break;
+                }
+                let fits = needs.iter().any(|n| {
+                    n.resources.fits_in(&waiter.free)
+                        && n.constraints
+                            .iter()
+                            .all(|(k, v)| waiter.labels.get(k) == Some(v))
+                });
+                if fits {
+                    waiter.poke.notify_one();
+                    jobs -= 1;
+                }
+            }
+        }
     }
 
     fn bump_logs(&self) {
@@ -654,8 +697,10 @@ impl Service {
         };
         Metrics::inc(&self.metrics.claims);
         let waiters = self.pool_waiters(&offer.pool);
+        // Registered (for the poller) from the first wait on.
+        let mut registered: Option<Registered> = None;
         loop {
-            let notified = waiters.notified();
+            let notified = waiters.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let now = self.now();
@@ -669,7 +714,7 @@ impl Service {
                 })?;
             if !claimed.is_empty() {
                 // There may be more work: let the next waiting agent look.
-                waiters.notify_one();
+                waiters.notify.notify_one();
                 self.remember_rates(session, &claimed);
                 self.metrics
                     .leases_granted
@@ -689,8 +734,13 @@ impl Service {
             if left.is_zero() {
                 return Ok(Vec::new());
             }
+            let poke = registered
+                .get_or_insert_with(|| waiters.register(&offer))
+                .poke
+                .clone();
             tokio::select! {
                 _ = &mut notified => {}
+                _ = poke.notified() => {}
                 _ = tokio::time::sleep(left) => {}
             }
         }
@@ -1033,4 +1083,72 @@ pub fn lease_from_wire(l: Option<v1::LeaseRef>) -> ServiceResult<LeaseRef> {
         attempt: l.attempt,
         session_id: l.session_id,
     })
+}
+
+/// The waiting `Claim` calls of one pool on this coordinator.
+#[derive(Default)]
+struct PoolWaiters {
+    /// Woken once per new job (FIFO): submits, requeues, releases here.
+    notify: Notify,
+    /// What each waiting claim could take, for the poller.
+    registry: Mutex<HashMap<u64, Waiter>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+/// One waiting claim, as the poller sees it.
+#[derive(Clone)]
+struct Waiter {
+    free: Resources,
+    labels: BTreeMap<String, String>,
+    /// Wakes this claim alone.
+    poke: Arc<Notify>,
+}
+
+impl PoolWaiters {
+    fn register(self: &Arc<Self>, offer: &ClaimOffer) -> Registered {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let waiter = Waiter {
+            free: offer.free.clone(),
+            labels: offer.labels.clone(),
+            poke: Arc::new(Notify::new()),
+        };
+        let poke = waiter.poke.clone();
+        self.registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, waiter);
+        Registered {
+            pool: self.clone(),
+            id,
+            poke,
+        }
+    }
+
+    /// The waiting claims, oldest first.
+    fn waiting(&self) -> Vec<Waiter> {
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let mut waiting: Vec<(&u64, &Waiter)> = registry.iter().collect();
+        waiting.sort_by_key(|(id, _)| **id);
+        waiting.into_iter().map(|(_, w)| w.clone()).collect()
+    }
+}
+
+/// A claim's place in [`PoolWaiters::registry`], given up when the claim
+/// ends (answered, timed out or cancelled by its caller).
+struct Registered {
+    pool: Arc<PoolWaiters>,
+    id: u64,
+    poke: Arc<Notify>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.pool
+            .registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
 }

@@ -19,12 +19,17 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_on(Arc::new(SqliteStore::in_memory().unwrap()))
+}
+
+/// A coordinator on `store` (which another may share).
+fn fixture_on(store: Arc<SqliteStore>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let config = Config::dev(dir.path());
     let join = config.join_tokens[0].token.clone();
     let clock = ManualClock::new(1_700_000_000_000);
     let service = Service::new(
-        Arc::new(SqliteStore::in_memory().unwrap()),
+        store,
         Arc::new(LocalBlobStore::new(dir.path().join("blobs"))),
         Arc::new(clock.clone()),
         config,
@@ -141,6 +146,59 @@ async fn a_waiting_claim_is_woken_by_a_submit() {
         .unwrap()
         .unwrap();
     assert_eq!(leases.len(), 1);
+}
+
+/// A claim that waits for `free`, started and given time to reach its wait.
+async fn waiting_claim(
+    service: &Arc<Service>,
+    session: SessionAuth,
+    free: Resources,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    let service = service.clone();
+    let waiter = tokio::spawn(async move {
+        let leases = service.claim(&session, free, 1, 60_000).await.unwrap();
+        leases.into_iter().map(|c| c.lease.job_id).collect()
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished());
+    waiter
+}
+
+#[tokio::test]
+async fn the_poller_hands_a_job_from_another_coordinator_to_a_waiting_claim_that_fits_it() {
+    // Two coordinators on one store.
+    let store = Arc::new(SqliteStore::in_memory().unwrap());
+    let (here, there) = (fixture_on(store.clone()), fixture_on(store));
+    // The claim that has waited longest cannot take the job; the next can.
+    let small = Resources {
+        cpu_millis: 500,
+        ..free()
+    };
+    let small = waiting_claim(&here.service, agent(&here, "small").await, small).await;
+    let big = waiting_claim(&here.service, agent(&here, "big").await, free()).await;
+    let mut job = JobSpec::command(["true"]);
+    job.resources.cpu_millis = 2_000;
+    let id = there
+        .service
+        .submit(vec![job])
+        .await
+        .unwrap()
+        .jobs
+        .remove(0)
+        .id;
+
+    // One tick of this coordinator's poller.
+    here.service.poll_tick().await;
+    let leased = tokio::time::timeout(Duration::from_secs(10), big)
+        .await
+        .expect("the claim that fits was woken by one tick")
+        .unwrap();
+    assert_eq!(leased, [id]);
+    assert!(
+        !small.is_finished(),
+        "the claim that cannot take it waits on"
+    );
+    small.abort();
 }
 
 /// `?expires=…&signature=…` of a signed URL.
