@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use drover_proto::v1;
@@ -25,7 +25,8 @@ use crate::metrics::Metrics;
 use crate::platform::protection::{Debounce, Step};
 use crate::platform::{IdleExit, Notice, Platform, PlatformKind};
 use crate::runtime::{Runtime, StopOrder};
-use crate::{health, resources, session};
+use crate::session::{self, unix_ms};
+use crate::{health, resources};
 
 /// Where the agent is in its life. Moves forward, except that an idle agent
 /// whose platform refused to end it goes from Terminating back to Running.
@@ -840,12 +841,6 @@ fn adopt_session(
 /// The self-fence margin: a quarter of the remaining lifetime, at most 5 s.
 pub(crate) fn fence_margin(remaining: Duration) -> Duration {
     (remaining / 4).min(Duration::from_secs(5))
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Claims while slots are free, until the session ends or a drain begins.

@@ -14,7 +14,7 @@
 //! that starts finds no deadline ahead and adopts nothing.
 
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use serde::Serialize;
 
@@ -72,7 +72,7 @@ impl From<std::io::Error> for FenceError {
 /// process groups of its pid log.
 pub async fn check(config: &AgentConfig) -> Result<Report, FenceError> {
     let data_dir = &config.data_dir;
-    let now = unix_ms_now();
+    let now = session::unix_ms(SystemTime::now());
     let deadline = session::read_fence_deadline(data_dir)?;
     let mut report = Report {
         outcome: Outcome::NoDeadline,
@@ -200,11 +200,4 @@ impl Report {
         }
         out
     }
-}
-
-fn unix_ms_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -39,6 +39,13 @@ pub fn forget(data_dir: &Path) {
     let _ = std::fs::remove_file(session_path(data_dir));
 }
 
+/// `t` in unix milliseconds, the fence deadline's unit.
+pub(crate) fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Writes the self-fence deadline (unix ms) for the host-side watchdog.
 pub fn write_fence_deadline(data_dir: &Path, deadline_unix_ms: u64) -> std::io::Result<()> {
     write_private(

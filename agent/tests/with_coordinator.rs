@@ -860,6 +860,25 @@ async fn artifacts_round_trip_with_the_docker_runtime() {
     .await;
 }
 
+/// A coordinator and one agent on the Docker runtime, with the locally
+/// built test image; the directories (first, so they are dropped last)
+/// hold their data.
+async fn docker_agent(agent_id: &str) -> ([tempfile::TempDir; 2], String, Coordinator, Agent) {
+    let image = drover_agent::runtime::docker::test_image::ensure_on_local_engine()
+        .await
+        .expect("the Docker tests need a Docker Engine");
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let coordinator = Coordinator::start(dirs[0].path(), |_| {}).await;
+    let agent = Agent::start(AgentConfig {
+        runtime: RuntimeChoice::Docker,
+        agent_id: agent_id.into(),
+        ..coordinator.agent_config(dirs[1].path())
+    })
+    .await
+    .unwrap();
+    (dirs, image, coordinator, agent)
+}
+
 /// Prints the job's CFS quota: `-1` (cgroup v1) or `max` (v2) when none.
 const PRINT_CPU_QUOTA: &str =
     "if [ -f /sys/fs/cgroup/cpu.max ]; then cut -d' ' -f1 /sys/fs/cgroup/cpu.max; \
@@ -867,18 +886,7 @@ const PRINT_CPU_QUOTA: &str =
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cpu_hard_limit_in_the_job_spec_caps_the_container() {
-    let image = drover_agent::runtime::docker::test_image::ensure_on_local_engine()
-        .await
-        .expect("the Docker tests need a Docker Engine");
-    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let coordinator = Coordinator::start(dirs.0.path(), |_| {}).await;
-    let agent = Agent::start(AgentConfig {
-        runtime: RuntimeChoice::Docker,
-        agent_id: "cpu-limit-agent".into(),
-        ..coordinator.agent_config(dirs.1.path())
-    })
-    .await
-    .unwrap();
+    let (_dirs, image, coordinator, agent) = docker_agent("cpu-limit-agent").await;
     let job = |hard: bool| {
         let mut spec = sh(PRINT_CPU_QUOTA);
         spec.image = image.clone();
@@ -906,18 +914,7 @@ async fn a_cpu_hard_limit_in_the_job_spec_caps_the_container() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_job_spec_pull_policy_reaches_the_docker_runtime() {
     use drover_proto::model::PullPolicy;
-    let image = drover_agent::runtime::docker::test_image::ensure_on_local_engine()
-        .await
-        .expect("the Docker tests need a Docker Engine");
-    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let coordinator = Coordinator::start(dirs.0.path(), |_| {}).await;
-    let agent = Agent::start(AgentConfig {
-        runtime: RuntimeChoice::Docker,
-        agent_id: "pull-policy-agent".into(),
-        ..coordinator.agent_config(dirs.1.path())
-    })
-    .await
-    .unwrap();
+    let (_dirs, image, coordinator, agent) = docker_agent("pull-policy-agent").await;
     let job = |policy: PullPolicy| {
         let mut spec = sh("echo ran");
         spec.image = image.clone();

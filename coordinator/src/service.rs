@@ -167,7 +167,7 @@ impl Service {
     /// waiting claims that can take one of those jobs, one per job: jobs
     /// submitted through another coordinator and jobs whose backoff ended
     /// reach an agent that fits them within a tick, whatever waits ahead of
-    /// it, and an empty queue costs one query and no claims.
+    /// it, and an empty queue costs one look (`queued_needs`) and no claims.
     pub async fn poll_tick(&self) {
         let pools: Vec<(String, Vec<Waiter>)> = {
             let waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());

@@ -50,17 +50,28 @@ async fn wait_log(sandbox: &Sandbox, id: &str, needle: &str) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restarted_within_the_ttl_the_agent_adopts_the_container_and_completes_it_once() {
+/// The test image and a coordinator whose agents (named `prefix-N`) run
+/// the Docker runtime; none started yet.
+async fn docker_sandbox(prefix: &str, settings: CoordinatorSettings) -> (String, Sandbox) {
     let image = test_image::ensure_on_local_engine().await.unwrap();
-    let settings = CoordinatorSettings {
+    let mut sandbox = Sandbox::start(0, settings).await;
+    sandbox.agent_prefix = prefix.into();
+    sandbox.add_agent_env(&docker_env()).await;
+    (image, sandbox)
+}
+
+/// Heartbeats every 500 ms and a 30 s TTL: a restart comes back in time.
+fn within_ttl() -> CoordinatorSettings {
+    CoordinatorSettings {
         heartbeat_interval_ms: 500,
         session_ttl_ms: 30_000,
         ..CoordinatorSettings::default()
-    };
-    let mut sandbox = Sandbox::start(0, settings).await;
-    sandbox.agent_prefix = "adopter".into();
-    sandbox.add_agent_env(&docker_env()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_within_the_ttl_the_agent_adopts_the_container_and_completes_it_once() {
+    let (image, mut sandbox) = docker_sandbox("adopter", within_ttl()).await;
     // The job waits for a file the test creates after the restart, so it is
     // surely still running when the agent comes back.
     let id = submit(
@@ -119,10 +130,8 @@ async fn restarted_within_the_ttl_the_agent_adopts_the_container_and_completes_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_after_the_ttl_the_agent_kills_the_orphan_and_runs_the_requeued_attempt() {
-    let image = test_image::ensure_on_local_engine().await.unwrap();
-    let mut sandbox = Sandbox::start(0, CoordinatorSettings::default()).await;
-    sandbox.agent_prefix = "orphan-killer".into();
-    sandbox.add_agent_env(&docker_env()).await;
+    let (image, mut sandbox) =
+        docker_sandbox("orphan-killer", CoordinatorSettings::default()).await;
     let id = submit(
         &sandbox,
         &image,
@@ -159,15 +168,7 @@ async fn restarted_after_the_ttl_the_agent_kills_the_orphan_and_runs_the_requeue
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_the_watchdog_fenced_a_restarted_agent_hands_the_job_back_instead_of_adopting_it() {
-    let image = test_image::ensure_on_local_engine().await.unwrap();
-    let settings = CoordinatorSettings {
-        heartbeat_interval_ms: 500,
-        session_ttl_ms: 30_000,
-        ..CoordinatorSettings::default()
-    };
-    let mut sandbox = Sandbox::start(0, settings).await;
-    sandbox.agent_prefix = "watched".into();
-    sandbox.add_agent_env(&docker_env()).await;
+    let (image, mut sandbox) = docker_sandbox("watched", within_ttl()).await;
     let id = submit(
         &sandbox,
         &image,
